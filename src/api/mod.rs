@@ -1,0 +1,205 @@
+//! Wire types of the Stowix push API, shared by the client and the server.
+//! `docs/protocol.md` documents every route with examples; this module is its source of truth.
+//!
+//! All routes live under a repository URL `http(s)://HOST/<repo>`:
+//!
+//! | method | route | body -> answer |
+//! |---|---|---|
+//! | GET | `api/v1/info` | - -> [`RepoInfo`] |
+//! | POST | `api/v1/presence` | [`PresenceRequest`] -> [`PresenceResponse`] |
+//! | POST | `api/v1/nars?`[`NarUploadParams`] | compressed NAR -> [`NarStored`] |
+//! | POST | `api/v1/uploads` | [`CreateUpload`] -> [`UploadState`] |
+//! | GET | `api/v1/uploads/<id>` | - -> [`UploadState`] |
+//! | PATCH | `api/v1/uploads/<id>` + `Upload-Offset: N` | bytes -> [`UploadState`] |
+//! | POST | `api/v1/uploads/<id>/complete` | [`CompleteUpload`] -> [`NarStored`] |
+//! | DELETE | `api/v1/uploads/<id>` | - -> 204 |
+//! | POST | `api/v1/narinfos` | [`PublishRequest`] -> [`PublishResponse`] |
+//!
+//! Errors are [`ApiError`] JSON with a non-2xx status.
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of the push API below a repository URL.
+pub const API_PREFIX: &str = "api/v1";
+/// Header carrying the byte offset a PATCH chunk starts at (and, in answers, the offset now held).
+pub const UPLOAD_OFFSET_HEADER: &str = "Upload-Offset";
+
+/// Every error answer: a stable machine-readable `code` and a message for humans.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    /// Set with `offset_mismatch`: the offset the server holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// Stable error codes.
+pub mod codes {
+    pub const MISSING_TOKEN: &str = "missing_token";
+    pub const MALFORMED_TOKEN: &str = "malformed_token";
+    pub const INVALID_TOKEN: &str = "invalid_token";
+    pub const REVOKED_TOKEN: &str = "revoked_token";
+    pub const INSUFFICIENT_SCOPE: &str = "insufficient_scope";
+    pub const WRONG_REPOSITORY: &str = "wrong_repository";
+    pub const TOO_MANY_ATTEMPTS: &str = "too_many_attempts";
+    pub const NO_SUCH_REPOSITORY: &str = "no_such_repository";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const INVALID_HASH_PART: &str = "invalid_hash_part";
+    pub const INVALID_NARINFO: &str = "invalid_narinfo";
+    pub const UNSUPPORTED_COMPRESSION: &str = "unsupported_compression";
+    pub const OFFSET_MISMATCH: &str = "offset_mismatch";
+    pub const FILE_HASH_MISMATCH: &str = "file_hash_mismatch";
+    pub const FILE_SIZE_MISMATCH: &str = "file_size_mismatch";
+    pub const NAR_HASH_MISMATCH: &str = "nar_hash_mismatch";
+    pub const NAR_SIZE_MISMATCH: &str = "nar_size_mismatch";
+    pub const INVALID_NAR: &str = "invalid_nar";
+    pub const NAR_NOT_STORED: &str = "nar_not_stored";
+    pub const MISSING_REFERENCES: &str = "missing_references";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const TOO_MANY_UPLOADS: &str = "too_many_uploads";
+    pub const SHUTTING_DOWN: &str = "shutting_down";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// `GET api/v1/info`: lets a client check that the target is a Stowix repository and what its
+/// token may do there, before it resolves a closure.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RepoInfo {
+    pub repository: String,
+    /// `name:base64`, for `trusted-public-keys`.
+    pub public_key: String,
+    pub private: bool,
+    /// `read` or `push`, or absent when no token was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_scope: Option<String>,
+    pub limits: ServerLimits,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest body of one `PATCH` chunk.
+    pub max_chunk_bytes: u64,
+    /// Largest body of one single-request `POST api/v1/nars`.
+    pub max_single_upload_bytes: u64,
+    /// Most entries in one presence query.
+    pub max_presence_batch: usize,
+    /// Most narinfos in one publication request.
+    pub max_publish_batch: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PresenceRequest {
+    pub paths: Vec<PresenceQuery>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PresenceQuery {
+    /// The 32-character hash part of the store path.
+    pub hash: String,
+    /// `sha256:<nix32>`: lets the server say whether it already holds this NAR.
+    pub nar_hash: String,
+}
+
+/// Hash parts not listed in either field are published.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PresenceResponse {
+    /// No narinfo and no NAR: upload, then publish.
+    pub missing: Vec<String>,
+    /// The NAR is stored but no narinfo is published: publish only, never re-upload.
+    pub nar_stored: Vec<String>,
+}
+
+/// Query of the single-request upload `POST api/v1/nars`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarUploadParams {
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// `xz`, `zstd` or `none`.
+    pub compression: String,
+    pub file_hash: String,
+    pub file_size: u64,
+}
+
+/// `POST api/v1/uploads`. When an unfinished upload of the same NAR with the same
+/// `compression` and `encoder` exists, the server answers with it and its offset, so a
+/// restarted client resumes instead of starting over.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CreateUpload {
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub compression: String,
+    /// Describes the encoder settings (e.g. `xz-p6-b16777216`): a resumed upload must
+    /// continue a byte-identical stream, so only uploads with equal descriptors are resumed.
+    pub encoder: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UploadState {
+    pub upload_id: String,
+    /// Bytes the server holds; the next chunk must start here.
+    pub offset: u64,
+    /// True when the NAR is already stored: nothing to upload.
+    #[serde(default)]
+    pub already_stored: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CompleteUpload {
+    pub file_hash: String,
+    pub file_size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarStored {
+    pub nar_hash: String,
+    /// Relative URL of the file, as narinfos will name it.
+    pub url: String,
+    pub file_hash: String,
+    pub file_size: u64,
+    /// False when the NAR was already stored before this request.
+    pub newly_stored: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishRequest {
+    pub narinfos: Vec<PublishEntry>,
+}
+
+/// What the client knows of a path; the server adds URL, Compression, FileHash and FileSize
+/// from the NAR it holds with this `nar_hash`, and its own signature.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishEntry {
+    /// Absolute store path.
+    pub store_path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// Absolute store paths.
+    pub references: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deriver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// Signatures to carry along (e.g. `cache.nixos.org-1:...`), kept verbatim as Nix does:
+    /// the server cannot know every key, and clients check only keys they trust.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signatures: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishResponse {
+    /// Hash parts published by this request.
+    pub published: Vec<String>,
+    /// Hash parts that were already published (left unchanged).
+    pub already_published: Vec<String>,
+    pub rejected: Vec<PublishRejection>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PublishRejection {
+    pub hash: String,
+    /// `missing_references`, `nar_not_stored`, `nar_size_mismatch`, `bad_request`.
+    pub code: String,
+    pub message: String,
+}

@@ -1,0 +1,16 @@
+//! Exit codes, documented in the README. Scripts branch on these, so they never change meaning.
+
+/// Everything worked.
+pub const SUCCESS: i32 = 0;
+/// An unexpected internal or I/O error.
+pub const FAILURE: i32 = 1;
+/// Bad command line or input: missing/malformed flag, URL or token, not a store path.
+pub const USAGE: i32 = 2;
+/// The server refused the credentials (401) or their scope (403).
+pub const AUTH: i32 = 3;
+/// The push ran, but some paths failed; the others were published.
+pub const PARTIAL: i32 = 4;
+/// Nix is missing, or `nix path-info` failed (e.g. a path is not in the store).
+pub const NIX: i32 = 5;
+/// The server could not be reached, spoke TLS wrongly, or is not a Stowix server.
+pub const UNREACHABLE: i32 = 6;

@@ -1,0 +1,47 @@
+//! Command line: clap definitions, one file per command, and the mapping from errors to
+//! exit codes. `main.rs` only calls [`run`].
+
+pub mod admin;
+pub mod exit;
+pub mod push;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "stowix", version, about = "Push Nix closures to a Stowix binary cache, and serve one")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Nix commands.
+    Nix {
+        #[command(subcommand)]
+        command: NixCommand,
+    },
+    /// Run a repository server.
+    Serve(serve::ServeArgs),
+    /// Manage repositories and tokens in a server's data directory.
+    Admin(admin::AdminArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NixCommand {
+    /// Upload store paths and their complete runtime closures to a repository.
+    Push(push::PushArgs),
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Nix {
+            command: NixCommand::Push(args),
+        } => push::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Admin(args) => admin::run(args),
+    }
+}
