@@ -1,8 +1,264 @@
-//! `stowix admin`.
+//! `stowix admin`: repositories and tokens, straight on a server's data directory. SQLite in
+//! WAL mode lets this run while the server does; the server reads repositories and tokens on
+//! every request, so changes apply at once.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::exit;
+use crate::nix::signing::SecretKey;
+use crate::server::auth::generate_token;
+use crate::server::is_valid_repo_name;
+use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope, SqliteMetadata};
 
 #[derive(clap::Args, Debug)]
-pub struct AdminArgs {}
+pub struct AdminArgs {
+    /// The server's data directory [default: as `stowix serve`].
+    #[arg(long, env = "STOWIX_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
 
-pub fn run(_args: AdminArgs) -> i32 {
-    todo!()
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Repositories.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCommand {
+    /// Create a repository with a new ed25519 signing key; prints its public key.
+    Create {
+        name: String,
+        /// Reads need a token too.
+        #[arg(long)]
+        private: bool,
+        /// Substituter priority announced in nix-cache-info (lower is preferred; cache.nixos.org is 40).
+        #[arg(long, default_value_t = 41)]
+        priority: u32,
+    },
+    /// Show a repository's substituter settings and public key.
+    Show {
+        name: String,
+        /// Base URL the server is reached at, used in the printed settings.
+        #[arg(
+            long,
+            env = "STOWIX_PUBLIC_URL",
+            default_value = "http://127.0.0.1:8380"
+        )]
+        url: String,
+    },
+    /// List repositories.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token; prints it (the only time it is shown).
+    Create {
+        /// Repository the token is for (repeat for several).
+        #[arg(long = "repo", required = true)]
+        repos: Vec<String>,
+        #[arg(long, value_parser = ["read", "push"])]
+        scope: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (ids only; secrets are not stored).
+    List,
+    /// Revoke a token by id (the 26 characters after `stx_live_`), or by the whole token.
+    Revoke { id: String },
+}
+
+pub fn run(args: AdminArgs) -> i32 {
+    let data_dir = args
+        .data_dir
+        .unwrap_or_else(|| crate::server::config::ServerConfig::default().data_dir);
+    if let Err(err) = std::fs::create_dir_all(&data_dir) {
+        return super::fail(
+            exit::FAILURE,
+            &format!("cannot create data directory {}: {err}", data_dir.display()),
+            None,
+        );
+    }
+    let meta = match SqliteMetadata::open(&data_dir.join("stowix.db")) {
+        Ok(meta) => meta,
+        Err(err) => {
+            return super::fail(
+                exit::FAILURE,
+                &format!(
+                    "cannot open the metadata database in {}: {err}",
+                    data_dir.display()
+                ),
+                None,
+            )
+        }
+    };
+    let result = match args.command {
+        AdminCommand::Repo { command } => repo(&meta, command),
+        AdminCommand::Token { command } => token(&meta, command),
+    };
+    match result {
+        Ok(()) => exit::SUCCESS,
+        Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
+    }
+}
+
+type AdminResult = Result<(), (i32, String, Option<String>)>;
+
+fn internal(err: impl std::fmt::Display) -> (i32, String, Option<String>) {
+    (exit::FAILURE, format!("metadata database: {err}"), None)
+}
+
+fn require_repo(
+    meta: &dyn Metadata,
+    name: &str,
+) -> Result<RepoRecord, (i32, String, Option<String>)> {
+    meta.repo(name).map_err(internal)?.ok_or_else(|| {
+        (
+            exit::USAGE,
+            format!("no repository named '{name}'"),
+            Some("`stowix admin repo list` shows the repositories".into()),
+        )
+    })
+}
+
+fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
+    match command {
+        RepoCommand::Create {
+            name,
+            private,
+            priority,
+        } => {
+            if !is_valid_repo_name(&name) {
+                return Err((
+                    exit::USAGE,
+                    format!("'{name}' is not a valid repository name"),
+                    Some("use 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit (not metrics, healthz, api, nar)".into()),
+                ));
+            }
+            let key = SecretKey::generate(&name);
+            let record = RepoRecord {
+                name: name.clone(),
+                private,
+                secret_key: key.to_text(),
+                priority,
+            };
+            if !meta.create_repo(&record).map_err(internal)? {
+                return Err((
+                    exit::USAGE,
+                    format!("repository '{name}' already exists"),
+                    Some(format!("`stowix admin repo show {name}` prints its key")),
+                ));
+            }
+            println!("{}", key.public_key().to_text());
+            Ok(())
+        }
+        RepoCommand::Show { name, url } => {
+            let repo = require_repo(meta, &name)?;
+            let key = SecretKey::parse(&repo.secret_key).map_err(internal)?;
+            let public = key.public_key().to_text();
+            let url = format!("{}/{}", url.trim_end_matches('/'), repo.name);
+            println!("repository:        {}", repo.name);
+            println!(
+                "visibility:        {}",
+                if repo.private {
+                    "private (reads need a token)"
+                } else {
+                    "public"
+                }
+            );
+            println!("public key:        {public}");
+            println!();
+            println!("# nix.conf");
+            println!("extra-substituters = {url}");
+            println!("extra-trusted-public-keys = {public}");
+            if repo.private {
+                println!();
+                println!("# netrc (netrc-file = /etc/nix/netrc), with a read token as password");
+                let host = url::Url::parse(&url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default();
+                println!("machine {host} login stowix password <token>");
+            }
+            Ok(())
+        }
+        RepoCommand::List => {
+            for repo in meta.repos().map_err(internal)? {
+                let public = SecretKey::parse(&repo.secret_key)
+                    .map(|k| k.public_key().to_text())
+                    .map_err(internal)?;
+                println!(
+                    "{}\t{}\t{public}",
+                    repo.name,
+                    if repo.private { "private" } else { "public" }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn token(meta: &dyn Metadata, command: TokenCommand) -> AdminResult {
+    match command {
+        TokenCommand::Create {
+            repos,
+            scope,
+            description,
+        } => {
+            for name in &repos {
+                require_repo(meta, name)?;
+            }
+            let scope = Scope::parse(&scope).expect("clap restricts the values");
+            let (record, text) = generate_token(scope, repos, description);
+            meta.create_token(&record).map_err(internal)?;
+            println!("{text}");
+            Ok(())
+        }
+        TokenCommand::List => {
+            println!("ID\tSCOPE\tREPOSITORIES\tSTATUS\tDESCRIPTION");
+            for token in meta.tokens().map_err(internal)? {
+                let status = if token.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{}\t{}\t{}\t{status}\t{}",
+                    token.id,
+                    token.scope.as_str(),
+                    token.repos.join(","),
+                    token.description
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            // Accept the whole token too, but never echo it back.
+            let id = crate::server::auth::parse_token(&id)
+                .map(|t| t.id.to_string())
+                .unwrap_or(id);
+            if meta.revoke_token(&id, now_unix()).map_err(internal)? {
+                eprintln!("revoked token {id}");
+                Ok(())
+            } else {
+                Err((
+                    exit::USAGE,
+                    format!("no token with id '{id}'"),
+                    Some("`stowix admin token list` shows the ids".into()),
+                ))
+            }
+        }
+    }
 }

@@ -9,7 +9,11 @@ pub mod serve;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "stowix", version, about = "Push Nix closures to a Stowix binary cache, and serve one")]
+#[command(
+    name = "stowix",
+    version,
+    about = "Push Nix closures to a Stowix binary cache, and serve one"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -44,4 +48,25 @@ pub fn run() -> i32 {
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
     }
+}
+
+/// Logs go to stderr, so stdout stays for what scripts read (keys, tokens, the listen address).
+/// `RUST_LOG` overrides `default_level`.
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Prints `error: MESSAGE` (and `hint: HINT`) on stderr and returns `code`.
+pub fn fail(code: i32, message: &str, hint: Option<&str>) -> i32 {
+    eprintln!("error: {message}");
+    if let Some(hint) = hint {
+        eprintln!("hint: {hint}");
+    }
+    code
 }

@@ -1,1 +1,400 @@
-//! The repository server.
+//! The repository server: every repository URL `http://ADDR/<repo>` is a complete Nix HTTP
+//! binary cache, plus the Stowix push API and `nix copy --to` compatibility.
+//!
+//! ```text
+//!             ┌── routes_cache: nix-cache-info, <hash>.narinfo, nar/<file>  (GET/HEAD; PUT for nix copy)
+//!  request ──►├── routes_api:   api/v1/{info,presence,nars,uploads,narinfos}
+//!   (metrics  └── /metrics, /healthz
+//!    middleware)      │
+//!                     ├─► auth (tokens) ─► metadata (trait; SQLite)
+//!                     ├─► upload (staging, limits) ─► verify (decompress, NAR check) ─► storage (trait; local files)
+//!                     └─► publish (closure check, signing) ─► metadata
+//! ```
+//! Layers below the routes know nothing of HTTP routing; storage and metadata are traits so
+//! S3-compatible storage and PostgreSQL slot in without touching the routes.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metadata;
+pub mod metrics;
+pub mod publish;
+mod routes_api;
+mod routes_cache;
+pub mod storage;
+pub mod upload;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+
+use crate::api::codes;
+use config::ServerConfig;
+use error::{ServerError, ServerResult};
+use metadata::{Metadata, RepoRecord, Scope, SqliteMetadata};
+use storage::{LocalStorage, Storage};
+
+/// Names that would shadow server-wide routes, or that are too easy to confuse.
+const RESERVED_REPO_NAMES: &[&str] = &["metrics", "healthz", "api", "nar", "nix-cache-info"];
+
+/// `[a-z0-9][a-z0-9_-]{0,62}`: safe in a URL, a file name and a Nix key name.
+pub fn is_valid_repo_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !RESERVED_REPO_NAMES.contains(&name)
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub meta: Arc<dyn Metadata>,
+    pub storage: Arc<dyn Storage>,
+    /// Chunked uploads in progress: `<id>.part`.
+    pub uploads_dir: PathBuf,
+    /// Single-request uploads while they are received and verified.
+    pub tmp_dir: PathBuf,
+    pub upload_slots: Arc<Semaphore>,
+    /// One lock per upload id: a chunk append and a completion never interleave.
+    upload_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    auth_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    pub fn open(config: ServerConfig, metrics: Option<PrometheusHandle>) -> Result<Self, String> {
+        let data_dir = &config.data_dir;
+        let uploads_dir = data_dir.join("uploads");
+        let tmp_dir = data_dir.join("tmp");
+        for dir in [data_dir, &uploads_dir, &tmp_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| format!("cannot create data directory {}: {err}", dir.display()))?;
+        }
+        let meta = SqliteMetadata::open(&data_dir.join("stowix.db")).map_err(|err| {
+            format!(
+                "cannot open metadata database in {}: {err}",
+                data_dir.display()
+            )
+        })?;
+        let storage = LocalStorage::new(data_dir.join("store"))
+            .map_err(|err| format!("cannot create storage in {}: {err}", data_dir.display()))?;
+        Ok(AppState {
+            upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads)),
+            config,
+            meta: Arc::new(meta),
+            storage: Arc::new(storage),
+            uploads_dir,
+            tmp_dir,
+            upload_locks: Mutex::new(HashMap::new()),
+            auth_failures: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Runs a metadata call off the async runtime.
+    pub async fn db<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn Metadata) -> metadata::MetaResult<T> + Send + 'static,
+    ) -> ServerResult<T> {
+        let meta = Arc::clone(&self.meta);
+        Ok(tokio::task::spawn_blocking(move || call(meta.as_ref())).await??)
+    }
+
+    pub fn upload_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.upload_locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop locks nobody holds, so the map does not grow with every upload ever made.
+        if locks.len() > 1024 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        Arc::clone(locks.entry(id.to_string()).or_default())
+    }
+
+    pub fn upload_slot(&self) -> ServerResult<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.upload_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                ServerError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::TOO_MANY_UPLOADS,
+                    format!(
+                        "the server is receiving its maximum of {} uploads; retry shortly",
+                        self.config.max_concurrent_uploads
+                    ),
+                )
+                .with_retry_after(1)
+            })
+    }
+
+    /// Looks up the repository and checks the request's credentials for `needed` access.
+    /// `strict` also rejects bad credentials on public reads (the push API wants to know);
+    /// the cache read side ignores credentials on public repositories, because Nix sends its
+    /// netrc password to every repository on a host.
+    pub async fn access(
+        &self,
+        repo_name: &str,
+        headers: &HeaderMap,
+        peer: IpAddr,
+        needed: auth::Access,
+        strict: bool,
+    ) -> ServerResult<(RepoRecord, Option<Scope>)> {
+        if !is_valid_repo_name(repo_name) {
+            return Err(no_such_repository(repo_name));
+        }
+        let name = repo_name.to_string();
+        let repo = self
+            .db(move |meta| meta.repo(&name))
+            .await?
+            .ok_or_else(|| no_such_repository(repo_name))?;
+        let token = auth::presented_token(headers);
+        if needed == auth::Access::Read && !repo.private && !strict {
+            return Ok((repo, None));
+        }
+        let token = match token {
+            Ok(token) => token,
+            Err(err) => return Err(self.auth_failed(peer, err)),
+        };
+        if token.is_some() {
+            self.check_auth_rate(peer)?;
+        }
+        let meta = Arc::clone(&self.meta);
+        let repo_for_check = repo.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            auth::authorize(meta.as_ref(), &repo_for_check, token.as_deref(), needed)
+        })
+        .await?;
+        match checked {
+            Ok(scope) => Ok((repo, scope)),
+            Err(err) => Err(self.auth_failed(peer, err)),
+        }
+    }
+
+    fn auth_failed(&self, peer: IpAddr, err: ServerError) -> ServerError {
+        ::metrics::counter!(metrics::AUTH_FAILURES_TOTAL, "code" => err.body.code.clone())
+            .increment(1);
+        if err.status == StatusCode::UNAUTHORIZED && err.body.code != codes::MISSING_TOKEN {
+            let mut failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if failures.len() > 10_000 {
+                failures
+                    .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+            }
+            let entry = failures.entry(peer).or_insert((now, 0));
+            if now.duration_since(entry.0) >= Duration::from_secs(60) {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+        }
+        err
+    }
+
+    /// Refuses to even evaluate credentials from an address that failed too often this minute,
+    /// so guessing tokens costs a minute per `auth_failures_per_minute` guesses.
+    fn check_auth_rate(&self, peer: IpAddr) -> ServerResult<()> {
+        let failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((start, count)) = failures.get(&peer) {
+            let elapsed = start.elapsed();
+            if elapsed < Duration::from_secs(60) && *count >= self.config.auth_failures_per_minute {
+                let wait = 60 - elapsed.as_secs();
+                return Err(ServerError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    codes::TOO_MANY_ATTEMPTS,
+                    format!("too many failed authentications from this address; retry in {wait} s"),
+                )
+                .with_retry_after(wait.max(1)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn no_such_repository(name: &str) -> ServerError {
+    ServerError::new(
+        StatusCode::NOT_FOUND,
+        codes::NO_SUCH_REPOSITORY,
+        format!(
+            "no repository named {:?} on this server",
+            name.chars().take(80).collect::<String>()
+        ),
+    )
+}
+
+/// JSON bodies (presence, publication) are far smaller than this even at the batch limits.
+const JSON_BODY_LIMIT: usize = 64 << 20;
+
+pub fn router(state: SharedState) -> Router {
+    let api = format!("/{{repo}}/{}", crate::api::API_PREFIX);
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(routes_cache::metrics))
+        .route(&format!("{api}/info"), get(routes_api::info))
+        .route(&format!("{api}/presence"), post(routes_api::presence))
+        .route(
+            &format!("{api}/nars"),
+            post(routes_api::upload_whole).layer(DefaultBodyLimit::disable()),
+        )
+        .route(&format!("{api}/uploads"), post(routes_api::create_upload))
+        .route(
+            &format!("{api}/uploads/{{id}}"),
+            get(routes_api::upload_state)
+                .patch(routes_api::upload_chunk)
+                .delete(routes_api::abort_upload)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            &format!("{api}/uploads/{{id}}/complete"),
+            post(routes_api::complete_upload),
+        )
+        .route(&format!("{api}/narinfos"), post(routes_api::publish))
+        .route(
+            "/{repo}/nar/{file}",
+            get(routes_cache::get_nar)
+                .put(routes_cache::put_nar)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/{repo}/{file}",
+            get(routes_cache::get_file).put(routes_cache::put_file),
+        )
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .with_state(state)
+}
+
+/// Deletes temporary files a crash left behind, and unfinished uploads past their expiry.
+pub async fn clean_up(state: &AppState) -> ServerResult<()> {
+    if let Ok(mut entries) = tokio::fs::read_dir(&state.tmp_dir).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+    let cutoff = metadata::now_unix() - (state.config.upload_expiry_hours as i64) * 3600;
+    let expired = state
+        .db(move |meta| meta.uploads_created_before(cutoff))
+        .await?;
+    for upload in expired {
+        let lock = state.upload_lock(&upload.id);
+        let _guard = lock.lock().await;
+        let _ = tokio::fs::remove_file(state.uploads_dir.join(format!("{}.part", upload.id))).await;
+        let id = upload.id.clone();
+        state.db(move |meta| meta.delete_upload(&id)).await?;
+    }
+    Ok(())
+}
+
+/// Serves until SIGINT/SIGTERM, then lets requests in flight finish for the grace period.
+/// Prints `listening on http://ADDR` on stdout once it accepts connections.
+pub async fn serve(config: ServerConfig) -> Result<(), String> {
+    let handle = metrics::install_recorder()?;
+    let listen = config.listen;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let state: SharedState = Arc::new(AppState::open(config, Some(handle))?);
+    clean_up(&state).await.map_err(|err| err.body.message)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+    let local = listener.local_addr().map_err(|err| err.to_string())?;
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening on http://{local}");
+        let _ = stdout.flush();
+    }
+    tracing::info!(%local, data_dir = %state.config.data_dir.display(), "stowix serve started");
+
+    let janitor_state = Arc::clone(&state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(err) = clean_up(&janitor_state).await {
+                tracing::warn!("upload cleanup failed: {}", err.body.message);
+            }
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down: waiting up to {grace:?} for requests in flight");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(err))) => Err(format!("server error: {err}")),
+        Ok(Err(err)) => Err(format!("server task failed: {err}")),
+        Err(_) => {
+            tracing::warn!(
+                "grace period over: abandoning requests in flight (chunked uploads stay resumable)"
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_names() {
+        for good in ["my-cache", "a", "0x", "team_1"] {
+            assert!(is_valid_repo_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            "My",
+            "-a",
+            "a/b",
+            "a.b",
+            "metrics",
+            "healthz",
+            &"a".repeat(64),
+            "%2e%2e",
+        ] {
+            assert!(!is_valid_repo_name(bad), "{bad}");
+        }
+    }
+}

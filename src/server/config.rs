@@ -1,0 +1,97 @@
+//! Server settings: defaults, the TOML file (`config/server.toml` is the commented template),
+//! and command-line overrides, in that order of precedence (last wins).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The commented template, embedded so `stowix serve --print-config` can show it.
+pub const CONFIG_TEMPLATE: &str = include_str!("../../config/server.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Largest PATCH chunk. 64 MiB keeps a resent chunk cheap while amortising request overhead.
+    pub max_chunk_bytes: u64,
+    /// Largest single-request upload (push API `POST nars` and `nix copy` PUT).
+    pub max_single_upload_bytes: u64,
+    /// Uploads received at once; more get 503 with Retry-After, so a burst cannot exhaust
+    /// file descriptors or disk bandwidth.
+    pub max_concurrent_uploads: usize,
+    /// A body that sends nothing for this long is abandoned (its bytes so far are kept).
+    pub upload_idle_timeout_secs: u64,
+    pub max_presence_batch: usize,
+    pub max_publish_batch: usize,
+    /// Unfinished uploads older than this are deleted.
+    pub upload_expiry_hours: u64,
+    /// How long a shutdown waits for requests in flight before abandoning them.
+    pub shutdown_grace_secs: u64,
+    /// Failed authentications allowed per client address per minute before 429.
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8380)),
+            data_dir: default_data_dir(),
+            max_chunk_bytes: 64 << 20,
+            max_single_upload_bytes: 16 << 30,
+            max_concurrent_uploads: 64,
+            upload_idle_timeout_secs: 60,
+            max_presence_batch: 20_000,
+            max_publish_batch: 5_000,
+            upload_expiry_hours: 24,
+            shutdown_grace_secs: 30,
+            auth_failures_per_minute: 60,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("stowix");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/stowix"),
+        None => PathBuf::from("stowix-data"),
+    }
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read config file {}: {err}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|err| format!("config file {} is invalid: {err}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_parses_and_matches_the_defaults() {
+        let parsed: ServerConfig = toml::from_str(CONFIG_TEMPLATE).unwrap();
+        let defaults = ServerConfig::default();
+        assert_eq!(parsed.listen, defaults.listen);
+        assert_eq!(parsed.max_chunk_bytes, defaults.max_chunk_bytes);
+        assert_eq!(
+            parsed.max_concurrent_uploads,
+            defaults.max_concurrent_uploads
+        );
+        assert_eq!(
+            parsed.upload_idle_timeout_secs,
+            defaults.upload_idle_timeout_secs
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<ServerConfig>("lisen = \"127.0.0.1:1\"").is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Server errors. Internal detail goes to the log; clients get a stable JSON
+//! `{code, message}` ([`crate::api::ApiError`]) and never a database or filesystem string.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::api::{codes, ApiError};
+
+#[derive(Debug)]
+pub struct ServerError {
+    pub status: StatusCode,
+    pub body: ApiError,
+    /// Seconds for a `Retry-After` header (429/503).
+    pub retry_after: Option<u64>,
+}
+
+pub type ServerResult<T> = Result<T, ServerError>;
+
+impl ServerError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ServerError {
+            status,
+            body: ApiError {
+                code: code.to_string(),
+                message: message.into(),
+                offset: None,
+            },
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, message)
+    }
+
+    pub fn unprocessable(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Logs `detail` (which may hold paths or SQL errors) and answers a bland 500.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {detail}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            "internal server error; the server log has details",
+        )
+    }
+}
+
+impl From<std::io::Error> for ServerError {
+    fn from(err: std::io::Error) -> Self {
+        ServerError::internal(format!("I/O: {err}"))
+    }
+}
+
+impl From<rusqlite::Error> for ServerError {
+    fn from(err: rusqlite::Error) -> Self {
+        ServerError::internal(format!("SQLite: {err}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for ServerError {
+    fn from(err: tokio::task::JoinError) -> Self {
+        ServerError::internal(format!("task: {err}"))
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // Lets curl (and so Nix with a netrc) know Basic credentials are wanted.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"stowix\""),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,535 @@
+//! Repository metadata: repositories and their keys, tokens, stored NARs, published narinfos
+//! and unfinished uploads. [`Metadata`] is the interface the HTTP layer sees; [`SqliteMetadata`]
+//! is the embedded default (one file in the data dir, WAL mode so `stowix admin` can write while
+//! the server runs). A PostgreSQL implementation plugs in behind the same trait.
+//!
+//! Calls are blocking; async callers go through `tokio::task::spawn_blocking`.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+pub type MetaResult<T> = Result<T, rusqlite::Error>;
+
+#[derive(Clone, Debug)]
+pub struct RepoRecord {
+    pub name: String,
+    pub private: bool,
+    /// Nix secret key text `name:base64`.
+    pub secret_key: String,
+    pub priority: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Read,
+    Push,
+}
+
+impl Scope {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Push => "push",
+        }
+    }
+    pub fn parse(text: &str) -> Option<Scope> {
+        match text {
+            "read" => Some(Scope::Read),
+            "push" => Some(Scope::Push),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenRecord {
+    pub id: String,
+    /// sha256 of the secret part; the secret itself is never stored.
+    pub secret_sha256: [u8; 32],
+    pub scope: Scope,
+    pub repos: Vec<String>,
+    pub description: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NarRecord {
+    /// Relative to the repository URL: `nar/<nix32 file hash>.nar.xz`.
+    pub url: String,
+    pub compression: String,
+    /// `sha256:<nix32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub file_hash: String,
+    pub file_size: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct UploadRecord {
+    pub id: String,
+    pub repo: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    pub compression: String,
+    pub encoder: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PublishedNarInfo {
+    pub hash: String,
+    pub store_path: String,
+    pub nar_hash: String,
+    /// The signed narinfo text, served as is.
+    pub text: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presence {
+    Published,
+    NarStored,
+    Missing,
+}
+
+pub trait Metadata: Send + Sync {
+    /// False when a repository of that name exists already.
+    fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool>;
+    fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>>;
+    fn repos(&self) -> MetaResult<Vec<RepoRecord>>;
+
+    fn create_token(&self, token: &TokenRecord) -> MetaResult<()>;
+    fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>>;
+    fn tokens(&self) -> MetaResult<Vec<TokenRecord>>;
+    /// False when there is no such token.
+    fn revoke_token(&self, id: &str, at: i64) -> MetaResult<bool>;
+
+    fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>>;
+    /// For each `(hash part, nar hash)`, in order.
+    fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>>;
+    /// Which of `hashes` have a published narinfo.
+    fn published_among(&self, repo: &str, hashes: &[String]) -> MetaResult<Vec<bool>>;
+    /// Publishes all of `narinfos` in one transaction; already published ones are left alone.
+    /// Returns, per entry, whether it was newly published.
+    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>>;
+
+    fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>>;
+    fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>>;
+    /// False when a NAR with that URL was already recorded.
+    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool>;
+
+    fn find_upload(
+        &self,
+        repo: &str,
+        nar_hash: &str,
+        compression: &str,
+        encoder: &str,
+    ) -> MetaResult<Option<UploadRecord>>;
+    fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>>;
+    fn create_upload(&self, upload: &UploadRecord) -> MetaResult<()>;
+    fn delete_upload(&self, id: &str) -> MetaResult<()>;
+    fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>>;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS repos (
+    name TEXT PRIMARY KEY,
+    private INTEGER NOT NULL,
+    secret_key TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 BLOB NOT NULL,
+    scope TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS token_repos (
+    token_id TEXT NOT NULL REFERENCES tokens(id),
+    repo TEXT NOT NULL,
+    PRIMARY KEY (token_id, repo)
+);
+CREATE TABLE IF NOT EXISTS nars (
+    repo TEXT NOT NULL,
+    url TEXT NOT NULL,
+    compression TEXT NOT NULL,
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL,
+    file_hash TEXT NOT NULL,
+    file_size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, url)
+);
+CREATE INDEX IF NOT EXISTS nars_by_nar_hash ON nars (repo, nar_hash);
+CREATE TABLE IF NOT EXISTS narinfos (
+    repo TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    store_path TEXT NOT NULL,
+    nar_hash TEXT NOT NULL,
+    text TEXT NOT NULL,
+    published_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, hash)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    nar_hash TEXT NOT NULL,
+    nar_size INTEGER NOT NULL,
+    compression TEXT NOT NULL,
+    encoder TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uploads_by_key ON uploads (repo, nar_hash, compression, encoder);
+";
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The embedded default. One connection behind a mutex: SQLite serialises writers anyway, and
+/// every statement here is a point lookup or a small batch, so the lock is held for microseconds.
+pub struct SqliteMetadata {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteMetadata {
+    pub fn open(path: &Path) -> MetaResult<Self> {
+        let conn = Connection::open(path)?;
+        // WAL lets `stowix admin` and the server use the file at once; NORMAL sync is durable
+        // across process crashes, which is what a killed server needs.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteMetadata {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (statements are atomic).
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> MetaResult<TokenRecord> {
+    let id: String = row.get(0)?;
+    let secret: Vec<u8> = row.get(1)?;
+    let scope: String = row.get(2)?;
+    let mut secret_sha256 = [0u8; 32];
+    if secret.len() == 32 {
+        secret_sha256.copy_from_slice(&secret);
+    }
+    let mut stmt =
+        conn.prepare_cached("SELECT repo FROM token_repos WHERE token_id = ?1 ORDER BY repo")?;
+    let repos = stmt
+        .query_map([&id], |r| r.get::<_, String>(0))?
+        .collect::<MetaResult<Vec<_>>>()?;
+    Ok(TokenRecord {
+        id,
+        secret_sha256,
+        // An unknown scope string can only come from a newer version; read-only is the safe reading.
+        scope: Scope::parse(&scope).unwrap_or(Scope::Read),
+        repos,
+        description: row.get(3)?,
+        created_at: row.get(4)?,
+        revoked_at: row.get(5)?,
+    })
+}
+
+fn nar_from_row(row: &rusqlite::Row<'_>) -> MetaResult<NarRecord> {
+    Ok(NarRecord {
+        url: row.get(0)?,
+        compression: row.get(1)?,
+        nar_hash: row.get(2)?,
+        nar_size: row.get::<_, i64>(3)? as u64,
+        file_hash: row.get(4)?,
+        file_size: row.get::<_, i64>(5)? as u64,
+    })
+}
+
+fn upload_from_row(row: &rusqlite::Row<'_>) -> MetaResult<UploadRecord> {
+    Ok(UploadRecord {
+        id: row.get(0)?,
+        repo: row.get(1)?,
+        nar_hash: row.get(2)?,
+        nar_size: row.get::<_, i64>(3)? as u64,
+        compression: row.get(4)?,
+        encoder: row.get(5)?,
+        created_at: row.get(6)?,
+    })
+}
+
+const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size";
+const UPLOAD_COLUMNS: &str = "id, repo, nar_hash, nar_size, compression, encoder, created_at";
+
+impl Metadata for SqliteMetadata {
+    fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool> {
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO repos (name, private, secret_key, priority, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                repo.name,
+                repo.private,
+                repo.secret_key,
+                repo.priority,
+                now_unix()
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>> {
+        self.conn()
+            .prepare_cached(
+                "SELECT name, private, secret_key, priority FROM repos WHERE name = ?1",
+            )?
+            .query_row([name], |row| {
+                Ok(RepoRecord {
+                    name: row.get(0)?,
+                    private: row.get(1)?,
+                    secret_key: row.get(2)?,
+                    priority: row.get(3)?,
+                })
+            })
+            .optional()
+    }
+
+    fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, private, secret_key, priority FROM repos ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(RepoRecord {
+                name: row.get(0)?,
+                private: row.get(1)?,
+                secret_key: row.get(2)?,
+                priority: row.get(3)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    fn create_token(&self, token: &TokenRecord) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO tokens (id, secret_sha256, scope, description, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+            params![
+                token.id,
+                token.secret_sha256.as_slice(),
+                token.scope.as_str(),
+                token.description,
+                token.created_at
+            ],
+        )?;
+        for repo in &token.repos {
+            tx.execute(
+                "INSERT INTO token_repos (token_id, repo) VALUES (?1, ?2)",
+                params![token.id, repo],
+            )?;
+        }
+        tx.commit()
+    }
+
+    fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, secret_sha256, scope, description, created_at, revoked_at
+             FROM tokens WHERE id = ?1",
+        )?;
+        stmt.query_row([id], |row| token_from_row(&conn, row))
+            .optional()
+    }
+
+    fn tokens(&self) -> MetaResult<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, secret_sha256, scope, description, created_at, revoked_at
+             FROM tokens ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |row| token_from_row(&conn, row))?;
+        rows.collect()
+    }
+
+    fn revoke_token(&self, id: &str, at: i64) -> MetaResult<bool> {
+        let conn = self.conn();
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM tokens WHERE id = ?1")?
+            .exists([id])?;
+        conn.execute(
+            "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, at],
+        )?;
+        Ok(exists)
+    }
+
+    fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>> {
+        self.conn()
+            .prepare_cached("SELECT text FROM narinfos WHERE repo = ?1 AND hash = ?2")?
+            .query_row([repo, hash], |row| row.get(0))
+            .optional()
+    }
+
+    fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>> {
+        let conn = self.conn();
+        let mut published =
+            conn.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+        let mut nar =
+            conn.prepare_cached("SELECT 1 FROM nars WHERE repo = ?1 AND nar_hash = ?2")?;
+        let mut answers = Vec::with_capacity(queries.len());
+        for (hash, nar_hash) in queries {
+            let state = if published.exists([repo, hash])? {
+                Presence::Published
+            } else if nar.exists([repo, nar_hash])? {
+                Presence::NarStored
+            } else {
+                Presence::Missing
+            };
+            answers.push(state);
+        }
+        Ok(answers)
+    }
+
+    fn published_among(&self, repo: &str, hashes: &[String]) -> MetaResult<Vec<bool>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+        hashes
+            .iter()
+            .map(|hash| stmt.exists(params![repo, hash]))
+            .collect()
+    }
+
+    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut newly = Vec::with_capacity(narinfos.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO narinfos (repo, hash, store_path, nar_hash, text, published_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let now = now_unix();
+            for info in narinfos {
+                let inserted = insert.execute(params![
+                    repo,
+                    info.hash,
+                    info.store_path,
+                    info.nar_hash,
+                    info.text,
+                    now
+                ])?;
+                newly.push(inserted == 1);
+            }
+        }
+        tx.commit()?;
+        Ok(newly)
+    }
+
+    fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND nar_hash = ?2 ORDER BY created_at LIMIT 1"
+            ))?
+            .query_row([repo, nar_hash], nar_from_row)
+            .optional()
+    }
+
+    fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND url = ?2"
+            ))?
+            .query_row([repo, url], nar_from_row)
+            .optional()
+    }
+
+    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO nars (repo, url, compression, nar_hash, nar_size, file_hash, file_size, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                repo,
+                nar.url,
+                nar.compression,
+                nar.nar_hash,
+                nar.nar_size as i64,
+                nar.file_hash,
+                nar.file_size as i64,
+                now_unix()
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    fn find_upload(
+        &self,
+        repo: &str,
+        nar_hash: &str,
+        compression: &str,
+        encoder: &str,
+    ) -> MetaResult<Option<UploadRecord>> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads
+                 WHERE repo = ?1 AND nar_hash = ?2 AND compression = ?3 AND encoder = ?4
+                 ORDER BY created_at LIMIT 1"
+            ))?
+            .query_row([repo, nar_hash, compression, encoder], upload_from_row)
+            .optional()
+    }
+
+    fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
+        self.conn()
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"
+            ))?
+            .query_row([id], upload_from_row)
+            .optional()
+    }
+
+    fn create_upload(&self, upload: &UploadRecord) -> MetaResult<()> {
+        self.conn().execute(
+            &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            params![
+                upload.id,
+                upload.repo,
+                upload.nar_hash,
+                upload.nar_size as i64,
+                upload.compression,
+                upload.encoder,
+                upload.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_upload(&self, id: &str) -> MetaResult<()> {
+        self.conn()
+            .execute("DELETE FROM uploads WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created_at < ?1"
+        ))?;
+        let rows = stmt.query_map([at], upload_from_row)?;
+        rows.collect()
+    }
+}

@@ -1,0 +1,86 @@
+//! Server metrics: names in one place, the Prometheus recorder, and the per-request middleware
+//! that labels by route template (never by store path, so cardinality stays bounded).
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS_TOTAL: &str = "stowix_server_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "stowix_server_http_request_duration_seconds";
+pub const UPLOAD_RECEIVED_BYTES_TOTAL: &str = "stowix_server_upload_received_bytes_total";
+pub const NARS_STORED_TOTAL: &str = "stowix_server_nars_stored_total";
+pub const NARINFOS_PUBLISHED_TOTAL: &str = "stowix_server_narinfos_published_total";
+pub const UPLOADS_REJECTED_TOTAL: &str = "stowix_server_uploads_rejected_total";
+pub const AUTH_FAILURES_TOTAL: &str = "stowix_server_auth_failures_total";
+
+/// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Installs the process-wide recorder. The server is its own process, so a global is right here.
+pub fn install_recorder() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
+            DURATION_BUCKETS,
+        )
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    // Registered at zero so dashboards and tests see them before the first upload.
+    metrics::counter!(UPLOAD_RECEIVED_BYTES_TOTAL).absolute(0);
+    metrics::counter!(NARS_STORED_TOTAL).absolute(0);
+    metrics::counter!(NARINFOS_PUBLISHED_TOTAL).absolute(0);
+    Ok(handle)
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        HTTP_REQUESTS_TOTAL,
+        "HTTP requests answered, by route template and status"
+    );
+    metrics::describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer a request (to the end of the handler; streamed bodies continue after)"
+    );
+    metrics::describe_counter!(
+        UPLOAD_RECEIVED_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "Compressed NAR bytes received, including chunks later discarded"
+    );
+    metrics::describe_counter!(NARS_STORED_TOTAL, "NAR files verified and stored");
+    metrics::describe_counter!(NARINFOS_PUBLISHED_TOTAL, "narinfos signed and published");
+    metrics::describe_counter!(
+        UPLOADS_REJECTED_TOTAL,
+        "Uploads refused at verification, by reason"
+    );
+    metrics::describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        "Requests refused for their credentials, by code"
+    );
+}
+
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
+    response
+}
+
+pub fn record_received(bytes: u64) {
+    metrics::counter!(UPLOAD_RECEIVED_BYTES_TOTAL).increment(bytes);
+}

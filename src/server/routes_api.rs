@@ -1,0 +1,626 @@
+//! The Stowix push API (`<repo>/api/v1/...`): presence queries, single-request and resumable
+//! chunked NAR uploads, and batched publication. `docs/protocol.md` documents each route.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rand::Rng;
+
+use super::auth::Access;
+use super::error::{ServerError, ServerResult};
+use super::metadata::{now_unix, Presence, UploadRecord};
+use super::publish::{self, Candidate};
+use super::upload::{self, Expected};
+use super::{verify, SharedState};
+use crate::api::{
+    codes, CompleteUpload, CreateUpload, NarStored, NarUploadParams, PresenceRequest,
+    PresenceResponse, PublishRequest, PublishResponse, RepoInfo, ServerLimits, UploadState,
+    UPLOAD_OFFSET_HEADER,
+};
+use crate::nix::signing::SecretKey;
+use crate::nix::store_path::is_valid_hash_part;
+use crate::nix::{NarInfo, Sha256Hash, StorePath};
+
+fn parse_nar_hash(text: &str) -> ServerResult<Sha256Hash> {
+    Sha256Hash::parse(text)
+        .map_err(|err| ServerError::bad_request(codes::BAD_REQUEST, err.to_string()))
+}
+
+fn check_compression(compression: &str) -> ServerResult<()> {
+    verify::compression_suffix(compression)
+        .map(|_| ())
+        .ok_or_else(|| {
+            ServerError::unprocessable(
+                codes::UNSUPPORTED_COMPRESSION,
+                format!("compression {compression:?} is not supported: use xz, zstd or none"),
+            )
+        })
+}
+
+pub async fn info(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(repo_name): Path<String>,
+    headers: HeaderMap,
+) -> ServerResult<Json<RepoInfo>> {
+    let (repo, scope) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Read, true)
+        .await?;
+    let key = SecretKey::parse(&repo.secret_key)
+        .map_err(|err| ServerError::internal(format!("repository {} key: {err}", repo.name)))?;
+    let config = &state.config;
+    Ok(Json(RepoInfo {
+        repository: repo.name.clone(),
+        public_key: key.public_key().to_text(),
+        private: repo.private,
+        token_scope: scope.map(|s| s.as_str().to_string()),
+        limits: ServerLimits {
+            max_chunk_bytes: config.max_chunk_bytes,
+            max_single_upload_bytes: config.max_single_upload_bytes,
+            max_presence_batch: config.max_presence_batch,
+            max_publish_batch: config.max_publish_batch,
+        },
+    }))
+}
+
+pub async fn presence(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(repo_name): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<PresenceRequest>,
+) -> ServerResult<Json<PresenceResponse>> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Read, true)
+        .await?;
+    if request.paths.len() > state.config.max_presence_batch {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!(
+                "at most {} paths per presence query",
+                state.config.max_presence_batch
+            ),
+        ));
+    }
+    let mut queries = Vec::with_capacity(request.paths.len());
+    for query in &request.paths {
+        if !is_valid_hash_part(&query.hash) {
+            return Err(ServerError::bad_request(
+                codes::INVALID_HASH_PART,
+                format!(
+                    "{:?} is not a store path hash part",
+                    query.hash.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        queries.push((
+            query.hash.clone(),
+            parse_nar_hash(&query.nar_hash)?.to_typed_nix32(),
+        ));
+    }
+    let name = repo.name.clone();
+    let answers = state.db(move |meta| meta.presence(&name, &queries)).await?;
+    let mut response = PresenceResponse::default();
+    for (query, answer) in request.paths.into_iter().zip(answers) {
+        match answer {
+            Presence::Published => {}
+            Presence::NarStored => response.nar_stored.push(query.hash),
+            Presence::Missing => response.missing.push(query.hash),
+        }
+    }
+    Ok(Json(response))
+}
+
+fn stored_answer(record: &super::metadata::NarRecord, newly_stored: bool) -> NarStored {
+    NarStored {
+        nar_hash: record.nar_hash.clone(),
+        url: record.url.clone(),
+        file_hash: record.file_hash.clone(),
+        file_size: record.file_size,
+        newly_stored,
+    }
+}
+
+/// Small NARs in one request: the body is the whole compressed file.
+pub async fn upload_whole(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(repo_name): Path<String>,
+    Query(params): Query<NarUploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    check_compression(&params.compression)?;
+    let nar_hash = parse_nar_hash(&params.nar_hash)?;
+    let file_hash = parse_nar_hash(&params.file_hash)?;
+    if params.file_size > state.config.max_single_upload_bytes {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} bytes is over this server's single-request limit of {}: use a chunked upload",
+                params.file_size, state.config.max_single_upload_bytes
+            ),
+        ));
+    }
+    let name = repo.name.clone();
+    let typed = nar_hash.to_typed_nix32();
+    if let Some(existing) = state
+        .db(move |meta| meta.nar_by_hash(&name, &typed))
+        .await?
+    {
+        return Ok((StatusCode::OK, Json(stored_answer(&existing, false))).into_response());
+    }
+    let _slot = state.upload_slot()?;
+    let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
+    let mut file = tokio::fs::File::from_std(staged.reopen()?);
+    // One byte over the declared size is enough to know the client lied about it.
+    let received = upload::receive_into(
+        body,
+        &mut file,
+        params.file_size + 1,
+        Duration::from_secs(state.config.upload_idle_timeout_secs),
+    )
+    .await;
+    drop(file);
+    match received {
+        Err(upload::ReceiveError::TooLarge { .. }) => {
+            return Err(ServerError::unprocessable(
+                codes::FILE_SIZE_MISMATCH,
+                format!(
+                    "the body is longer than the declared file_size {}",
+                    params.file_size
+                ),
+            ))
+        }
+        other => other?,
+    };
+    let expected = Expected {
+        file_hash: Some(file_hash),
+        file_size: Some(params.file_size),
+        nar_hash: Some(nar_hash),
+        nar_size: Some(params.nar_size),
+    };
+    let (staged_file, staged_path) = staged.into_parts();
+    drop(staged_file);
+    let result = upload::verify_and_store(
+        &state,
+        &repo.name,
+        &staged_path,
+        &params.compression,
+        expected,
+    )
+    .await;
+    let _ = staged_path.close();
+    let (record, newly) = result?;
+    Ok((StatusCode::CREATED, Json(stored_answer(&record, newly))).into_response())
+}
+
+fn new_upload_id() -> String {
+    let bytes: [u8; 16] = rand::rngs::OsRng.gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_valid_upload_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn upload_path(state: &SharedState, id: &str) -> std::path::PathBuf {
+    state.uploads_dir.join(format!("{id}.part"))
+}
+
+async fn held_offset(state: &SharedState, id: &str) -> ServerResult<u64> {
+    match tokio::fs::metadata(upload_path(state, id)).await {
+        Ok(meta) => Ok(meta.len()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The upload named by the path, if it belongs to this repository.
+async fn find_upload(state: &SharedState, repo: &str, id: &str) -> ServerResult<UploadRecord> {
+    let not_found = || {
+        ServerError::not_found(format!(
+            "no unfinished upload {id:?} in this repository; create a new one"
+        ))
+    };
+    if !is_valid_upload_id(id) {
+        return Err(not_found());
+    }
+    let lookup = id.to_string();
+    match state.db(move |meta| meta.upload(&lookup)).await? {
+        Some(record) if record.repo == repo => Ok(record),
+        _ => Err(not_found()),
+    }
+}
+
+fn state_response(status: StatusCode, state: UploadState) -> Response {
+    let offset = HeaderValue::from(state.offset);
+    let mut response = (status, Json(state)).into_response();
+    response.headers_mut().insert(UPLOAD_OFFSET_HEADER, offset);
+    response
+}
+
+pub async fn create_upload(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(repo_name): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<CreateUpload>,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    check_compression(&request.compression)?;
+    let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
+    if request.encoder.len() > 200 {
+        return Err(ServerError::bad_request(
+            codes::BAD_REQUEST,
+            "encoder descriptor too long",
+        ));
+    }
+    let name = repo.name.clone();
+    let lookup_hash = nar_hash.clone();
+    if state
+        .db(move |meta| meta.nar_by_hash(&name, &lookup_hash))
+        .await?
+        .is_some()
+    {
+        return Ok(state_response(
+            StatusCode::OK,
+            UploadState {
+                upload_id: String::new(),
+                offset: 0,
+                already_stored: true,
+            },
+        ));
+    }
+    let name = repo.name.clone();
+    let (hash, compression, encoder) = (
+        nar_hash.clone(),
+        request.compression.clone(),
+        request.encoder.clone(),
+    );
+    let existing = state
+        .db(move |meta| meta.find_upload(&name, &hash, &compression, &encoder))
+        .await?;
+    if let Some(existing) = existing {
+        let offset = held_offset(&state, &existing.id).await?;
+        return Ok(state_response(
+            StatusCode::OK,
+            UploadState {
+                upload_id: existing.id,
+                offset,
+                already_stored: false,
+            },
+        ));
+    }
+    let record = UploadRecord {
+        id: new_upload_id(),
+        repo: repo.name.clone(),
+        nar_hash,
+        nar_size: request.nar_size,
+        compression: request.compression,
+        encoder: request.encoder,
+        created_at: now_unix(),
+    };
+    tokio::fs::File::create(upload_path(&state, &record.id)).await?;
+    let id = record.id.clone();
+    state.db(move |meta| meta.create_upload(&record)).await?;
+    Ok(state_response(
+        StatusCode::CREATED,
+        UploadState {
+            upload_id: id,
+            offset: 0,
+            already_stored: false,
+        },
+    ))
+}
+
+pub async fn upload_state(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    let record = find_upload(&state, &repo.name, &id).await?;
+    let offset = held_offset(&state, &record.id).await?;
+    Ok(state_response(
+        StatusCode::OK,
+        UploadState {
+            upload_id: record.id,
+            offset,
+            already_stored: false,
+        },
+    ))
+}
+
+pub async fn upload_chunk(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    let declared: u64 = headers
+        .get(UPLOAD_OFFSET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            ServerError::bad_request(
+                codes::BAD_REQUEST,
+                format!("a chunk needs an {UPLOAD_OFFSET_HEADER} header with the byte offset it starts at"),
+            )
+        })?;
+    let record = find_upload(&state, &repo.name, &id).await?;
+    let _slot = state.upload_slot()?;
+    let lock = state.upload_lock(&record.id);
+    let _guard = lock.lock().await;
+    // Completion may have finished (and removed the upload) while this request waited.
+    let record = find_upload(&state, &repo.name, &record.id).await?;
+    let path = upload_path(&state, &record.id);
+    let held = held_offset(&state, &record.id).await?;
+    if declared != held {
+        let mut err = ServerError::new(
+            StatusCode::CONFLICT,
+            codes::OFFSET_MISMATCH,
+            format!("this chunk starts at {declared}, but the server holds {held} bytes: resend from {held}"),
+        );
+        err.body.offset = Some(held);
+        return Err(err);
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .await?;
+    let received = upload::receive_into(
+        body,
+        &mut file,
+        state.config.max_chunk_bytes,
+        Duration::from_secs(state.config.upload_idle_timeout_secs),
+    )
+    .await;
+    if let Err(upload::ReceiveError::TooLarge { .. }) = &received {
+        // An oversized chunk is refused whole, so the offset stays where the client expects it.
+        file.set_len(held).await?;
+    }
+    drop(file);
+    received?;
+    let offset = held_offset(&state, &record.id).await?;
+    Ok(state_response(
+        StatusCode::OK,
+        UploadState {
+            upload_id: record.id,
+            offset,
+            already_stored: false,
+        },
+    ))
+}
+
+async fn discard_upload(state: &SharedState, id: &str) -> ServerResult<()> {
+    let _ = tokio::fs::remove_file(upload_path(state, id)).await;
+    let id = id.to_string();
+    state.db(move |meta| meta.delete_upload(&id)).await
+}
+
+pub async fn complete_upload(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(request): Json<CompleteUpload>,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    let file_hash = parse_nar_hash(&request.file_hash)?;
+    let record = find_upload(&state, &repo.name, &id).await?;
+    let lock = state.upload_lock(&record.id);
+    let _guard = lock.lock().await;
+    let record = find_upload(&state, &repo.name, &record.id).await?;
+    let held = held_offset(&state, &record.id).await?;
+    if held != request.file_size {
+        let mut err = ServerError::new(
+            StatusCode::CONFLICT,
+            codes::OFFSET_MISMATCH,
+            format!(
+                "completion declares {} bytes, but the server holds {held}",
+                request.file_size
+            ),
+        );
+        err.body.offset = Some(held);
+        return Err(err);
+    }
+    let expected = Expected {
+        file_hash: Some(file_hash),
+        file_size: Some(request.file_size),
+        nar_hash: Some(parse_nar_hash(&record.nar_hash)?),
+        nar_size: Some(record.nar_size),
+    };
+    let path = upload_path(&state, &record.id);
+    match upload::verify_and_store(&state, &repo.name, &path, &record.compression, expected).await {
+        Ok((stored, newly)) => {
+            discard_upload(&state, &record.id).await?;
+            Ok((StatusCode::CREATED, Json(stored_answer(&stored, newly))).into_response())
+        }
+        Err(err) => {
+            // A verified mismatch means these bytes can never become a valid NAR: start over.
+            if err.status == StatusCode::UNPROCESSABLE_ENTITY {
+                discard_upload(&state, &record.id).await?;
+            }
+            Err(err)
+        }
+    }
+}
+
+pub async fn abort_upload(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServerResult<StatusCode> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    let record = find_upload(&state, &repo.name, &id).await?;
+    let lock = state.upload_lock(&record.id);
+    let _guard = lock.lock().await;
+    discard_upload(&state, &record.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn publish(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(repo_name): Path<String>,
+    headers: HeaderMap,
+    Json(request): Json<PublishRequest>,
+) -> ServerResult<Json<PublishResponse>> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    if request.narinfos.len() > state.config.max_publish_batch {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!(
+                "at most {} narinfos per request",
+                state.config.max_publish_batch
+            ),
+        ));
+    }
+    let mut response = PublishResponse::default();
+    let mut parsed = Vec::with_capacity(request.narinfos.len());
+    let mut seen = HashSet::new();
+    for entry in request.narinfos {
+        let hash_hint = entry
+            .store_path
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(32)
+            .collect::<String>();
+        match parse_entry(&entry) {
+            Ok(info) if seen.insert(info.store_path.hash_part().to_string()) => parsed.push(info),
+            Ok(info) => response.rejected.push(crate::api::PublishRejection {
+                hash: info.store_path.hash_part().to_string(),
+                code: codes::BAD_REQUEST.into(),
+                message: format!("{} appears twice in this request", info.store_path),
+            }),
+            Err(message) => response.rejected.push(crate::api::PublishRejection {
+                hash: hash_hint,
+                code: codes::BAD_REQUEST.into(),
+                message,
+            }),
+        }
+    }
+    let name = repo.name.clone();
+    let nar_hashes: Vec<String> = parsed
+        .iter()
+        .map(|info| info.nar_hash.to_typed_nix32())
+        .collect();
+    let nars = state
+        .db(move |meta| {
+            nar_hashes
+                .iter()
+                .map(|h| meta.nar_by_hash(&name, h))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let mut candidates = Vec::with_capacity(parsed.len());
+    for (info, nar) in parsed.into_iter().zip(nars) {
+        let hash = info.store_path.hash_part().to_string();
+        match nar {
+            None => response.rejected.push(crate::api::PublishRejection {
+                hash,
+                code: codes::NAR_NOT_STORED.into(),
+                message: format!(
+                    "no NAR with NarHash {} is stored: upload it first",
+                    info.nar_hash
+                ),
+            }),
+            Some(nar) if nar.nar_size != info.nar_size => {
+                response.rejected.push(crate::api::PublishRejection {
+                    hash,
+                    code: codes::NAR_SIZE_MISMATCH.into(),
+                    message: format!(
+                        "NarSize {} does not match the stored NAR's {}",
+                        info.nar_size, nar.nar_size
+                    ),
+                })
+            }
+            Some(nar) => candidates.push(Candidate { info, nar }),
+        }
+    }
+    let outcome = publish::publish(&state, &repo, candidates).await?;
+    response.published = outcome.published;
+    response.already_published = outcome.already_published;
+    response.rejected.extend(outcome.rejected);
+    Ok(Json(response))
+}
+
+fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
+    let store_path = StorePath::from_absolute(&entry.store_path).map_err(|e| e.to_string())?;
+    let nar_hash = Sha256Hash::parse(&entry.nar_hash).map_err(|e| e.to_string())?;
+    if entry.nar_size == 0 {
+        return Err(format!("{}: NarSize must be positive", entry.store_path));
+    }
+    let mut references = entry
+        .references
+        .iter()
+        .map(|r| StorePath::from_absolute(r).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    references.sort();
+    references.dedup();
+    let deriver = entry
+        .deriver
+        .as_deref()
+        .map(|d| StorePath::from_absolute(d).map_err(|e| e.to_string()))
+        .transpose()?;
+    if let Some(ca) = &entry.ca {
+        if ca.contains('\n') {
+            return Err("CA must be one line".into());
+        }
+    }
+    if entry
+        .signatures
+        .iter()
+        .any(|s| s.contains('\n') || !s.contains(':'))
+    {
+        return Err("signatures must be single-line `name:base64`".into());
+    }
+    Ok(NarInfo {
+        store_path,
+        url: String::new(),
+        compression: String::new(),
+        file_hash: None,
+        file_size: None,
+        nar_hash,
+        nar_size: entry.nar_size,
+        references,
+        deriver,
+        sigs: entry.signatures.clone(),
+        ca: entry.ca.clone(),
+    })
+}

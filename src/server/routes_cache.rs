@@ -1,0 +1,256 @@
+//! The Nix binary cache side of a repository: what `substituters = [ URL ]` reads, and the
+//! PUTs `nix copy --to URL` makes (NAR first, narinfo last), with the same verification,
+//! closure check and signing as the push API.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::auth::Access;
+use super::error::{ServerError, ServerResult};
+use super::publish::{self, Candidate};
+use super::upload::{self, Expected};
+use super::{verify, SharedState};
+use crate::api::codes;
+use crate::nix::store_path::is_valid_hash_part;
+use crate::nix::{base32, NarInfo, Sha256Hash};
+
+/// Nix's cap for a narinfo is far below this; anything bigger is not a narinfo.
+const NARINFO_BODY_LIMIT: usize = 1 << 20;
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+fn invalid_hash_part(text: &str) -> ServerError {
+    ServerError::bad_request(
+        codes::INVALID_HASH_PART,
+        format!(
+            "{:?} is not a store path hash part (32 nixbase32 characters)",
+            text.chars().take(80).collect::<String>()
+        ),
+    )
+}
+
+/// `nix-cache-info` and `<hash>.narinfo` (GET and HEAD).
+pub async fn get_file(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Read, false)
+        .await?;
+    if file == "nix-cache-info" {
+        let body = format!(
+            "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+            crate::nix::store_path::STORE_DIR,
+            repo.priority
+        );
+        return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
+    }
+    let Some(hash) = file.strip_suffix(".narinfo") else {
+        return Err(ServerError::not_found(format!(
+            "no file {file:?} in this repository"
+        )));
+    };
+    if !is_valid_hash_part(hash) {
+        return Err(invalid_hash_part(hash));
+    }
+    let hash = hash.to_string();
+    let name = repo.name.clone();
+    match state.db(move |meta| meta.narinfo(&name, &hash)).await? {
+        Some(text) => Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response()),
+        None => Err(ServerError::not_found("no such path in this repository")),
+    }
+}
+
+/// `nix copy --to` writes `nix-cache-info` only when reading it failed, and `<hash>.narinfo`
+/// after the NAR it names.
+pub async fn put_file(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    if file == "nix-cache-info" {
+        // The server owns this file; accepting keeps `nix copy` happy without changing it.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let Some(hash) = file.strip_suffix(".narinfo") else {
+        return Err(ServerError::new(
+            StatusCode::NOT_FOUND,
+            codes::NOT_FOUND,
+            format!("{file:?} cannot be uploaded here: only NARs and narinfos are stored"),
+        ));
+    };
+    if !is_valid_hash_part(hash) {
+        return Err(invalid_hash_part(hash));
+    }
+    let bytes = axum::body::to_bytes(body, NARINFO_BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            ServerError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!("a narinfo is at most {NARINFO_BODY_LIMIT} bytes"),
+            )
+        })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        ServerError::bad_request(codes::INVALID_NARINFO, "the narinfo is not UTF-8 text")
+    })?;
+    let info = NarInfo::parse(text)
+        .map_err(|err| ServerError::bad_request(codes::INVALID_NARINFO, err.to_string()))?;
+    if info.store_path.hash_part() != hash {
+        return Err(ServerError::bad_request(
+            codes::INVALID_NARINFO,
+            format!(
+                "the narinfo is for {}, but was uploaded as {hash}.narinfo",
+                info.store_path
+            ),
+        ));
+    }
+    let name = repo.name.clone();
+    let url = info.url.clone();
+    let nar = state
+        .db(move |meta| meta.nar_by_url(&name, &url))
+        .await?
+        .ok_or_else(|| {
+            ServerError::bad_request(
+                codes::NAR_NOT_STORED,
+                format!(
+                    "the NAR {} this narinfo names is not stored: upload it first",
+                    info.url
+                ),
+            )
+        })?;
+    let declared_mismatch = nar.nar_hash != info.nar_hash.to_typed_nix32()
+        || nar.nar_size != info.nar_size
+        || info
+            .file_hash
+            .is_some_and(|h| h.to_typed_nix32() != nar.file_hash)
+        || info.file_size.is_some_and(|s| s != nar.file_size);
+    if declared_mismatch {
+        return Err(ServerError::unprocessable(
+            codes::NAR_HASH_MISMATCH,
+            format!(
+                "the narinfo declares NarHash {} / NarSize {}, but the stored {} has {} / {}",
+                info.nar_hash, info.nar_size, nar.url, nar.nar_hash, nar.nar_size
+            ),
+        ));
+    }
+    let outcome = publish::publish(&state, &repo, vec![Candidate { info, nar }]).await?;
+    if let Some(rejection) = outcome.rejected.into_iter().next() {
+        return Err(ServerError::unprocessable(
+            &rejection.code,
+            rejection.message,
+        ));
+    }
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `nar/<nix32 file hash>.nar.xz` (and `.nar.zst`, `.nar`): the name must be a file hash we
+/// can check, so nothing else can be stored or read through this route.
+fn parse_nar_file(file: &str) -> ServerResult<(Sha256Hash, &'static str)> {
+    let bad = || {
+        ServerError::not_found(format!(
+            "{:?} is not a NAR file name (<52 nixbase32 characters>.nar.xz, .nar.zst or .nar)",
+            file.chars().take(80).collect::<String>()
+        ))
+    };
+    let (stem, compression) = verify::parse_nar_file_name(file).ok_or_else(bad)?;
+    let bytes = base32::decode(stem, 32).map_err(|_| bad())?;
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&bytes);
+    Ok((Sha256Hash(hash), compression))
+}
+
+pub async fn get_nar(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Read, false)
+        .await?;
+    parse_nar_file(&file)?;
+    let key = format!("{}/nar/{file}", repo.name);
+    let Some((len, reader)) = state.storage.get(&key).await? else {
+        return Err(ServerError::not_found("no such NAR in this repository"));
+    };
+    // Never Content-Encoding: clients decompress according to the narinfo, and Nix 2.34+
+    // fails on a NAR served with `Content-Encoding: xz`.
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-nix-nar".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            reader,
+            256 << 10,
+        )),
+    )
+        .into_response())
+}
+
+pub async fn put_nar(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((repo_name, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ServerResult<Response> {
+    let (repo, _) = state
+        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
+        .await?;
+    let (file_hash, compression) = parse_nar_file(&file)?;
+    let url = format!("nar/{file}");
+    let name = repo.name.clone();
+    let lookup = url.clone();
+    if state
+        .db(move |meta| meta.nar_by_url(&name, &lookup))
+        .await?
+        .is_some()
+    {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let _slot = state.upload_slot()?;
+    let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
+    let mut file_handle = tokio::fs::File::from_std(staged.reopen()?);
+    upload::receive_into(
+        body,
+        &mut file_handle,
+        state.config.max_single_upload_bytes,
+        std::time::Duration::from_secs(state.config.upload_idle_timeout_secs),
+    )
+    .await?;
+    drop(file_handle);
+    let expected = Expected {
+        file_hash: Some(file_hash),
+        ..Expected::default()
+    };
+    let (staged_file, staged_path) = staged.into_parts();
+    drop(staged_file);
+    let result =
+        upload::verify_and_store(&state, &repo.name, &staged_path, compression, expected).await;
+    // On success the file was moved away and this fails harmlessly; on failure it cleans up.
+    let _ = staged_path.close();
+    result?;
+    Ok(StatusCode::OK.into_response())
+}

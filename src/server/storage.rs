@@ -1,0 +1,138 @@
+//! Where NAR files live. [`Storage`] is the small interface the HTTP layer sees; [`LocalStorage`]
+//! is the embedded default (files under `<data dir>/store`). An S3-compatible implementation
+//! plugs in behind the same trait: it only needs atomic whole-object puts, which S3 gives.
+//!
+//! Uploads are staged as local files first (see `upload.rs`) and verified before
+//! [`Storage::put_file`] makes them visible, so a reader never sees a partial or unverified NAR.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+#[async_trait]
+pub trait Storage: Send + Sync {
+    /// Makes the verified file at `staged` visible under `key`, atomically: readers see the whole
+    /// object or nothing. `staged` is consumed (moved or deleted).
+    async fn put_file(&self, key: &str, staged: &Path) -> std::io::Result<()>;
+    /// The object's length and a reader, or `None` when absent.
+    async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>>;
+    async fn exists(&self, key: &str) -> std::io::Result<bool>;
+}
+
+/// Object keys are built by the server from validated parts (`<repo>/nar/<nix32>.nar.xz`);
+/// this is the last line of defence against a key that would escape the storage root.
+pub fn is_safe_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 512
+        && !key.starts_with('/')
+        && key.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        })
+}
+
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    pub fn new(root: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&root)?;
+        Ok(LocalStorage { root })
+    }
+
+    fn path_of(&self, key: &str) -> std::io::Result<PathBuf> {
+        if !is_safe_key(key) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("unsafe storage key {key:?}"),
+            ));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    async fn put_file(&self, key: &str, staged: &Path) -> std::io::Result<()> {
+        let target = self.path_of(key)?;
+        let staged = staged.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().expect("keys have a directory part");
+            std::fs::create_dir_all(dir)?;
+            // Data reaches the disk before the name does, so a crash after the rename cannot
+            // expose a file whose blocks were never written.
+            std::fs::File::open(&staged)?.sync_all()?;
+            std::fs::rename(&staged, &target)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>> {
+        let path = self.path_of(key)?;
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let len = file.metadata().await?.len();
+                Ok(Some((len, Box::pin(file))))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> std::io::Result<bool> {
+        tokio::fs::try_exists(self.path_of(key)?).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape_the_root() {
+        assert!(is_safe_key("cache/nar/0abc.nar.xz"));
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "a//b",
+            "a/./b",
+            "a/b c",
+            "a\\b",
+            "a/%2e%2e",
+        ] {
+            assert!(!is_safe_key(bad), "{bad:?} must be refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn put_is_visible_whole_and_get_of_absent_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = LocalStorage::new(dir.path().join("store")).unwrap();
+        assert!(storage.get("r/nar/x.nar").await.unwrap().is_none());
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, b"hello").unwrap();
+        storage.put_file("r/nar/x.nar", &staged).await.unwrap();
+        assert!(!staged.exists());
+        let (len, mut reader) = storage.get("r/nar/x.nar").await.unwrap().unwrap();
+        assert_eq!(len, 5);
+        let mut body = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut body)
+            .await
+            .unwrap();
+        assert_eq!(body, b"hello");
+        assert!(storage.exists("r/nar/x.nar").await.unwrap());
+    }
+}

@@ -1,0 +1,222 @@
+//! Receiving upload bodies onto local disk, and turning a verified staged file into a stored NAR.
+//!
+//! ```text
+//!   request body ──► receive_into (limit, idle timeout, received-bytes metric) ──► staged file
+//!   staged file ──► verify::verify_file (spawn_blocking) ──► Storage::put_file ──► nars row
+//! ```
+//! Chunked uploads append to `<data dir>/uploads/<id>.part`; their offset is the file's length,
+//! so it survives a server restart with no other bookkeeping. Single-request uploads go to a
+//! temporary file that is deleted when dropped, so an abandoned request leaves nothing behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::error::{ServerError, ServerResult};
+use super::metadata::NarRecord;
+use super::metrics;
+use super::verify::{self, Verified};
+use super::AppState;
+use crate::api::codes;
+use crate::nix::Sha256Hash;
+
+/// Why a body stopped before its end.
+#[derive(Debug)]
+pub enum ReceiveError {
+    TooLarge {
+        limit: u64,
+    },
+    Idle,
+    /// The client went away or sent a broken body.
+    Client(String),
+    Io(std::io::Error),
+}
+
+impl From<ReceiveError> for ServerError {
+    fn from(err: ReceiveError) -> Self {
+        match err {
+            ReceiveError::TooLarge { limit } => ServerError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than this server's limit of {limit} bytes"),
+            ),
+            ReceiveError::Idle => ServerError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::BAD_REQUEST,
+                "the body stalled; the bytes received so far are kept",
+            ),
+            ReceiveError::Client(detail) => ServerError::bad_request(
+                codes::BAD_REQUEST,
+                format!("the request body broke off: {detail}"),
+            ),
+            ReceiveError::Io(err) => ServerError::from(err),
+        }
+    }
+}
+
+/// Appends the body to `file`, at most `limit` bytes, and returns how many were written. Bytes
+/// written before an error stay written (and flushed): a resumable upload keeps them.
+pub async fn receive_into(
+    body: Body,
+    file: &mut tokio::fs::File,
+    limit: u64,
+    idle_timeout: Duration,
+) -> Result<u64, ReceiveError> {
+    let mut stream = body.into_data_stream();
+    let mut written = 0u64;
+    let outcome = loop {
+        let next = match tokio::time::timeout(idle_timeout, stream.next()).await {
+            Err(_) => break Err(ReceiveError::Idle),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(err))) => break Err(ReceiveError::Client(err.to_string())),
+            Ok(Some(Ok(bytes))) => bytes,
+        };
+        metrics::record_received(next.len() as u64);
+        if written + next.len() as u64 > limit {
+            break Err(ReceiveError::TooLarge { limit });
+        }
+        if let Err(err) = file.write_all(&next).await {
+            break Err(ReceiveError::Io(err));
+        }
+        written += next.len() as u64;
+    };
+    file.flush().await.map_err(ReceiveError::Io)?;
+    outcome.map(|()| written)
+}
+
+/// The expectations a staged file is checked against; `None` fields are not checked.
+#[derive(Default)]
+pub struct Expected {
+    pub file_hash: Option<Sha256Hash>,
+    pub file_size: Option<u64>,
+    pub nar_hash: Option<Sha256Hash>,
+    pub nar_size: Option<u64>,
+}
+
+/// Verifies the staged file, then stores it and records the NAR. On any mismatch nothing is
+/// stored and the staged file is left for the caller to delete.
+pub async fn verify_and_store(
+    state: &AppState,
+    repo: &str,
+    staged: &Path,
+    compression: &str,
+    expected: Expected,
+) -> ServerResult<(NarRecord, bool)> {
+    let suffix = verify::compression_suffix(compression).ok_or_else(|| {
+        ServerError::unprocessable(
+            codes::UNSUPPORTED_COMPRESSION,
+            format!("compression {compression:?} is not supported: use xz, zstd or none"),
+        )
+    })?;
+    let path = staged.to_path_buf();
+    let compression_owned = compression.to_string();
+    let verified =
+        tokio::task::spawn_blocking(move || verify::verify_file(&path, &compression_owned))
+            .await?
+            .map_err(|err| {
+                let (code, reason) = match &err {
+                    verify::VerifyError::Io(io) => {
+                        return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
+                    }
+                    verify::VerifyError::UnsupportedCompression(_) => {
+                        (codes::UNSUPPORTED_COMPRESSION, "compression")
+                    }
+                    verify::VerifyError::InvalidNar(_) => (codes::INVALID_NAR, "invalid_nar"),
+                    verify::VerifyError::Decompress { .. }
+                    | verify::VerifyError::TrailingData(_) => {
+                        (codes::INVALID_NAR, "bad_compression")
+                    }
+                };
+                reject(reason);
+                ServerError::unprocessable(code, err.to_string())
+            })?;
+    check_expectations(&verified, &expected)?;
+    let file_nix32 = verified.file_hash.to_nix32();
+    let url = format!("nar/{file_nix32}{suffix}");
+    let key = format!("{repo}/{url}");
+    state.storage.put_file(&key, staged).await?;
+    let record = NarRecord {
+        url,
+        compression: compression.to_string(),
+        nar_hash: verified.nar.nar_hash.to_typed_nix32(),
+        nar_size: verified.nar.nar_size,
+        file_hash: verified.file_hash.to_typed_nix32(),
+        file_size: verified.file_size,
+    };
+    let repo_owned = repo.to_string();
+    let to_insert = record.clone();
+    let newly = state
+        .db(move |meta| meta.insert_nar(&repo_owned, &to_insert))
+        .await?;
+    if newly {
+        ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
+    }
+    Ok((record, newly))
+}
+
+fn reject(reason: &'static str) {
+    ::metrics::counter!(metrics::UPLOADS_REJECTED_TOTAL, "reason" => reason).increment(1);
+}
+
+fn check_expectations(verified: &Verified, expected: &Expected) -> ServerResult<()> {
+    let mismatch = |code: &str,
+                    reason: &'static str,
+                    what: &str,
+                    declared: String,
+                    actual: String| {
+        reject(reason);
+        Err(ServerError::unprocessable(
+            code,
+            format!("{what} mismatch: declared {declared}, but the uploaded data has {actual}; nothing was stored"),
+        ))
+    };
+    if let Some(size) = expected.file_size {
+        if size != verified.file_size {
+            return mismatch(
+                codes::FILE_SIZE_MISMATCH,
+                "file_size",
+                "FileSize",
+                size.to_string(),
+                verified.file_size.to_string(),
+            );
+        }
+    }
+    if let Some(hash) = expected.file_hash {
+        if hash != verified.file_hash {
+            return mismatch(
+                codes::FILE_HASH_MISMATCH,
+                "file_hash",
+                "FileHash",
+                hash.to_string(),
+                verified.file_hash.to_string(),
+            );
+        }
+    }
+    if let Some(hash) = expected.nar_hash {
+        if hash != verified.nar.nar_hash {
+            return mismatch(
+                codes::NAR_HASH_MISMATCH,
+                "nar_hash",
+                "NarHash",
+                hash.to_string(),
+                verified.nar.nar_hash.to_string(),
+            );
+        }
+    }
+    if let Some(size) = expected.nar_size {
+        if size != verified.nar.nar_size {
+            return mismatch(
+                codes::NAR_SIZE_MISMATCH,
+                "nar_size",
+                "NarSize",
+                size.to_string(),
+                verified.nar.nar_size.to_string(),
+            );
+        }
+    }
+    Ok(())
+}
