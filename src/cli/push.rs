@@ -1,8 +1,440 @@
-//! `stowix nix push`.
+//! `stowix nix push`: flags, offline validation, and the mapping from outcomes to exit codes.
+//!
+//! ```text
+//!   args ──► validate target, token, paths (offline, exit USAGE) ──► GET info (AUTH / UNREACHABLE)
+//!        ──► push::run (pipeline) ──► summary ──► metrics push ──► exit SUCCESS / PARTIAL / …
+//! ```
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::exit;
+use crate::client::{
+    self, ClientConfig, ClientError, PushClient, RateLimits, RepoUrl, RetryPolicy, Token,
+};
+use crate::push::report::{LineReporter, Reporter, TerminalReporter};
+use crate::push::{
+    self, closure, metrics as push_metrics, ClosureError, CompressConfig, Progress, PushConfig,
+    PushError, Roots,
+};
+
+/// Uploads in flight. Small NARs are latency-bound (one request each), so a dozen or more in
+/// flight keep a 100 ms link busy; large ones share the bandwidth anyway. Memory is one chunk
+/// (8 MiB) per job: 128 MiB at 16, fine on any build machine from 2 to 64 cores.
+const DEFAULT_JOBS: usize = 16;
+/// xz preset. Level 2 compresses within a few percent of level 6 on typical store paths at
+/// several times the speed, so the uplink, not the CPU, stays the bottleneck on small machines.
+/// Provisional until the benchmarks in `benches/` settle it.
+const DEFAULT_COMPRESSION_LEVEL: u32 = 2;
+/// Conventional exit status of a process stopped by Ctrl-C (128 + SIGINT).
+const INTERRUPTED: i32 = 130;
+/// The job name under which metrics are pushed to a Prometheus push gateway.
+const PUSH_GATEWAY_JOB: &str = "stowix_push";
+
+/// A token from the command line or environment; `Debug` never shows it, and clap never
+/// echoes it because it is validated after parsing, not by clap.
+#[derive(Clone)]
+pub struct SecretArg(String);
+
+impl From<String> for SecretArg {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
 
 #[derive(clap::Args, Debug)]
-pub struct PushArgs {}
+#[command(
+    after_help = "Exit codes: 0 success, 2 usage, 3 auth, 4 some paths failed, 5 nix, 6 server unreachable, 130 interrupted."
+)]
+pub struct PushArgs {
+    /// Store paths to push with their closures: /nix/store/…, symlinks to them such as
+    /// ./result, or paths below a store path (pushed as the whole store path).
+    #[arg(value_name = "STORE_PATH", required_unless_present = "stdin")]
+    pub paths: Vec<String>,
 
-pub fn run(_args: PushArgs) -> i32 {
-    todo!()
+    /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
+    #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
+    pub target: Option<String>,
+
+    /// API token with push scope (stx_live_…). Prefer the environment variable: arguments are
+    /// visible to other users in the process list.
+    #[arg(
+        long,
+        env = "STOWIX_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<SecretArg>,
+
+    /// One line per path per event: present, compressed, uploaded, published, failed.
+    #[arg(long, short)]
+    pub verbose: bool,
+
+    /// Uploads in flight.
+    #[arg(long, short, env = "STOWIX_JOBS", default_value_t = DEFAULT_JOBS,
+          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..=1024), |n| n as usize))]
+    pub jobs: usize,
+
+    /// xz preset, 0 (fastest) to 9 (smallest).
+    #[arg(long, env = "STOWIX_COMPRESSION_LEVEL", default_value_t = DEFAULT_COMPRESSION_LEVEL,
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub compression_level: u32,
+
+    /// Threads compressing [default: available cores].
+    #[arg(long, env = "STOWIX_COMPRESSION_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub compression_threads: Option<u32>,
+
+    /// Upload bandwidth limit in bytes per second: 500K, 50MiB, 1G (K/M/G and KiB/MiB/GiB are
+    /// powers of 1024; KB/MB/GB powers of 1000).
+    #[arg(long, env = "STOWIX_MAX_UPLOAD_RATE", value_name = "RATE", value_parser = parse_size)]
+    pub max_upload_rate: Option<u64>,
+
+    /// Most requests per second to the server.
+    #[arg(long, env = "STOWIX_MAX_REQUESTS_PER_SECOND", value_name = "N")]
+    pub max_requests_per_second: Option<NonZeroU32>,
+
+    /// Read more store paths from standard input, one per line; they are pushed as they arrive.
+    #[arg(long)]
+    pub stdin: bool,
+
+    /// Serve Prometheus metrics on this address while the push runs, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "STOWIX_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Push the final metrics to this Prometheus push gateway (job "stowix_push").
+    #[arg(long, env = "STOWIX_METRICS_PUSH_GATEWAY", value_name = "URL")]
+    pub metrics_push_gateway: Option<String>,
+
+    /// No progress bar, even on a terminal: plain lines and a status line every 10 s.
+    #[arg(long, env = "STOWIX_NO_PROGRESS")]
+    pub no_progress: bool,
+
+    /// Bytes per upload chunk (testing and tuning; capped by the server's limits).
+    #[arg(long, env = push::CHUNK_SIZE_ENV, hide = true, value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+}
+
+/// `50MiB`, `10M`, `1.5G`, `500KB`, `1000`: bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write e.g. 50MiB, 10M or 500000"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use K, M, G, KiB, MiB, GiB, KB, MB or GB"
+            ))
+        }
+    };
+    let bytes = number * multiplier as f64;
+    if !(1.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(format!("{text:?} must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Prints an error whose message may carry its own `hint:` lines, and returns `code`.
+fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {message}");
+    code
+}
+
+fn nix_on_path() -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let candidate = dir.join("nix");
+            std::fs::metadata(&candidate).is_ok_and(|m| m.is_file())
+        })
+    })
+}
+
+pub fn run(args: PushArgs) -> i32 {
+    let Some(target) = args.target.as_deref() else {
+        return fail(
+            exit::USAGE,
+            "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
+        );
+    };
+    let repo = match RepoUrl::parse(target) {
+        Ok(repo) => repo,
+        Err(err) => return fail(exit::USAGE, format!("invalid --target: {err}")),
+    };
+    let Some(SecretArg(token_text)) = &args.token else {
+        return fail(
+            exit::USAGE,
+            "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
+        );
+    };
+    let token = match Token::parse(token_text) {
+        Ok(token) => token,
+        Err(err) => return fail(exit::USAGE, err),
+    };
+    let mut roots = Vec::with_capacity(args.paths.len());
+    for arg in &args.paths {
+        match closure::resolve_root(arg) {
+            Ok(path) => roots.push(path),
+            Err(err) => return fail(exit::USAGE, err),
+        }
+    }
+    if !nix_on_path() {
+        return fail(exit::NIX, ClosureError::NixMissing);
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            return fail(
+                exit::FAILURE,
+                format!("cannot start the async runtime: {err}"),
+            )
+        }
+    };
+    runtime.block_on(push_async(args, repo, token, roots))
+}
+
+async fn push_async(
+    args: PushArgs,
+    repo: RepoUrl,
+    token: Token,
+    roots: Vec<crate::nix::StorePath>,
+) -> i32 {
+    let metrics = match Metrics::install(args.metrics_listen) {
+        Ok(metrics) => metrics,
+        Err(err) => return fail(exit::USAGE, format!("cannot serve metrics: {err}")),
+    };
+    let reporter: Arc<dyn Reporter> = if args.no_progress || !std::io::stderr().is_terminal() {
+        Arc::new(LineReporter::new(args.verbose))
+    } else {
+        Arc::new(TerminalReporter::new(args.verbose))
+    };
+    let progress = Arc::new(Progress::new(reporter));
+    let client = match PushClient::new(ClientConfig {
+        repo: repo.clone(),
+        token,
+        limits: RateLimits::new(args.max_requests_per_second, args.max_upload_rate),
+        retry: RetryPolicy::from_env(),
+        observer: Arc::clone(&progress) as Arc<dyn client::ClientObserver>,
+    }) {
+        Ok(client) => Arc::new(client),
+        Err(err) => return fail(exit::FAILURE, err),
+    };
+
+    let info = match client.info().await {
+        Ok(info) => info,
+        Err(err) => return fail(client_exit_code(&err), err),
+    };
+    match info.token_scope.as_deref() {
+        Some("push") => {}
+        Some(scope) => {
+            return fail(
+                exit::AUTH,
+                format!(
+                    "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
+                    info.repository
+                ),
+            )
+        }
+        None => {
+            return fail(
+                exit::AUTH,
+                format!("the server did not accept the token for repository {}\nhint: check the token and --target", info.repository),
+            )
+        }
+    }
+
+    let cancel = CancellationToken::new();
+    {
+        let (cancel, progress) = (cancel.clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                progress.warn("interrupted: stopping; unfinished uploads stay on the server and the next run resumes them");
+                cancel.cancel();
+            }
+        });
+    }
+
+    let threads = args
+        .compression_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let config = PushConfig {
+        jobs: args.jobs,
+        compression: CompressConfig {
+            level: args.compression_level,
+            threads,
+        },
+        chunk_size: args.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
+    };
+    let roots = Roots {
+        paths: roots,
+        stdin: args.stdin,
+    };
+    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
+    conclude(
+        result,
+        &progress,
+        metrics,
+        args.metrics_push_gateway.as_deref(),
+    )
+    .await
+}
+
+async fn conclude(
+    result: Result<(), PushError>,
+    progress: &Progress,
+    metrics: Metrics,
+    gateway: Option<&str>,
+) -> i32 {
+    let summary = progress.finish();
+    if let Some(gateway) = gateway {
+        if let Err(err) = metrics.push(gateway).await {
+            progress.warn(&format!("cannot push metrics to {gateway}: {err}"));
+        }
+    }
+    match result {
+        Ok(()) if summary.failed > 0 => fail(
+            exit::PARTIAL,
+            format!(
+                "{} of {} paths failed (see above); the others were published",
+                summary.failed, summary.closure_paths
+            ),
+        ),
+        Ok(()) => exit::SUCCESS,
+        Err(PushError::Cancelled) => INTERRUPTED,
+        Err(PushError::Closure(err)) => fail(
+            if err.is_usage() {
+                exit::USAGE
+            } else {
+                exit::NIX
+            },
+            err,
+        ),
+        Err(PushError::Client(err)) => fail(client_exit_code(&err), err),
+        Err(err @ PushError::Internal(_)) => fail(exit::FAILURE, err),
+    }
+}
+
+fn client_exit_code(err: &ClientError) -> i32 {
+    match err {
+        ClientError::Auth { .. } => exit::AUTH,
+        ClientError::Unreachable { .. } | ClientError::NotStowix { .. } => exit::UNREACHABLE,
+        _ => exit::FAILURE,
+    }
+}
+
+/// The Prometheus recorder, when `--metrics-listen` or `--metrics-push-gateway` asked for one.
+/// Installed only here, in the binary's command path: library code never installs a global
+/// recorder.
+struct Metrics {
+    handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl Metrics {
+    fn install(listen: Option<SocketAddr>) -> Result<Self, String> {
+        let builder = push_metrics::builder().map_err(|e| e.to_string())?;
+        let recorder = match listen {
+            Some(addr) => {
+                let (recorder, exporter) = builder
+                    .with_http_listener(addr)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(exporter);
+                recorder
+            }
+            None => builder.build_recorder(),
+        };
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+        push_metrics::describe();
+        Ok(Self {
+            handle: Some(handle),
+        })
+    }
+
+    /// PUT the text exposition to `<gateway>/metrics/job/stowix_push` (the exporter's own push
+    /// loop never pushes at exit, which is the one push that matters for a short-lived job).
+    async fn push(&self, gateway: &str) -> Result<(), String> {
+        let Some(handle) = &self.handle else {
+            return Ok(());
+        };
+        let url = format!(
+            "{}/metrics/job/{PUSH_GATEWAY_JOB}",
+            gateway.trim_end_matches('/')
+        );
+        let response = reqwest::Client::new()
+            .put(&url)
+            .header(reqwest::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(handle.render())
+            .timeout(std::time::Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| client::error::describe_chain(&e))?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("50MiB"), Ok(50 << 20));
+        assert_eq!(parse_size("50M"), Ok(50 << 20));
+        assert_eq!(parse_size("10mb"), Ok(10_000_000));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert!(parse_size("fast").is_err());
+        assert!(parse_size("10XB").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn debug_of_the_arguments_never_shows_the_token() {
+        use clap::Parser;
+        #[derive(Parser, Debug)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: PushArgs,
+        }
+        let secret = "stx_live_abcdefghijklmnopqrstuvwxy0_ABCDEFGHIJKLmnopqrstuv12";
+        let parsed = Wrapper::try_parse_from([
+            "push",
+            "--target",
+            "http://h/r",
+            "--token",
+            secret,
+            "/nix/store/x",
+        ])
+        .unwrap();
+        assert!(!format!("{parsed:?}").contains("ABCDEFGHIJKL"));
+    }
 }

@@ -1,1 +1,313 @@
-//! The push pipeline.
+//! The push pipeline: six stages, each a module with one `run`, joined by bounded channels so
+//! memory stays flat whatever the closure size.
+//!
+//! ```text
+//!  closure (task) ─[CLOSURE_BATCHES]─► presence (task) ─[DUMP_QUEUE]─► dump (threads)
+//!                                         │                              │ NarStream ─[NAR_STREAMS]─┐
+//!                                         │ present / nar_stored         │   └ pieces ─[NAR_PIECES_PER_PATH]
+//!                                         ▼                              ▼                          │
+//!                                    publish (task) ◄─[PUBLISH_EVENTS]─ upload (tasks, --jobs) ◄─[COMPRESSED_STREAMS]─ compress (threads)
+//!                                                                                        └ pieces ─[COMPRESSED_PIECES_PER_PATH]
+//! ```
+//!
+//! Memory bound, independent of closure size: the closure metadata, plus per dump worker
+//! `NAR_PIECES_PER_PATH × PIECE_SIZE` (1 MiB), per compression worker
+//! `COMPRESSED_PIECES_PER_PATH × PIECE_SIZE` (1 MiB) and one encoder, plus one chunk per upload
+//! job (`--jobs × chunk size`).
+//!
+//! Cancellation: the token stops the async stages; each dropped receiver makes the upstream
+//! thread's next send fail, so the threads stop too. Unfinished uploads stay on the server and
+//! the next run resumes them.
+
+pub mod closure;
+pub mod compress;
+pub mod dump;
+pub mod metrics;
+pub mod presence;
+pub mod progress;
+pub mod publish;
+pub mod report;
+pub mod upload;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::RepoInfo;
+use crate::client::{ClientError, PushClient};
+use crate::nix::path_info::PathInfo;
+pub use closure::{ClosureError, Roots};
+pub use compress::CompressConfig;
+pub use progress::{Progress, Snapshot};
+
+pub type PathRef = Arc<PathInfo>;
+
+/// Size of the pieces NAR and compressed bytes travel in: large enough that channel overhead
+/// is noise, small enough that 4 per NAR in flight is 1 MiB.
+pub const PIECE_SIZE: usize = 256 * 1024;
+/// Closure batches (one per `nix path-info` call) waiting for presence: metadata only.
+const CLOSURE_BATCHES: usize = 4;
+/// Missing paths waiting for a dump worker: `Arc`s, so a deep queue costs nothing, and it lets
+/// presence answers run ahead of the dumps.
+const DUMP_QUEUE: usize = 1024;
+/// NAR pieces buffered per path between dump and compression (1 MiB): the dump reads ahead of
+/// the encoder by this much, no more.
+pub const NAR_PIECES_PER_PATH: usize = 4;
+/// NARs a dump worker has opened that no compressor has taken yet: keeps the next NAR ready
+/// when a compressor frees up, each holding at most `NAR_PIECES_PER_PATH` pieces.
+const NAR_STREAMS: usize = 2;
+/// Compressed pieces buffered per path between compression and upload (1 MiB).
+pub const COMPRESSED_PIECES_PER_PATH: usize = 4;
+/// Compressed NARs waiting for an upload slot, each holding at most
+/// `COMPRESSED_PIECES_PER_PATH` pieces.
+const COMPRESSED_STREAMS: usize = 2;
+/// Outcomes waiting for the publish stage: small structs; deep enough that uploads do not stall
+/// while a narinfo batch is in flight.
+const PUBLISH_EVENTS: usize = 4096;
+
+/// Default bytes per PATCH (and largest single-request upload): few requests per large NAR,
+/// and 8 MiB per job of memory. Capped by the server's limits.
+pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+/// Hidden override of the chunk size in bytes (tests use it to keep "larger than a chunk" small).
+pub const CHUNK_SIZE_ENV: &str = "STOWIX_CHUNK_SIZE";
+
+/// Everything the pipeline needs besides the client; see `cli::push` for the defaults.
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    pub jobs: usize,
+    pub compression: CompressConfig,
+    pub chunk_size: u64,
+}
+
+/// A NAR being dumped, handed to compression.
+pub struct NarStream {
+    pub info: PathRef,
+    pub pieces: crossbeam_channel::Receiver<NarPiece>,
+}
+
+pub enum NarPiece {
+    Data(Bytes),
+    /// `Ok` only after the NAR matched path-info's narHash and narSize.
+    End(Result<(), String>),
+}
+
+/// A NAR being compressed, handed to upload.
+pub struct CompressedStream {
+    pub info: PathRef,
+    pub plan: compress::EncoderPlan,
+    pub pieces: mpsc::Receiver<CompressedPiece>,
+}
+
+pub enum CompressedPiece {
+    Data(Bytes),
+    /// `Ok` only if the NAR was verified and fully compressed.
+    End(Result<(), String>),
+}
+
+pub enum PublishEvent {
+    /// Already published before this run.
+    Present(PathRef),
+    /// The server holds the NAR.
+    Stored {
+        info: PathRef,
+        uploaded: bool,
+    },
+    Failed {
+        info: PathRef,
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Closure(#[from] ClosureError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("interrupted")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// An `io::Write` that cuts what it receives into [`PIECE_SIZE`] pieces for `send`.
+pub struct PieceWriter<F: FnMut(Bytes) -> std::io::Result<()>> {
+    buffer: BytesMut,
+    send: F,
+}
+
+impl<F: FnMut(Bytes) -> std::io::Result<()>> PieceWriter<F> {
+    pub fn new(send: F) -> Self {
+        Self {
+            buffer: BytesMut::new(),
+            send,
+        }
+    }
+
+    /// Sends what is buffered (call at the end of a stream).
+    pub fn flush_piece(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let piece = self.buffer.split().freeze();
+        (self.send)(piece)
+    }
+}
+
+impl<F: FnMut(Bytes) -> std::io::Result<()>> Write for PieceWriter<F> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buffer.capacity() == 0 {
+            self.buffer.reserve(PIECE_SIZE);
+        }
+        let take = data.len().min(PIECE_SIZE - self.buffer.len());
+        self.buffer.extend_from_slice(&data[..take]);
+        if self.buffer.len() >= PIECE_SIZE {
+            let piece = self.buffer.split().freeze();
+            (self.send)(piece)?;
+        }
+        Ok(take)
+    }
+
+    /// Deliberately does not send a partial piece: encoders flush often, and pieces should stay
+    /// large. [`PieceWriter::flush_piece`] ends a stream.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the whole pipeline for `roots` against the repository described by `info`.
+/// Per-path failures are counted in `progress`; only run-wide failures are errors.
+pub async fn run(
+    client: Arc<PushClient>,
+    info: &RepoInfo,
+    roots: Roots,
+    config: PushConfig,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<(), PushError> {
+    let limits = &info.limits;
+    let chunk_size = config
+        .chunk_size
+        .min(limits.max_chunk_bytes)
+        .min(limits.max_single_upload_bytes)
+        .max(1);
+    let presence_batch = presence::DEFAULT_BATCH.min(limits.max_presence_batch);
+    let publish_batch = publish::DEFAULT_BATCH.min(limits.max_publish_batch);
+
+    let (closure_tx, closure_rx) = mpsc::channel(CLOSURE_BATCHES);
+    let (dump_tx, dump_rx) = mpsc::channel(DUMP_QUEUE);
+    let (nar_tx, nar_rx) = crossbeam_channel::bounded(NAR_STREAMS);
+    let (compressed_tx, compressed_rx) = mpsc::channel(COMPRESSED_STREAMS);
+    let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_EVENTS);
+
+    // A fatal error in one stage stops the others through this child token; the caller's token
+    // (Ctrl-C) cancels it too.
+    let stop = cancel.child_token();
+
+    let closure = tokio::spawn(closure::run(
+        roots,
+        closure_tx,
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+    let presence = tokio::spawn(presence::run(
+        Arc::clone(&client),
+        presence_batch,
+        closure_rx,
+        dump_tx,
+        publish_tx.clone(),
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+    let workers = config.compression.threads as usize;
+    let dump = {
+        let (progress, stop) = (Arc::clone(&progress), stop.clone());
+        tokio::task::spawn_blocking(move || dump::run(workers, dump_rx, nar_tx, progress, stop))
+    };
+    let compress = {
+        let (progress, stop) = (Arc::clone(&progress), stop.clone());
+        let compression = config.compression;
+        tokio::task::spawn_blocking(move || {
+            compress::run(compression, nar_rx, compressed_tx, progress, stop)
+        })
+    };
+    let upload = tokio::spawn(upload::run(
+        Arc::clone(&client),
+        upload::UploadConfig {
+            jobs: config.jobs,
+            chunk_size,
+        },
+        compressed_rx,
+        publish_tx,
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+    let publish = tokio::spawn(publish::run(
+        client,
+        publish_batch,
+        publish_rx,
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+
+    let ticker = {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                interval.tick().await;
+                progress.tick();
+            }
+        })
+    };
+
+    let mut first_error: Option<PushError> = None;
+    if let Err(err) = joined(closure.await)? {
+        stop.cancel();
+        first_error.get_or_insert(err.into());
+    }
+    if let Err(err) = joined(presence.await)? {
+        stop.cancel();
+        first_error.get_or_insert(err.into());
+    }
+    joined(dump.await)?;
+    joined(compress.await)?;
+    joined(upload.await)?;
+    joined(publish.await)?;
+    ticker.abort();
+    if let Some(err) = first_error {
+        return Err(err);
+    }
+    if cancel.is_cancelled() {
+        return Err(PushError::Cancelled);
+    }
+    Ok(())
+}
+
+/// A stage task that panicked is an internal error, not a per-path failure.
+fn joined<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, PushError> {
+    result.map_err(|err| PushError::Internal(format!("a pipeline stage failed: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_writer_cuts_fixed_pieces_and_flushes_the_rest() {
+        let mut pieces = Vec::new();
+        {
+            let mut writer = PieceWriter::new(|piece: Bytes| {
+                pieces.push(piece.len());
+                Ok(())
+            });
+            writer.write_all(&vec![7u8; PIECE_SIZE * 2 + 10]).unwrap();
+            writer.flush().unwrap();
+            writer.flush_piece().unwrap();
+        }
+        assert_eq!(pieces, vec![PIECE_SIZE, PIECE_SIZE, 10]);
+    }
+}

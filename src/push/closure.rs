@@ -1,0 +1,343 @@
+//! Stage 1: closure resolution.
+//!
+//! ```text
+//!   args / stdin lines ──► resolve_root (symlinks, paths below a root) ──► batches
+//!        ──► nix path-info --recursive --json ──► dedupe ──► sort largest NAR first ──► presence
+//! ```
+//! With `--stdin`, lines are batched into one `nix path-info` call per [`STDIN_BATCH`] lines or
+//! per [`STDIN_LINGER`] of quiet, so a path is in the pipeline moments after it is printed.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::progress::Progress;
+use super::PathRef;
+use crate::nix::path_info::{parse_path_info_json, PathInfo};
+use crate::nix::store_path::STORE_DIR;
+use crate::nix::StorePath;
+
+/// Paths per `nix path-info` call in `--stdin` mode: one process per few hundred paths keeps
+/// the per-call overhead (~20 ms) negligible while the first uploads start early.
+const STDIN_BATCH: usize = 256;
+/// How long to wait for more stdin lines before resolving what has arrived.
+const STDIN_LINGER: Duration = Duration::from_millis(100);
+/// Lines read ahead of path resolution: paths are short, so this is a few hundred KiB at most.
+const STDIN_LINES: usize = 1024;
+/// Symlinks followed when resolving one argument before giving up (a loop).
+const MAX_SYMLINKS: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClosureError {
+    #[error("{arg:?} is not in the Nix store{resolved}\nhint: pass a store path such as /nix/store/…-name, or a symlink to one such as ./result")]
+    NotAStorePath { arg: String, resolved: String },
+    #[error("cannot read {arg:?}: {source}")]
+    Unreadable { arg: String, source: std::io::Error },
+    #[error(
+        "`nix` was not found on PATH\nhint: install Nix, or run stowix where `nix` is available"
+    )]
+    NixMissing,
+    #[error("cannot run `nix`: {0}")]
+    NixSpawn(std::io::Error),
+    #[error("{path} is not valid in the local Nix store (not built or garbage-collected)\nhint: build it first, e.g. `nix-store --realise {path}`")]
+    NotInStore { path: String },
+    #[error("`nix path-info` failed ({status}): {stderr}")]
+    NixFailed { status: String, stderr: String },
+    #[error("{0}")]
+    Parse(String),
+    #[error("cannot read paths from standard input: {0}")]
+    Stdin(std::io::Error),
+}
+
+impl ClosureError {
+    /// Usage errors (the argument itself is wrong) versus Nix errors.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::NotAStorePath { .. } | Self::Unreadable { .. })
+    }
+}
+
+pub struct Roots {
+    /// Resolved (see [`resolve_root`]) before any request was made.
+    pub paths: Vec<StorePath>,
+    /// Then the lines of standard input, resolved as they arrive.
+    pub stdin: bool,
+}
+
+/// The store path an argument stands for: a store path, a path below one (resolved to its
+/// root), or a symlink chain (like `./result`) leading to either. A store path's root may itself
+/// be a symlink, so symlinks are followed only until the path enters the store.
+pub fn resolve_root(arg: &str) -> Result<StorePath, ClosureError> {
+    let not_in_store = |resolved: &Path| ClosureError::NotAStorePath {
+        arg: arg.to_owned(),
+        resolved: if resolved == Path::new(arg) {
+            String::new()
+        } else {
+            format!(" (it resolves to {})", resolved.display())
+        },
+    };
+    let mut path = absolute(Path::new(arg));
+    for _ in 0..MAX_SYMLINKS {
+        if let Some(text) = path.to_str() {
+            if text.starts_with(STORE_DIR) {
+                if let Ok(store_path) = StorePath::from_path_below(text) {
+                    return Ok(store_path);
+                }
+            }
+        }
+        // Find the first component that is a symlink and substitute its target.
+        let mut prefix = PathBuf::new();
+        let mut replaced = None;
+        let components: Vec<Component<'_>> = path.components().collect();
+        for (index, component) in components.iter().enumerate() {
+            prefix.push(component);
+            let metadata = match std::fs::symlink_metadata(&prefix) {
+                Ok(metadata) => metadata,
+                Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(not_in_store(&path))
+                }
+                Err(source) => {
+                    return Err(ClosureError::Unreadable {
+                        arg: arg.to_owned(),
+                        source,
+                    })
+                }
+            };
+            if metadata.file_type().is_symlink() {
+                let target =
+                    std::fs::read_link(&prefix).map_err(|source| ClosureError::Unreadable {
+                        arg: arg.to_owned(),
+                        source,
+                    })?;
+                let mut next = prefix.parent().map(Path::to_path_buf).unwrap_or_default();
+                next.push(target);
+                for rest in &components[index + 1..] {
+                    next.push(rest);
+                }
+                replaced = Some(normalise(&next));
+                break;
+            }
+        }
+        match replaced {
+            Some(next) => path = next,
+            None => return Err(not_in_store(&path)),
+        }
+    }
+    Err(not_in_store(&path))
+}
+
+/// Standard input, line by line, read on its own thread (reads block, and tokio's stdin is the
+/// same thing behind a feature this crate does not enable). The channel closes at end of input.
+fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
+    let (tx, rx) = mpsc::channel(STDIN_LINES);
+    std::thread::Builder::new()
+        .name("stowix-stdin".into())
+        .spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                let failed = line.is_err();
+                if tx.blocking_send(line).is_err() || failed {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the stdin reader");
+    rx
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    normalise(&joined)
+}
+
+/// Removes `.` and resolves `..` lexically (only ever applied after symlinks are substituted
+/// up to that point, so `..` means the parent of a real directory).
+fn normalise(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+pub async fn run(
+    roots: Roots,
+    output: mpsc::Sender<Vec<PathRef>>,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<(), ClosureError> {
+    let mut seen = HashSet::new();
+    if !roots.paths.is_empty() {
+        let batch = resolve_closure(&roots.paths, &mut seen).await?;
+        if !send(batch, &output, &progress, &cancel).await {
+            return Ok(());
+        }
+    }
+    if roots.stdin {
+        {
+            let mut lines = stdin_lines();
+            let mut pending = Vec::new();
+            loop {
+                let next = if pending.is_empty() {
+                    tokio::select! {
+                        line = lines.recv() => Some(line.transpose()),
+                        () = cancel.cancelled() => return Ok(()),
+                    }
+                } else {
+                    tokio::time::timeout(STDIN_LINGER, lines.recv())
+                        .await
+                        .ok()
+                        .map(Option::transpose)
+                };
+                let (eof, quiet) = match next {
+                    Some(Ok(Some(line))) => {
+                        let line = line.trim();
+                        if !line.is_empty() {
+                            pending.push(resolve_root(line)?);
+                        }
+                        (false, false)
+                    }
+                    Some(Ok(None)) => (true, false),
+                    Some(Err(err)) => return Err(ClosureError::Stdin(err)),
+                    // No line for STDIN_LINGER: resolve what has arrived.
+                    None => (false, true),
+                };
+                if !pending.is_empty() && (eof || quiet || pending.len() >= STDIN_BATCH) {
+                    let batch = resolve_closure(&pending, &mut seen).await?;
+                    pending.clear();
+                    if !send(batch, &output, &progress, &cancel).await {
+                        return Ok(());
+                    }
+                }
+                if eof {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn send(
+    batch: Vec<PathRef>,
+    output: &mpsc::Sender<Vec<PathRef>>,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    progress.closure_paths(&batch);
+    tokio::select! {
+        sent = output.send(batch) => sent.is_ok(),
+        () = cancel.cancelled() => false,
+    }
+}
+
+/// One `nix path-info --recursive` over `roots`; returns the paths not seen before, largest
+/// NAR first so the longest uploads start first and the run does not end on one big NAR.
+async fn resolve_closure(
+    roots: &[StorePath],
+    seen: &mut HashSet<StorePath>,
+) -> Result<Vec<PathRef>, ClosureError> {
+    let mut command = tokio::process::Command::new("nix");
+    command
+        .args(["path-info", "--recursive", "--json"])
+        .args(["--extra-experimental-features", "nix-command"])
+        // Only the local store counts: never try to substitute a missing path from elsewhere.
+        .args(["--option", "substituters", ""])
+        .args(roots.iter().map(StorePath::to_absolute))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = command.output().await.map_err(|err| {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            ClosureError::NixMissing
+        } else {
+            ClosureError::NixSpawn(err)
+        }
+    })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if let Some(path) = invalid_path_in(&stderr) {
+            return Err(ClosureError::NotInStore { path });
+        }
+        let stderr = stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(ClosureError::NixFailed {
+            status: output.status.to_string(),
+            stderr,
+        });
+    }
+    let parsed =
+        parse_path_info_json(&output.stdout).map_err(|err| ClosureError::Parse(err.to_string()))?;
+    if let Some(path) = parsed.invalid.into_iter().next() {
+        return Err(ClosureError::NotInStore { path });
+    }
+    let mut fresh: Vec<PathInfo> = parsed
+        .valid
+        .into_iter()
+        .filter(|info| seen.insert(info.path.clone()))
+        .collect();
+    fresh.sort_by(|a, b| {
+        b.nar_size
+            .cmp(&a.nar_size)
+            .then_with(|| a.path.cmp(&b.path))
+    });
+    Ok(fresh.into_iter().map(Arc::new).collect())
+}
+
+/// Nix 2.x: `error: path '/nix/store/…' is not valid`.
+fn invalid_path_in(stderr: &str) -> Option<String> {
+    stderr.lines().find_map(|line| {
+        let rest = line.split("path '").nth(1)?;
+        let (path, tail) = rest.split_once('\'')?;
+        tail.contains("is not valid").then(|| path.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_invalid_path_errors_are_recognised() {
+        let stderr = "don't know how to build these paths:\n  /nix/store/x-foo\nerror: path '/nix/store/00000000000000000000000000000000-foo' is not valid\n";
+        assert_eq!(
+            invalid_path_in(stderr).as_deref(),
+            Some("/nix/store/00000000000000000000000000000000-foo")
+        );
+        assert_eq!(invalid_path_in("error: something else"), None);
+    }
+
+    #[test]
+    fn paths_outside_the_store_are_usage_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve_root(dir.path().to_str().unwrap()).unwrap_err();
+        assert!(err.is_usage(), "{err}");
+        let missing = dir.path().join("missing");
+        assert!(resolve_root(missing.to_str().unwrap())
+            .unwrap_err()
+            .is_usage());
+    }
+
+    #[test]
+    fn normalise_is_lexical() {
+        assert_eq!(normalise(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+    }
+}

@@ -1,0 +1,107 @@
+//! Stage 2: presence. Asks the server which closure paths it lacks, in large batches with
+//! several queries in flight, and routes every path as soon as its answer arrives.
+//!
+//! ```text
+//!   closure batches ──► split into queries of ≤ batch_size ──► POST presence (≤ IN_FLIGHT at once)
+//!      ├─ missing ──────► dump queue (upload, then publish)
+//!      ├─ nar_stored ───► publish (the NAR is there, only the narinfo is missing)
+//!      └─ neither ──────► publish as present (counts as published for its dependents)
+//! ```
+//! Answers are consumed in query order, so the largest-first order of the closure survives.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::stage;
+use super::progress::Progress;
+use super::{PathRef, PublishEvent};
+use crate::api::{PresenceQuery, PresenceRequest};
+use crate::client::{ClientError, PushClient};
+
+/// Queries in flight: hides the round trip of one query behind the others without flooding
+/// the server (each query is already up to thousands of paths).
+const IN_FLIGHT: usize = 4;
+/// Paths per query when the server allows more: big enough that a 100k-path closure is ~50
+/// requests, small enough that the first answers arrive (and uploads start) quickly.
+pub const DEFAULT_BATCH: usize = 2000;
+
+pub async fn run(
+    client: Arc<PushClient>,
+    batch_size: usize,
+    input: mpsc::Receiver<Vec<PathRef>>,
+    to_dump: mpsc::Sender<PathRef>,
+    to_publish: mpsc::Sender<PublishEvent>,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<(), ClientError> {
+    let batch_size = batch_size.max(1);
+    let closure_batches = futures_util::stream::unfold(input, |mut input| async move {
+        let batch = input.recv().await?;
+        Some((batch, input))
+    });
+    let queries = closure_batches
+        .flat_map(|batch| {
+            let chunks: Vec<Vec<PathRef>> =
+                batch.chunks(batch_size).map(<[PathRef]>::to_vec).collect();
+            futures_util::stream::iter(chunks)
+        })
+        .map(|paths| {
+            let client = Arc::clone(&client);
+            async move {
+                let request = PresenceRequest {
+                    paths: paths
+                        .iter()
+                        .map(|info| PresenceQuery {
+                            hash: info.path.hash_part().to_owned(),
+                            nar_hash: info.nar_hash.to_typed_nix32(),
+                        })
+                        .collect(),
+                };
+                let started = Instant::now();
+                let answer = client.presence(&request).await;
+                (paths, answer, started.elapsed())
+            }
+        })
+        .buffered(IN_FLIGHT);
+    tokio::pin!(queries);
+    loop {
+        let next = tokio::select! {
+            next = queries.next() => next,
+            () = cancel.cancelled() => return Ok(()),
+        };
+        let Some((paths, answer, elapsed)) = next else {
+            return Ok(());
+        };
+        progress.busy(stage::PRESENCE, elapsed);
+        let answer = answer?;
+        let missing: HashSet<&str> = answer.missing.iter().map(String::as_str).collect();
+        let nar_stored: HashSet<&str> = answer.nar_stored.iter().map(String::as_str).collect();
+        for info in paths {
+            let hash = info.path.hash_part();
+            let sent = if missing.contains(hash) {
+                progress.needs_upload(&info);
+                progress.queue_depth(stage::DUMP, to_dump.max_capacity() - to_dump.capacity());
+                to_dump.send(info).await.is_ok()
+            } else if nar_stored.contains(hash) {
+                to_publish
+                    .send(PublishEvent::Stored {
+                        info,
+                        uploaded: false,
+                    })
+                    .await
+                    .is_ok()
+            } else {
+                to_publish.send(PublishEvent::Present(info)).await.is_ok()
+            };
+            if !sent {
+                // Downstream stopped (cancelled or failed): nothing more to route.
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The one place stages report to. Each call updates the run's tally, the Prometheus metrics
+//! and the [`Reporter`](super::report::Reporter); stages never print and never touch metric
+//! names themselves.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+
+use super::metrics::{self as m, outcome};
+use super::report::{PathEvent, Reporter};
+use crate::client::{ClientError, ClientObserver, Endpoint, RetryReason};
+use crate::nix::path_info::PathInfo;
+use crate::nix::StorePath;
+
+/// Counters of one run, readable at any time for status lines and the summary.
+#[derive(Default)]
+struct Tally {
+    closure_paths: AtomicU64,
+    closure_nar_bytes: AtomicU64,
+    present: AtomicU64,
+    to_upload: AtomicU64,
+    to_upload_nar_bytes: AtomicU64,
+    nar_bytes_read: AtomicU64,
+    compressed_bytes: AtomicU64,
+    uploaded_paths: AtomicU64,
+    uploaded_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+    published: AtomicU64,
+    published_after_upload: AtomicU64,
+    failed: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// A consistent-enough copy of the tally (each field read once).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub elapsed: Duration,
+    pub closure_paths: u64,
+    pub closure_nar_bytes: u64,
+    pub present: u64,
+    pub to_upload: u64,
+    pub to_upload_nar_bytes: u64,
+    pub nar_bytes_read: u64,
+    pub compressed_bytes: u64,
+    /// NARs sent and stored by this run.
+    pub uploaded_paths: u64,
+    /// Compressed bytes of those NARs.
+    pub uploaded_bytes: u64,
+    /// Body bytes sent, retries included.
+    pub wire_bytes: u64,
+    pub published: u64,
+    pub published_after_upload: u64,
+    pub failed: u64,
+    pub retries: u64,
+}
+
+impl Snapshot {
+    /// Paths with a final outcome.
+    pub fn done_paths(&self) -> u64 {
+        self.present + self.published + self.failed
+    }
+}
+
+pub struct Progress {
+    reporter: Arc<dyn Reporter>,
+    tally: Tally,
+    started: Instant,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Progress {
+    pub fn new(reporter: Arc<dyn Reporter>) -> Self {
+        Self {
+            reporter,
+            tally: Tally::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let t = &self.tally;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Snapshot {
+            elapsed: self.started.elapsed(),
+            closure_paths: get(&t.closure_paths),
+            closure_nar_bytes: get(&t.closure_nar_bytes),
+            present: get(&t.present),
+            to_upload: get(&t.to_upload),
+            to_upload_nar_bytes: get(&t.to_upload_nar_bytes),
+            nar_bytes_read: get(&t.nar_bytes_read),
+            compressed_bytes: get(&t.compressed_bytes),
+            uploaded_paths: get(&t.uploaded_paths),
+            uploaded_bytes: get(&t.uploaded_bytes),
+            wire_bytes: get(&t.wire_bytes),
+            published: get(&t.published),
+            published_after_upload: get(&t.published_after_upload),
+            failed: get(&t.failed),
+            retries: get(&t.retries),
+        }
+    }
+
+    /// Called about once a second: lets reporters redraw or print a status line.
+    pub fn tick(&self) {
+        self.reporter.status(&self.snapshot());
+    }
+
+    pub fn finish(&self) -> Snapshot {
+        let snapshot = self.snapshot();
+        self.reporter.finish(&snapshot);
+        snapshot
+    }
+
+    pub fn warn(&self, message: &str) {
+        self.reporter.warn(message);
+    }
+
+    /// New paths of the closure (already deduplicated).
+    pub fn closure_paths(&self, paths: &[Arc<PathInfo>]) {
+        add(&self.tally.closure_paths, paths.len() as u64);
+        add(
+            &self.tally.closure_nar_bytes,
+            paths.iter().map(|p| p.nar_size).sum(),
+        );
+    }
+
+    pub fn present(&self, info: &PathInfo) {
+        add(&self.tally.present, 1);
+        counter!(m::PATHS_TOTAL, "outcome" => outcome::PRESENT).increment(1);
+        self.reporter.path(PathEvent::Present { path: &info.path });
+    }
+
+    pub fn needs_upload(&self, info: &PathInfo) {
+        add(&self.tally.to_upload, 1);
+        add(&self.tally.to_upload_nar_bytes, info.nar_size);
+    }
+
+    pub fn nar_bytes_read(&self, bytes: u64) {
+        add(&self.tally.nar_bytes_read, bytes);
+        counter!(m::NAR_BYTES_TOTAL).increment(bytes);
+    }
+
+    pub fn compressed(&self, info: &PathInfo, compressed_size: u64, elapsed: Duration) {
+        add(&self.tally.compressed_bytes, compressed_size);
+        counter!(m::COMPRESSED_BYTES_TOTAL).increment(compressed_size);
+        self.reporter.path(PathEvent::Compressed {
+            path: &info.path,
+            nar_size: info.nar_size,
+            compressed_size,
+            elapsed,
+        });
+    }
+
+    pub fn uploaded(&self, info: &PathInfo, file_size: u64, elapsed: Duration, retries: u32) {
+        add(&self.tally.uploaded_paths, 1);
+        add(&self.tally.uploaded_bytes, file_size);
+        self.reporter.path(PathEvent::Uploaded {
+            path: &info.path,
+            bytes: file_size,
+            elapsed,
+            retries,
+        });
+    }
+
+    pub fn published(&self, info: &PathInfo, after_upload: bool) {
+        add(&self.tally.published, 1);
+        let label = if after_upload {
+            add(&self.tally.published_after_upload, 1);
+            outcome::UPLOADED
+        } else {
+            outcome::NAR_STORED
+        };
+        counter!(m::PATHS_TOTAL, "outcome" => label).increment(1);
+        self.reporter
+            .path(PathEvent::Published { path: &info.path });
+    }
+
+    pub fn failed(&self, path: &StorePath, reason: &str) {
+        add(&self.tally.failed, 1);
+        counter!(m::PATHS_TOTAL, "outcome" => outcome::FAILED).increment(1);
+        self.reporter.path(PathEvent::Failed { path, reason });
+    }
+
+    pub fn queue_depth(&self, stage: &'static str, depth: usize) {
+        gauge!(m::STAGE_QUEUE_DEPTH, "stage" => stage).set(depth as f64);
+    }
+
+    pub fn busy(&self, stage: &'static str, time: Duration) {
+        // metrics' counters are integers; seconds need fractions, so this monotonic value is
+        // kept in a gauge (see docs/metrics.md).
+        gauge!(m::STAGE_BUSY_SECONDS_TOTAL, "stage" => stage).increment(time.as_secs_f64());
+    }
+}
+
+impl ClientObserver for Progress {
+    fn request_finished(&self, endpoint: Endpoint, elapsed: Duration) {
+        histogram!(m::HTTP_REQUEST_DURATION_SECONDS, "endpoint" => endpoint.label())
+            .record(elapsed.as_secs_f64());
+    }
+
+    fn retrying(
+        &self,
+        endpoint: Endpoint,
+        reason: RetryReason,
+        delay: Duration,
+        err: &ClientError,
+    ) {
+        add(&self.tally.retries, 1);
+        counter!(m::RETRIES_TOTAL, "reason" => reason.label()).increment(1);
+        self.reporter
+            .retrying(endpoint.label(), &err.to_string(), delay);
+    }
+
+    fn bytes_sent(&self, bytes: u64) {
+        add(&self.tally.wire_bytes, bytes);
+        counter!(m::UPLOADED_BYTES_TOTAL).increment(bytes);
+    }
+
+    fn rate_limited(&self, waited: Duration) {
+        gauge!(m::RATE_LIMIT_WAIT_SECONDS_TOTAL).increment(waited.as_secs_f64());
+    }
+}

@@ -1,0 +1,390 @@
+//! Stage 6: publication. A narinfo goes up only when its NAR is stored and every reference is
+//! published (or present, or earlier in the same request), so the repository never serves a
+//! narinfo whose closure is incomplete, whenever the run is interrupted.
+//!
+//! ```text
+//!   Present / Stored / Failed events ──► Ledger (dependency bookkeeping)
+//!        ready paths ──► batch (≤ max_batch, or LINGER after the first) ──► POST narinfos
+//!        rejected or failed ──► every waiting dependent fails: "reference X failed"
+//! ```
+//! The ledger is pure bookkeeping with no I/O, unit-tested below.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::stage;
+use super::progress::Progress;
+use super::{PathRef, PublishEvent};
+use crate::api::{PublishEntry, PublishRequest};
+use crate::client::PushClient;
+
+/// How long a ready narinfo waits for companions before its batch goes up: long enough to
+/// gather the burst of a closure's small paths, short against any upload.
+const LINGER: Duration = Duration::from_millis(20);
+/// Narinfos per request when the server allows more.
+pub const DEFAULT_BATCH: usize = 500;
+
+/// Where each path stands; see the module docs.
+#[derive(Default)]
+pub struct Ledger {
+    /// Published on the server (before this run or by it), or in a request already sent.
+    published: HashSet<String>,
+    /// Stored and ready, waiting in the next batch.
+    batch: Vec<PathRef>,
+    batched: HashSet<String>,
+    /// Stored, waiting for references: path -> (info, references still missing).
+    waiting: HashMap<String, (PathRef, usize)>,
+    /// reference hash -> paths waiting for it.
+    dependents: HashMap<String, Vec<String>>,
+    failed: HashSet<String>,
+    /// Paths whose NAR this run uploaded (for the summary).
+    uploaded: HashSet<String>,
+}
+
+/// What the stage must report after a ledger step.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verdicts {
+    /// (path, reason)
+    pub failed: Vec<(PathRef, String)>,
+}
+
+fn hash_of(info: &PathRef) -> String {
+    info.path.hash_part().to_owned()
+}
+
+impl Ledger {
+    pub fn present(&mut self, info: &PathRef) -> Verdicts {
+        let hash = hash_of(info);
+        self.published.insert(hash.clone());
+        self.release(&hash)
+    }
+
+    /// The NAR of `info` is stored on the server.
+    pub fn stored(&mut self, info: PathRef, uploaded: bool) -> Verdicts {
+        let hash = hash_of(&info);
+        if uploaded {
+            self.uploaded.insert(hash.clone());
+        }
+        let references: Vec<String> = info
+            .references
+            .iter()
+            .map(|r| r.hash_part().to_owned())
+            .filter(|r| *r != hash)
+            .collect();
+        if let Some(bad) = references.iter().find(|r| self.failed.contains(*r)) {
+            let name = info
+                .references
+                .iter()
+                .find(|r| r.hash_part() == bad)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            return self.fail(info, format!("reference {name} failed"));
+        }
+        let missing: Vec<&String> = references
+            .iter()
+            .filter(|r| !self.published.contains(*r) && !self.batched.contains(*r))
+            .collect();
+        if missing.is_empty() {
+            self.enqueue(info)
+        } else {
+            for reference in &missing {
+                self.dependents
+                    .entry((*reference).clone())
+                    .or_default()
+                    .push(hash.clone());
+            }
+            self.waiting.insert(hash, (info, missing.len()));
+            Verdicts::default()
+        }
+    }
+
+    /// The path failed before publication (dump, compression, upload, or the server refused it).
+    pub fn fail(&mut self, info: PathRef, reason: String) -> Verdicts {
+        let mut verdicts = Verdicts::default();
+        let mut work = vec![(info, reason)];
+        while let Some((info, reason)) = work.pop() {
+            let hash = hash_of(&info);
+            if !self.failed.insert(hash.clone()) {
+                continue;
+            }
+            self.waiting.remove(&hash);
+            if self.batched.remove(&hash) {
+                self.batch.retain(|b| hash_of(b) != hash);
+            }
+            // Every path still held here that refers to this one, whether waiting or batched
+            // on the strength of an optimistic publication: none of them may go up.
+            let doomed: Vec<PathRef> = self
+                .waiting
+                .values()
+                .map(|(dependent, _)| dependent)
+                .chain(self.batch.iter())
+                .filter(|d| {
+                    hash_of(d) != hash && d.references.iter().any(|r| r.hash_part() == hash)
+                })
+                .cloned()
+                .collect();
+            for dependent in doomed {
+                work.push((dependent, format!("reference {} failed", info.path)));
+            }
+            verdicts.failed.push((info, reason));
+        }
+        verdicts
+    }
+
+    fn enqueue(&mut self, info: PathRef) -> Verdicts {
+        let hash = hash_of(&info);
+        self.batched.insert(hash.clone());
+        self.batch.push(info);
+        self.release(&hash)
+    }
+
+    /// `hash` is (about to be) published: dependents with nothing else missing become ready.
+    fn release(&mut self, hash: &str) -> Verdicts {
+        let mut ready = Vec::new();
+        let mut work = vec![hash.to_owned()];
+        while let Some(hash) = work.pop() {
+            for dependent in self.dependents.remove(&hash).unwrap_or_default() {
+                let Some((_, missing)) = self.waiting.get_mut(&dependent) else {
+                    continue;
+                };
+                *missing -= 1;
+                if *missing == 0 {
+                    let (info, _) = self.waiting.remove(&dependent).expect("present");
+                    self.batched.insert(dependent.clone());
+                    ready.push(info);
+                    work.push(dependent);
+                }
+            }
+        }
+        // Released paths follow their references in the batch: the server may check in order.
+        self.batch.extend(ready);
+        Verdicts::default()
+    }
+
+    pub fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub fn take_batch(&mut self, max: usize) -> Vec<PathRef> {
+        let take = self.batch.len().min(max);
+        let batch: Vec<PathRef> = self.batch.drain(..take).collect();
+        for info in &batch {
+            let hash = hash_of(info);
+            self.batched.remove(&hash);
+            // Optimistic: a rejection below undoes it through `fail`.
+            self.published.insert(hash);
+        }
+        batch
+    }
+
+    pub fn was_uploaded(&self, info: &PathRef) -> bool {
+        self.uploaded.contains(info.path.hash_part())
+    }
+
+    /// Paths that never became ready (their references never arrived: a bug upstream).
+    pub fn stranded(&mut self) -> Vec<PathRef> {
+        self.waiting.drain().map(|(_, (info, _))| info).collect()
+    }
+
+    pub fn unpublish(&mut self, hash: &str) {
+        self.published.remove(hash);
+    }
+}
+
+pub fn entry(info: &PathRef) -> PublishEntry {
+    PublishEntry {
+        store_path: info.path.to_absolute(),
+        nar_hash: info.nar_hash.to_typed_nix32(),
+        nar_size: info.nar_size,
+        references: info.references.iter().map(|r| r.to_absolute()).collect(),
+        deriver: info.deriver.as_ref().map(|d| d.to_absolute()),
+        ca: info.ca.clone(),
+        signatures: info.signatures.clone(),
+    }
+}
+
+pub async fn run(
+    client: Arc<PushClient>,
+    max_batch: usize,
+    mut input: mpsc::Receiver<PublishEvent>,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) {
+    let max_batch = max_batch.max(1);
+    let mut ledger = Ledger::default();
+    let mut first_ready: Option<Instant> = None;
+    let mut open = true;
+    while open || ledger.batch_len() > 0 {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let due = first_ready.map(|t| t + LINGER);
+        // A full batch (or closed input) flushes without waiting for more events.
+        let event = if !open || ledger.batch_len() >= max_batch {
+            None
+        } else {
+            tokio::select! {
+                event = input.recv() => {
+                    if event.is_none() { open = false; }
+                    event
+                }
+                () = sleep_until(due) => None,
+                () = cancel.cancelled() => return,
+            }
+        };
+        if let Some(event) = event {
+            progress.queue_depth(stage::PUBLISH, input.len());
+            let verdicts = match event {
+                PublishEvent::Present(info) => {
+                    progress.present(&info);
+                    ledger.present(&info)
+                }
+                PublishEvent::Stored { info, uploaded } => ledger.stored(info, uploaded),
+                PublishEvent::Failed { info, reason } => ledger.fail(info, reason),
+            };
+            report(&progress, verdicts);
+            if ledger.batch_len() > 0 && first_ready.is_none() {
+                first_ready = Some(Instant::now());
+            }
+            continue;
+        }
+        // Flush: the batch is full, LINGER passed, or the input ended.
+        if ledger.batch_len() == 0 {
+            first_ready = None;
+            continue;
+        }
+        let batch = ledger.take_batch(max_batch);
+        first_ready = (ledger.batch_len() > 0).then(Instant::now);
+        let started = Instant::now();
+        let request = PublishRequest {
+            narinfos: batch.iter().map(entry).collect(),
+        };
+        let answer = client.publish(&request).await;
+        progress.busy(stage::PUBLISH, started.elapsed());
+        match answer {
+            Ok(answer) => {
+                let rejected: HashMap<&str, String> = answer
+                    .rejected
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.hash.as_str(),
+                            format!("the server refused it ({}): {}", r.code, r.message),
+                        )
+                    })
+                    .collect();
+                for info in batch {
+                    match rejected.get(info.path.hash_part()) {
+                        None => progress.published(&info, ledger.was_uploaded(&info)),
+                        Some(reason) => {
+                            ledger.unpublish(info.path.hash_part());
+                            let verdicts = ledger.fail(info, reason.clone());
+                            report(&progress, verdicts);
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                for info in batch {
+                    ledger.unpublish(info.path.hash_part());
+                    let verdicts = ledger.fail(info, format!("publication failed: {err}"));
+                    report(&progress, verdicts);
+                }
+            }
+        }
+    }
+    for info in ledger.stranded() {
+        progress.failed(
+            &info.path,
+            "its references were never stored (internal error)",
+        );
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn report(progress: &Progress, verdicts: Verdicts) {
+    for (info, reason) in verdicts.failed {
+        progress.failed(&info.path, &reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{Sha256Hash, StorePath};
+
+    fn path(hash_char: char, name: &str, refs: &[&PathRef]) -> PathRef {
+        let store_path =
+            StorePath::from_basename(&format!("{}-{name}", hash_char.to_string().repeat(32)))
+                .unwrap();
+        let mut references: Vec<StorePath> = refs.iter().map(|r| r.path.clone()).collect();
+        references.push(store_path.clone()); // a self-reference never blocks publication
+        Arc::new(PathInfo {
+            path: store_path,
+            nar_hash: Sha256Hash([0; 32]),
+            nar_size: 1,
+            references,
+            deriver: None,
+            ca: None,
+            signatures: Vec::new(),
+        })
+    }
+
+    fn names(batch: &[PathRef]) -> Vec<&str> {
+        batch.iter().map(|p| p.path.name()).collect()
+    }
+
+    use crate::nix::path_info::PathInfo;
+
+    #[test]
+    fn a_path_waits_for_its_references_and_follows_them_in_the_batch() {
+        let mut ledger = Ledger::default();
+        let lib = path('a', "lib", &[]);
+        let present = path('b', "present", &[]);
+        let app = path('c', "app", &[&lib, &present]);
+        ledger.stored(Arc::clone(&app), true);
+        assert_eq!(ledger.batch_len(), 0, "app must wait for lib and present");
+        ledger.present(&present);
+        assert_eq!(ledger.batch_len(), 0, "app must still wait for lib");
+        ledger.stored(Arc::clone(&lib), true);
+        assert_eq!(names(&ledger.take_batch(10)), ["lib", "app"]);
+        assert!(ledger.was_uploaded(&app));
+        assert!(ledger.stranded().is_empty());
+    }
+
+    #[test]
+    fn a_failure_fails_every_dependent_waiting_batched_or_later() {
+        let mut ledger = Ledger::default();
+        let base = path('a', "base", &[]);
+        let mid = path('b', "mid", &[&base]);
+        let top = path('c', "top", &[&mid]);
+        let late = path('d', "late", &[&base]);
+        ledger.stored(Arc::clone(&top), true);
+        ledger.stored(Arc::clone(&base), true);
+        ledger.stored(Arc::clone(&mid), true);
+        assert_eq!(ledger.batch_len(), 3);
+        // The server rejects base: mid and top, batched behind it, must not go up.
+        let verdicts = ledger.fail(Arc::clone(&base), "rejected".into());
+        let mut failed: Vec<&str> = verdicts.failed.iter().map(|(p, _)| p.path.name()).collect();
+        failed.sort_unstable();
+        assert_eq!(failed, ["base", "mid", "top"]);
+        assert_eq!(ledger.batch_len(), 0);
+        let verdicts = ledger.stored(late, true);
+        assert_eq!(verdicts.failed.len(), 1);
+        assert!(
+            verdicts.failed[0].1.contains("reference"),
+            "{}",
+            verdicts.failed[0].1
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! What the user sees, behind one trait so the engine never prints.
+//!
+//! ```text
+//!   stages ──► Progress (tally, metrics) ──► dyn Reporter ──┬─ TerminalReporter: indicatif bar, lines above it
+//!                                                           ├─ LineReporter: plain lines + status every 10 s (CI)
+//!                                                           └─ SilentReporter (library use, tests)
+//! ```
+//! `--verbose` adds one line per path per event to either of the first two.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{
+    HumanBytes, HumanDuration, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle,
+};
+
+use super::progress::Snapshot;
+use crate::nix::StorePath;
+
+pub enum PathEvent<'a> {
+    Present {
+        path: &'a StorePath,
+    },
+    Compressed {
+        path: &'a StorePath,
+        nar_size: u64,
+        compressed_size: u64,
+        elapsed: Duration,
+    },
+    Uploaded {
+        path: &'a StorePath,
+        bytes: u64,
+        elapsed: Duration,
+        retries: u32,
+    },
+    Published {
+        path: &'a StorePath,
+    },
+    Failed {
+        path: &'a StorePath,
+        reason: &'a str,
+    },
+}
+
+pub trait Reporter: Send + Sync {
+    fn path(&self, event: PathEvent<'_>);
+    /// A request failed and will be tried again after `delay`.
+    fn retrying(&self, endpoint: &str, error: &str, delay: Duration);
+    fn warn(&self, message: &str);
+    /// Called about once a second with the current tally.
+    fn status(&self, snapshot: &Snapshot);
+    /// The final summary.
+    fn finish(&self, snapshot: &Snapshot);
+}
+
+/// The line for a path event, or `None` for events only `--verbose` shows.
+fn event_line(event: &PathEvent<'_>, verbose: bool) -> Option<String> {
+    match *event {
+        PathEvent::Failed { path, reason } => Some(format!("failed: {path}: {reason}")),
+        _ if !verbose => None,
+        PathEvent::Present { path } => Some(format!("already present: {path}")),
+        PathEvent::Compressed {
+            path,
+            nar_size,
+            compressed_size,
+            elapsed,
+        } => Some(format!(
+            "compressed: {path}: {} -> {} in {:.2} s",
+            HumanBytes(nar_size),
+            HumanBytes(compressed_size),
+            elapsed.as_secs_f64()
+        )),
+        PathEvent::Uploaded {
+            path,
+            bytes,
+            elapsed,
+            retries,
+        } => Some(format!(
+            "uploaded: {path}: {} in {:.2} s, {retries} {}",
+            HumanBytes(bytes),
+            elapsed.as_secs_f64(),
+            if retries == 1 { "retry" } else { "retries" }
+        )),
+        PathEvent::Published { path } => Some(format!("published: {path}")),
+    }
+}
+
+fn retry_line(endpoint: &str, error: &str, delay: Duration) -> String {
+    format!(
+        "warning: {endpoint}: {error}; retrying in {:.1} s",
+        delay.as_secs_f64()
+    )
+}
+
+fn rate(bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    format!("{}/s", HumanBytes((bytes as f64 / secs) as u64))
+}
+
+fn status_line(s: &Snapshot) -> String {
+    format!(
+        "[{}] paths: {}/{} done ({} present, {} published, {} failed); NAR {} of {} read; sent {} ({})",
+        HumanDuration(s.elapsed),
+        s.done_paths(),
+        s.closure_paths,
+        s.present,
+        s.published,
+        s.failed,
+        HumanBytes(s.nar_bytes_read),
+        HumanBytes(s.to_upload_nar_bytes),
+        HumanBytes(s.wire_bytes),
+        rate(s.wire_bytes, s.elapsed),
+    )
+}
+
+/// The summary every reporter except the silent one prints last.
+pub fn summary_lines(s: &Snapshot) -> String {
+    let ratio = if s.nar_bytes_read > 0 {
+        format!(
+            " ({:.0}%)",
+            100.0 * s.compressed_bytes as f64 / s.nar_bytes_read as f64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed\n\
+         summary: NAR {} -> {} compressed{ratio}; sent {} in {} ({}), {} retries",
+        s.closure_paths,
+        s.present,
+        s.published_after_upload,
+        s.published - s.published_after_upload,
+        s.failed,
+        HumanBytes(s.nar_bytes_read),
+        HumanBytes(s.compressed_bytes),
+        HumanBytes(s.wire_bytes),
+        HumanDuration(s.elapsed),
+        rate(s.wire_bytes, s.elapsed),
+        s.retries,
+    )
+}
+
+/// Plain lines on stderr for logs and CI: no cursor movement, and a status line at least every
+/// [`LineReporter::STATUS_INTERVAL`] so a CI watchdog never sees a silent job.
+pub struct LineReporter {
+    verbose: bool,
+    last_status: Mutex<Instant>,
+}
+
+impl LineReporter {
+    /// Well under the 30 s after which users start to wonder (and CI systems start to kill).
+    pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+
+    pub fn new(verbose: bool) -> Self {
+        Self {
+            verbose,
+            last_status: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "{text}");
+    }
+}
+
+impl Reporter for LineReporter {
+    fn path(&self, event: PathEvent<'_>) {
+        if let Some(line) = event_line(&event, self.verbose) {
+            self.line(&line);
+        }
+    }
+
+    fn retrying(&self, endpoint: &str, error: &str, delay: Duration) {
+        self.line(&retry_line(endpoint, error, delay));
+    }
+
+    fn warn(&self, message: &str) {
+        self.line(&format!("warning: {message}"));
+    }
+
+    fn status(&self, snapshot: &Snapshot) {
+        let mut last = self.last_status.lock().expect("status lock");
+        if last.elapsed() >= Self::STATUS_INTERVAL {
+            *last = Instant::now();
+            self.line(&status_line(snapshot));
+        }
+    }
+
+    fn finish(&self, snapshot: &Snapshot) {
+        self.line(&summary_lines(snapshot));
+    }
+}
+
+/// A progress bar on a terminal; every log line goes through `MultiProgress::println`, which
+/// clears the bar, prints, and redraws, so lines are never garbled.
+pub struct TerminalReporter {
+    verbose: bool,
+    multi: MultiProgress,
+    bar: ProgressBar,
+}
+
+impl TerminalReporter {
+    pub fn new(verbose: bool) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+        let bar = multi.add(ProgressBar::new(0));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} | {msg}",
+            )
+            .expect("valid template"),
+        );
+        Self {
+            verbose,
+            multi,
+            bar,
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let _ = self.multi.println(text);
+    }
+}
+
+impl Reporter for TerminalReporter {
+    fn path(&self, event: PathEvent<'_>) {
+        if let Some(line) = event_line(&event, self.verbose) {
+            self.line(&line);
+        }
+    }
+
+    fn retrying(&self, endpoint: &str, error: &str, delay: Duration) {
+        self.line(&retry_line(endpoint, error, delay));
+    }
+
+    fn warn(&self, message: &str) {
+        self.line(&format!("warning: {message}"));
+    }
+
+    fn status(&self, s: &Snapshot) {
+        // NAR bytes read track uploads closely: the pipeline between them holds only a few
+        // MiB per job, so this is the best early measure of the work left.
+        self.bar.set_length(s.to_upload_nar_bytes);
+        self.bar.set_position(s.nar_bytes_read);
+        self.bar.set_message(format!(
+            "paths {}/{} ({} present, {} failed)",
+            s.done_paths(),
+            s.closure_paths,
+            s.present,
+            s.failed
+        ));
+    }
+
+    fn finish(&self, snapshot: &Snapshot) {
+        self.status(snapshot);
+        self.bar.finish_and_clear();
+        self.line(&summary_lines(snapshot));
+    }
+}
+
+/// Reports nothing.
+pub struct SilentReporter;
+
+impl Reporter for SilentReporter {
+    fn path(&self, _event: PathEvent<'_>) {}
+    fn retrying(&self, _endpoint: &str, _error: &str, _delay: Duration) {}
+    fn warn(&self, _message: &str) {}
+    fn status(&self, _snapshot: &Snapshot) {}
+    fn finish(&self, _snapshot: &Snapshot) {}
+}

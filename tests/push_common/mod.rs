@@ -1,0 +1,126 @@
+//! Helpers of the `push_*` tests on top of `tests/common`: a server with one repository and a
+//! push token, and a runner for the real `stowix nix push` binary.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output, Stdio};
+
+use crate::common::{self, TestServer};
+
+/// A running server with one public repository and tokens for it.
+pub struct Fixture {
+    pub server: TestServer,
+    pub repo: String,
+    pub url: String,
+    pub public_key: String,
+    pub token: String,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        common::require_nix();
+        let server = TestServer::start();
+        let repo = common::unique_name("push");
+        let public_key = server.create_repo(&repo, false);
+        let token = server.create_token(&repo, "push");
+        let url = server.repo_url(&repo);
+        Fixture {
+            server,
+            repo,
+            url,
+            public_key,
+            token,
+        }
+    }
+
+    /// `stowix nix push --no-progress ARGS` against this repository with the push token.
+    pub fn push(&self, args: &[&str]) -> Pushed {
+        push_with(&self.url, Some(&self.token), args, &[])
+    }
+
+    /// Substitutes `paths` into a fresh store with signatures required.
+    pub fn substitute(&self, paths: &[String]) {
+        common::nix_copy_from(&self.url, &self.public_key, paths, None)
+            .unwrap_or_else(|e| panic!("nix copy --from failed: {e}"));
+    }
+
+    pub async fn received_bytes(&self) -> f64 {
+        self.server
+            .metric("stowix_server_upload_received_bytes_total")
+            .await
+    }
+}
+
+/// What a `stowix nix push` run left behind.
+#[derive(Debug)]
+pub struct Pushed {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Pushed {
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "exit code; stderr:\n{}", self.stderr);
+        self
+    }
+
+    /// The number after `label` in the summary, e.g. `uploaded` in "3 uploaded".
+    pub fn summary_count(&self, label: &str) -> u64 {
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("summary:") && l.contains("paths in closure"))
+            .unwrap_or_else(|| panic!("no summary in stderr:\n{}", self.stderr));
+        line.split([':', ','])
+            .filter_map(|part| part.trim().split_once(' '))
+            .find(|(_, rest)| rest.starts_with(label))
+            .and_then(|(count, _)| count.parse().ok())
+            .unwrap_or_else(|| panic!("no count of {label:?} in {line:?}"))
+    }
+}
+
+/// A push command with a clean environment: only the given target/token and fast retries.
+pub fn push_command(target: &str, token: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = Command::new(common::stowix_bin());
+    cmd.args(["nix", "push", "--no-progress"]).args(args);
+    for var in [
+        "STOWIX_TARGET",
+        "STOWIX_TOKEN",
+        "STOWIX_JOBS",
+        "STOWIX_CHUNK_SIZE",
+        "STOWIX_MAX_UPLOAD_RATE",
+    ] {
+        cmd.env_remove(var);
+    }
+    if !target.is_empty() {
+        cmd.env("STOWIX_TARGET", target);
+    }
+    if let Some(token) = token {
+        cmd.env("STOWIX_TOKEN", token);
+    }
+    cmd.env("STOWIX_RETRY_BASE_DELAY_MS", "20");
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+pub fn push_with(
+    target: &str,
+    token: Option<&str>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Pushed {
+    let mut cmd = push_command(target, token, args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    finished(cmd.output().expect("run stowix nix push"))
+}
+
+pub fn finished(output: Output) -> Pushed {
+    Pushed {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
