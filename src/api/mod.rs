@@ -59,7 +59,6 @@ pub mod codes {
     pub const MISSING_REFERENCES: &str = "missing_references";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     pub const TOO_MANY_UPLOADS: &str = "too_many_uploads";
-    pub const SHUTTING_DOWN: &str = "shutting_down";
     pub const INTERNAL: &str = "internal";
 }
 

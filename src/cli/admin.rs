@@ -144,7 +144,7 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
                 return Err((
                     exit::USAGE,
                     format!("'{name}' is not a valid repository name"),
-                    Some("use 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit (not metrics, healthz, api, nar)".into()),
+                    Some("use 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit (not metrics, healthz, api, nar, nix-cache-info)".into()),
                 ));
             }
             let key = SecretKey::generate(&name);

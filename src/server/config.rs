@@ -31,6 +31,9 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Failed authentications allowed per client address per minute before 429.
     pub auth_failures_per_minute: u32,
+    /// Header a trusted reverse proxy puts the client's address in (e.g. `X-Forwarded-For`);
+    /// unset, the TCP peer address is the client.
+    pub client_ip_header: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +50,7 @@ impl Default for ServerConfig {
             upload_expiry_hours: 24,
             shutdown_grace_secs: 30,
             auth_failures_per_minute: 60,
+            client_ip_header: None,
         }
     }
 }

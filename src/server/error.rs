@@ -77,7 +77,13 @@ impl From<tokio::task::JoinError> for ServerError {
 
 impl IntoResponse for ServerError {
     fn into_response(self) -> Response {
+        let offset = self.body.offset;
         let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(offset) = offset {
+            response
+                .headers_mut()
+                .insert(crate::api::UPLOAD_OFFSET_HEADER, HeaderValue::from(offset));
+        }
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

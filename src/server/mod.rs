@@ -155,6 +155,7 @@ impl AppState {
         if !is_valid_repo_name(repo_name) {
             return Err(no_such_repository(repo_name));
         }
+        let peer = self.client_address(headers, peer);
         let name = repo_name.to_string();
         let repo = self
             .db(move |meta| meta.repo(&name))
@@ -181,6 +182,23 @@ impl AppState {
             Ok(scope) => Ok((repo, scope)),
             Err(err) => Err(self.auth_failed(peer, err)),
         }
+    }
+
+    /// Behind a reverse proxy every request comes from the proxy's address; when the operator
+    /// names the header the proxy sets, the failure budget applies to the real client instead.
+    /// The right-most address is the one the (trusted) proxy appended.
+    fn client_address(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let Some(header) = &self.config.client_ip_header else {
+            return peer;
+        };
+        headers
+            .get_all(header.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|v| v.trim().parse::<IpAddr>().ok())
+            .last()
+            .unwrap_or(peer)
     }
 
     fn auth_failed(&self, peer: IpAddr, err: ServerError) -> ServerError {
@@ -234,7 +252,7 @@ fn no_such_repository(name: &str) -> ServerError {
 }
 
 /// JSON bodies (presence, publication) are far smaller than this even at the batch limits.
-const JSON_BODY_LIMIT: usize = 64 << 20;
+pub(crate) const JSON_BODY_LIMIT: usize = 64 << 20;
 
 pub fn router(state: SharedState) -> Router {
     let api = format!("/{{repo}}/{}", crate::api::API_PREFIX);
@@ -270,6 +288,10 @@ pub fn router(state: SharedState) -> Router {
             "/{repo}/{file}",
             get(routes_cache::get_file).put(routes_cache::put_file),
         )
+        .fallback(|| async { ServerError::not_found("no such route: repositories live at /<name>/ (nix-cache-info, <hash>.narinfo, nar/<file>, api/v1/...)") })
+        .method_not_allowed_fallback(|| async {
+            ServerError::new(StatusCode::METHOD_NOT_ALLOWED, codes::BAD_REQUEST, "method not allowed on this route")
+        })
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(axum::middleware::from_fn(metrics::track))
         .with_state(state)
@@ -287,6 +309,17 @@ pub async fn clean_up(state: &AppState) -> ServerResult<()> {
         .db(move |meta| meta.uploads_created_before(cutoff))
         .await?;
     for upload in expired {
+        // Expiry counts from the last chunk received, so a slow upload of a huge NAR survives.
+        let part = state.uploads_dir.join(format!("{}.part", upload.id));
+        let last_activity = tokio::fs::metadata(&part)
+            .await
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        if last_activity.is_some_and(|at| at >= cutoff) {
+            continue;
+        }
         let lock = state.upload_lock(&upload.id);
         let _guard = lock.lock().await;
         let _ = tokio::fs::remove_file(state.uploads_dir.join(format!("{}.part", upload.id))).await;

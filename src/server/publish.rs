@@ -38,27 +38,36 @@ pub async fn publish(
     candidates: Vec<Candidate>,
 ) -> ServerResult<Outcome> {
     let mut outcome = Outcome::default();
-    let in_batch: HashSet<String> = candidates
+    // One lookup for the batch's own paths and everything they reference: a path published
+    // earlier is left as it is (and satisfies references), whatever this request says of it.
+    let mut lookup: Vec<String> = candidates
         .iter()
-        .map(|c| c.info.store_path.hash_part().to_string())
-        .collect();
-    let outside: Vec<String> = candidates
-        .iter()
-        .flat_map(|c| c.info.references.iter().map(|r| r.hash_part().to_string()))
-        .filter(|hash| !in_batch.contains(hash))
+        .flat_map(|c| {
+            std::iter::once(c.info.store_path.hash_part().to_string())
+                .chain(c.info.references.iter().map(|r| r.hash_part().to_string()))
+        })
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    lookup.sort();
     let repo_name = repo.name.clone();
-    let lookup = outside.clone();
+    let query = lookup.clone();
     let published_flags = state
-        .db(move |meta| meta.published_among(&repo_name, &lookup))
+        .db(move |meta| meta.published_among(&repo_name, &query))
         .await?;
-    let published_outside: HashSet<String> = outside
+    let published: HashSet<String> = lookup
         .into_iter()
         .zip(published_flags)
         .filter_map(|(hash, published)| published.then_some(hash))
         .collect();
+    let (already, candidates): (Vec<Candidate>, Vec<Candidate>) = candidates
+        .into_iter()
+        .partition(|c| published.contains(c.info.store_path.hash_part()));
+    outcome.already_published = already
+        .iter()
+        .map(|c| c.info.store_path.hash_part().to_string())
+        .collect();
+    let published_outside = published;
 
     // Fixed point: drop candidates with a reference that is neither published nor accepted.
     let mut accepted: HashMap<String, usize> = candidates
@@ -125,6 +134,7 @@ pub async fn publish(
     let newly = state
         .db(move |meta| meta.publish(&repo_name, &rows))
         .await?;
+    // A concurrent request may have published some of these between the check and the write.
     for (hash, new) in hashes.into_iter().zip(newly) {
         if new {
             outcome.published.push(hash);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::Rng;
@@ -26,6 +26,30 @@ use crate::api::{
 use crate::nix::signing::SecretKey;
 use crate::nix::store_path::is_valid_hash_part;
 use crate::nix::{NarInfo, Sha256Hash, StorePath};
+
+/// JSON bodies of the push API are parsed only after the credentials are checked, so an
+/// unauthenticated client cannot make the server buffer or parse anything, and a malformed body
+/// gets the same `{code, message}` answer as every other error.
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ServerResult<T> {
+    let bytes = axum::body::to_bytes(body, super::JSON_BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            ServerError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!(
+                    "a JSON body is at most {} bytes: send smaller batches",
+                    super::JSON_BODY_LIMIT
+                ),
+            )
+        })?;
+    serde_json::from_slice(&bytes).map_err(|err| {
+        ServerError::bad_request(
+            codes::BAD_REQUEST,
+            format!("the JSON body is invalid: {err}"),
+        )
+    })
+}
 
 fn parse_nar_hash(text: &str) -> ServerResult<Sha256Hash> {
     Sha256Hash::parse(text)
@@ -74,11 +98,12 @@ pub async fn presence(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(repo_name): Path<String>,
     headers: HeaderMap,
-    Json(request): Json<PresenceRequest>,
+    body: Body,
 ) -> ServerResult<Json<PresenceResponse>> {
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Read, true)
         .await?;
+    let request: PresenceRequest = read_json(body).await?;
     if request.paths.len() > state.config.max_presence_batch {
         return Err(ServerError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -133,13 +158,19 @@ pub async fn upload_whole(
     State(state): State<SharedState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(repo_name): Path<String>,
-    Query(params): Query<NarUploadParams>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ServerResult<Response> {
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
+    let Query(params) = Query::<NarUploadParams>::try_from_uri(&uri).map_err(|err| {
+        ServerError::bad_request(
+            codes::BAD_REQUEST,
+            format!("the query must carry nar_hash, nar_size, compression, file_hash and file_size: {err}"),
+        )
+    })?;
     check_compression(&params.compression)?;
     let nar_hash = parse_nar_hash(&params.nar_hash)?;
     let file_hash = parse_nar_hash(&params.file_hash)?;
@@ -175,13 +206,15 @@ pub async fn upload_whole(
     drop(file);
     match received {
         Err(upload::ReceiveError::TooLarge { .. }) => {
+            ::metrics::counter!(super::metrics::UPLOADS_REJECTED_TOTAL, "reason" => "file_size")
+                .increment(1);
             return Err(ServerError::unprocessable(
                 codes::FILE_SIZE_MISMATCH,
                 format!(
                     "the body is longer than the declared file_size {}",
                     params.file_size
                 ),
-            ))
+            ));
         }
         other => other?,
     };
@@ -259,11 +292,12 @@ pub async fn create_upload(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(repo_name): Path<String>,
     headers: HeaderMap,
-    Json(request): Json<CreateUpload>,
+    body: Body,
 ) -> ServerResult<Response> {
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
+    let request: CreateUpload = read_json(body).await?;
     check_compression(&request.compression)?;
     let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
     if request.encoder.len() > 200 {
@@ -393,10 +427,14 @@ pub async fn upload_chunk(
         .create(true)
         .open(&path)
         .await?;
+    // Compressed output is never much larger than the NAR (xz and zstd add well under 1% to
+    // incompressible data), so this bounds the disk one upload can take.
+    let max_file_size = record.nar_size + record.nar_size / 64 + (64 << 10);
+    let room = max_file_size.saturating_sub(held);
     let received = upload::receive_into(
         body,
         &mut file,
-        state.config.max_chunk_bytes,
+        state.config.max_chunk_bytes.min(room),
         Duration::from_secs(state.config.upload_idle_timeout_secs),
     )
     .await;
@@ -428,13 +466,16 @@ pub async fn complete_upload(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((repo_name, id)): Path<(String, String)>,
     headers: HeaderMap,
-    Json(request): Json<CompleteUpload>,
+    body: Body,
 ) -> ServerResult<Response> {
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
+    let request: CompleteUpload = read_json(body).await?;
     let file_hash = parse_nar_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
+    // Verification reads and decompresses the whole file: it counts as an upload in flight.
+    let _slot = state.upload_slot()?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;
@@ -494,11 +535,12 @@ pub async fn publish(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(repo_name): Path<String>,
     headers: HeaderMap,
-    Json(request): Json<PublishRequest>,
+    body: Body,
 ) -> ServerResult<Json<PublishResponse>> {
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
+    let request: PublishRequest = read_json(body).await?;
     if request.narinfos.len() > state.config.max_publish_batch {
         return Err(ServerError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -139,18 +139,42 @@ pub async fn put_file(
                 ),
             )
         })?;
-    let declared_mismatch = nar.nar_hash != info.nar_hash.to_typed_nix32()
-        || nar.nar_size != info.nar_size
-        || info
-            .file_hash
-            .is_some_and(|h| h.to_typed_nix32() != nar.file_hash)
-        || info.file_size.is_some_and(|s| s != nar.file_size);
-    if declared_mismatch {
-        return Err(ServerError::unprocessable(
+    let file_hash = info.file_hash.map(|h| h.to_typed_nix32());
+    let mismatches = [
+        (
             codes::NAR_HASH_MISMATCH,
+            "NarHash",
+            info.nar_hash.to_typed_nix32(),
+            nar.nar_hash.clone(),
+        ),
+        (
+            codes::NAR_SIZE_MISMATCH,
+            "NarSize",
+            info.nar_size.to_string(),
+            nar.nar_size.to_string(),
+        ),
+        (
+            codes::FILE_HASH_MISMATCH,
+            "FileHash",
+            file_hash.unwrap_or_else(|| nar.file_hash.clone()),
+            nar.file_hash.clone(),
+        ),
+        (
+            codes::FILE_SIZE_MISMATCH,
+            "FileSize",
+            info.file_size.unwrap_or(nar.file_size).to_string(),
+            nar.file_size.to_string(),
+        ),
+    ];
+    if let Some((code, field, declared, stored)) = mismatches
+        .into_iter()
+        .find(|(_, _, declared, stored)| declared != stored)
+    {
+        return Err(ServerError::unprocessable(
+            code,
             format!(
-                "the narinfo declares NarHash {} / NarSize {}, but the stored {} has {} / {}",
-                info.nar_hash, info.nar_size, nar.url, nar.nar_hash, nar.nar_size
+                "the narinfo declares {field} {declared}, but the stored {} has {stored}",
+                nar.url
             ),
         ));
     }
