@@ -14,3 +14,5 @@ pub const PARTIAL: i32 = 4;
 pub const NIX: i32 = 5;
 /// The server could not be reached, spoke TLS wrongly, or is not a Stowix server.
 pub const UNREACHABLE: i32 = 6;
+/// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.
+pub const INTERRUPTED: i32 = 130;

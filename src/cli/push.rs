@@ -30,8 +30,6 @@ const DEFAULT_JOBS: usize = 16;
 /// several times the speed, so the uplink, not the CPU, stays the bottleneck on small machines.
 /// Provisional until the benchmarks in `benches/` settle it.
 const DEFAULT_COMPRESSION_LEVEL: u32 = 2;
-/// Conventional exit status of a process stopped by Ctrl-C (128 + SIGINT).
-const INTERRUPTED: i32 = 130;
 /// The job name under which metrics are pushed to a Prometheus push gateway.
 const PUSH_GATEWAY_JOB: &str = "stowix_push";
 
@@ -324,7 +322,7 @@ async fn conclude(
             ),
         ),
         Ok(()) => exit::SUCCESS,
-        Err(PushError::Cancelled) => INTERRUPTED,
+        Err(PushError::Cancelled) => exit::INTERRUPTED,
         Err(PushError::Closure(err)) => fail(
             if err.is_usage() {
                 exit::USAGE
