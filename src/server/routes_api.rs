@@ -480,12 +480,24 @@ pub async fn complete_upload(
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;
     let held = held_offset(&state, &record.id).await?;
-    if held != request.file_size {
+    if held > request.file_size {
+        // The server holds bytes beyond the end of the client's file: this upload can never
+        // verify, so it is dropped and the client starts over.
+        discard_upload(&state, &record.id).await?;
+        return Err(ServerError::unprocessable(
+            codes::FILE_SIZE_MISMATCH,
+            format!(
+                "completion declares {} bytes, but the server holds {held}: the upload was discarded; start a new one",
+                request.file_size
+            ),
+        ));
+    }
+    if held < request.file_size {
         let mut err = ServerError::new(
             StatusCode::CONFLICT,
             codes::OFFSET_MISMATCH,
             format!(
-                "completion declares {} bytes, but the server holds {held}",
+                "completion declares {} bytes, but the server holds {held}: send the rest from {held}",
                 request.file_size
             ),
         );

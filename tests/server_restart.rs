@@ -1,0 +1,170 @@
+//! The server crashing (SIGKILL) or stopping (SIGTERM): uploads in progress resume from the
+//! bytes held on disk, published paths and tokens survive, shutdown is clean.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use stowix::api;
+
+#[tokio::test]
+async fn server_killed_mid_upload_resumes_from_held_offset() {
+    let mut server = TestServer::start();
+    let repo = unique_name("crash");
+    let key = server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let path = LocalPath::load(&build_random("crash-upload", 1024 * 1024));
+    let (file, params) = path.xz_upload();
+    let url = server.repo_url(&repo);
+    let limits = repo_info(&url, &token).await.limits;
+    let chunk = (limits.max_chunk_bytes as usize).min(300 * 1024);
+    assert!(file.len() > chunk, "the NAR fits one chunk of {chunk}");
+
+    let create = xz_create_upload(&path);
+    let state = create_upload(&url, &token, &create).await;
+    let id = state.upload_id.clone();
+    let resp = patch_chunk(&url, &token, &id, 0, file[..chunk].to_vec()).await;
+    let state: api::UploadState = parse_ok(resp, "PATCH first chunk").await;
+    assert_eq!(state.offset, chunk as u64);
+
+    server.kill();
+    server.restart();
+    let url = server.repo_url(&repo);
+
+    // The acknowledged chunk is held, under the same upload id.
+    let state = get_upload(&url, &token, &id).await;
+    assert_eq!(state.offset, chunk as u64, "offset after restart");
+    let again = create_upload(&url, &token, &create).await;
+    assert_eq!(again.upload_id, id, "restart lost the upload");
+    assert_eq!(again.offset, chunk as u64);
+
+    patch_rest(&url, &token, &id, &file, chunk as u64, chunk).await;
+    let resp = complete_upload(
+        &url,
+        &token,
+        &id,
+        &api::CompleteUpload {
+            file_hash: params.file_hash.clone(),
+            file_size: params.file_size,
+        },
+    )
+    .await;
+    let stored: api::NarStored = parse_ok(resp, "complete after restart").await;
+    assert!(stored.newly_stored);
+    let resp = publish(&url, &token, &[&path]).await;
+    assert_eq!(resp.published, vec![path.hash.clone()], "{resp:?}");
+    nix_copy_from(&url, &key, std::slice::from_ref(&path.path), None).expect("substitute");
+}
+
+/// A crash in the middle of a chunk: the server holds some prefix of what was sent, says so
+/// after restarting, and the upload completes from there.
+#[tokio::test]
+async fn server_killed_during_a_chunk_resumes_from_what_it_holds() {
+    let mut server = TestServer::start();
+    let repo = unique_name("crashchunk");
+    let key = server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let path = LocalPath::load(&build_random("crash-chunk", 600 * 1024));
+    let (file, params) = path.xz_upload();
+    let url = server.repo_url(&repo);
+    let limits = repo_info(&url, &token).await.limits;
+    let chunk = (limits.max_chunk_bytes as usize).min(file.len());
+
+    let create = xz_create_upload(&path);
+    let id = create_upload(&url, &token, &create).await.upload_id;
+    // Send half a chunk, then kill the server while the request is open.
+    let half = chunk / 2;
+    let sender = {
+        let (url, token, id, part) = (
+            url.clone(),
+            token.clone(),
+            id.clone(),
+            file[..half].to_vec(),
+        );
+        tokio::spawn(async move {
+            patch_then_drop_connection(&url, &token, &id, 0, chunk, &part).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.kill();
+    let _ = sender.await;
+    server.restart();
+    let url = server.repo_url(&repo);
+
+    let state = settled_upload_state(&url, &token, &id).await;
+    assert!(
+        state.offset <= half as u64,
+        "server claims {} bytes, only {half} were sent",
+        state.offset
+    );
+    patch_rest(&url, &token, &id, &file, state.offset, chunk).await;
+    let resp = complete_upload(
+        &url,
+        &token,
+        &id,
+        &api::CompleteUpload {
+            file_hash: params.file_hash.clone(),
+            file_size: params.file_size,
+        },
+    )
+    .await;
+    parse_ok::<api::NarStored>(resp, "complete").await;
+    let resp = publish(&url, &token, &[&path]).await;
+    assert!(resp.rejected.is_empty(), "{resp:?}");
+    nix_copy_from(&url, &key, std::slice::from_ref(&path.path), None).expect("substitute");
+}
+
+#[tokio::test]
+async fn published_paths_and_tokens_survive_a_restart() {
+    let mut server = TestServer::start();
+    let repo = unique_name("persist");
+    let key = server.create_repo(&repo, true);
+    let token = server.create_token(&repo, "push");
+    let (dep, top) = build_pair();
+    let dep = LocalPath::load(&dep);
+    let top = LocalPath::load(&top);
+    push_paths(&server.repo_url(&repo), &token, &[&dep, &top]).await;
+
+    server.restart();
+    let url = server.repo_url(&repo);
+    let info = repo_info(&url, &token).await;
+    assert_eq!(
+        info.public_key, key,
+        "repository key changed across a restart"
+    );
+    assert!(info.private);
+    let pres = presence(&url, &token, &[&dep, &top]).await;
+    assert!(
+        pres.missing.is_empty() && pres.nar_stored.is_empty(),
+        "{pres:?}"
+    );
+    nix_copy_from(&url, &key, std::slice::from_ref(&top.path), Some(&token)).expect("substitute");
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully() {
+    let mut server = TestServer::start();
+    let repo = unique_name("term");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let path = LocalPath::load(&build_random("term", 400 * 1024));
+    let (file, _) = path.xz_upload();
+    let url = server.repo_url(&repo);
+    let limits = repo_info(&url, &token).await.limits;
+    let chunk = (limits.max_chunk_bytes as usize).min(100 * 1024);
+    let id = create_upload(&url, &token, &xz_create_upload(&path))
+        .await
+        .upload_id;
+    let resp = patch_chunk(&url, &token, &id, 0, file[..chunk].to_vec()).await;
+    parse_ok::<api::UploadState>(resp, "PATCH").await;
+
+    let status = server.terminate(Duration::from_secs(15));
+    assert!(status.success(), "SIGTERM exit status {status}");
+
+    // Nothing was corrupted: the server starts again and the upload is where it was.
+    server.restart();
+    let url = server.repo_url(&repo);
+    let state = get_upload(&url, &token, &id).await;
+    assert_eq!(state.offset, chunk as u64);
+}
