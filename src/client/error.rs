@@ -65,6 +65,8 @@ pub enum ClientError {
         endpoint: &'static str,
         detail: String,
         timeout: bool,
+        /// The TLS handshake or record layer failed: retrying cannot help.
+        tls: bool,
     },
     #[error("{endpoint} answer could not be read: {detail}")]
     Decode {
@@ -128,6 +130,7 @@ impl ClientError {
     /// Never 400/401/403/404/409/422: the same request would fail the same way.
     pub fn retry_reason(&self) -> Option<RetryReason> {
         match self {
+            Self::Transport { tls: true, .. } => None,
             Self::Transport { timeout: true, .. } => Some(RetryReason::Timeout),
             Self::Transport { .. } | Self::Unreachable { .. } => Some(RetryReason::Connection),
             Self::Api { status, .. } => match *status {
@@ -159,10 +162,18 @@ impl ClientError {
     }
 
     pub(crate) fn from_reqwest(endpoint: Endpoint, err: &reqwest::Error) -> Self {
+        let tls = is_tls(err);
+        let mut detail = describe_chain(err);
+        if tls {
+            detail = format!(
+                "TLS failed ({detail}); if the server speaks plain HTTP on this port, use an http:// URL, otherwise check its certificate"
+            );
+        }
         Self::Transport {
             endpoint: endpoint.label(),
-            detail: describe_chain(err),
+            detail,
             timeout: is_timeout(err),
+            tls,
         }
     }
 }
@@ -180,6 +191,21 @@ pub fn describe_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     parts.join(": ")
+}
+
+/// rustls reports handshake and record errors as `io::ErrorKind::InvalidData` through
+/// hyper-rustls; nothing else on a connection's path uses that kind.
+fn is_tls(err: &reqwest::Error) -> bool {
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn is_timeout(err: &reqwest::Error) -> bool {
@@ -243,8 +269,16 @@ mod tests {
             endpoint: "upload_patch",
             detail: "stalled".into(),
             timeout: true,
+            tls: false,
         };
         assert_eq!(stalled.retry_reason(), Some(RetryReason::Timeout));
+        let tls = ClientError::Transport {
+            endpoint: "info",
+            detail: "TLS failed".into(),
+            timeout: false,
+            tls: true,
+        };
+        assert_eq!(tls.retry_reason(), None);
     }
 
     #[test]

@@ -91,19 +91,22 @@ pub struct PushClient {
 
 impl PushClient {
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
+        let stall_override = std::env::var(STALL_TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs);
         let http = reqwest::Client::builder()
             .user_agent(concat!("stowix/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            // The override shortens the wait for an answer as well as for body progress, so a
+            // stalled answer is detected as quickly as a stalled upload.
+            .read_timeout(stall_override.unwrap_or(READ_TIMEOUT))
             .build()
             .map_err(|err| ClientError::Unreachable {
                 url: config.repo.to_string(),
                 detail: error::describe_chain(&err),
             })?;
-        let stall_timeout = std::env::var(STALL_TIMEOUT_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(DEFAULT_STALL_TIMEOUT, Duration::from_secs);
+        let stall_timeout = stall_override.unwrap_or(DEFAULT_STALL_TIMEOUT);
         Ok(Self {
             http,
             repo: config.repo,
@@ -147,6 +150,15 @@ impl PushClient {
                     detail: format!(
                         "{} answered 404 ({}: {}); check the repository name in --target",
                         url, api.code, api.message
+                    ),
+                }
+            }
+            ClientError::Api { status, api, .. } if status.is_server_error() => {
+                ClientError::Unreachable {
+                    url: self.repo.to_string(),
+                    detail: format!(
+                        "the server kept answering {status} ({}: {}); it may be down or overloaded",
+                        api.code, api.message
                     ),
                 }
             }
@@ -368,6 +380,7 @@ impl PushClient {
                 endpoint: endpoint.label(),
                 detail: format!("upload stalled: no progress for {} s", stall_timeout.as_secs()),
                 timeout: true,
+                tls: false,
             }),
         }
     }

@@ -170,6 +170,9 @@ async fn upload_one(
             // Bytes a previous run already delivered are regenerated only for the hash.
             if position + chunk.len() as u64 > session.offset() {
                 if let Err(err) = session.send_chunk(position, &chunk).await {
+                    if upload_vanished(&err) {
+                        return stored_by_someone_else(client, &request, &err).await;
+                    }
                     return Err(format!("upload failed at byte {position}: {err}"));
                 }
             }
@@ -194,10 +197,45 @@ async fn upload_one(
         ));
     }
     let file_hash = Sha256Hash(hasher.finalize().into()).to_typed_nix32();
-    let (_, retries) = session
-        .complete(file_hash, position)
-        .await
-        .map_err(|err| format!("completing the upload failed: {err}"))?;
+    let retries = match session.complete(file_hash, position).await {
+        Ok((_, retries)) => retries,
+        Err(err) if upload_vanished(&err) => {
+            return stored_by_someone_else(client, &request, &err).await
+        }
+        Err(err) => return Err(format!("completing the upload failed: {err}")),
+    };
     progress.uploaded(&info, position, started.elapsed(), retries);
     Ok(())
+}
+
+/// The server resumes one upload per NAR and encoder for every client that asks, so concurrent
+/// pushes of overlapping closures share it; whoever completes it first ends it, and the others
+/// then get 404 for the upload.
+fn upload_vanished(err: &crate::client::ClientError) -> bool {
+    matches!(
+        err,
+        crate::client::ClientError::Api { status, .. } if *status == reqwest::StatusCode::NOT_FOUND
+    )
+}
+
+/// After the shared upload vanished: the NAR is stored if another client completed it. If it
+/// is not (the other client's upload failed verification and was discarded), this stream is
+/// already consumed, so the path fails and a re-run uploads it.
+async fn stored_by_someone_else(
+    client: &PushClient,
+    request: &CreateUpload,
+    vanished: &crate::client::ClientError,
+) -> Result<(), String> {
+    match client.open_upload(request).await {
+        Ok(OpenedUpload::AlreadyStored) => Ok(()),
+        Ok(OpenedUpload::Session(session)) => {
+            session.abort().await;
+            Err(format!(
+                "the upload was ended by another client without storing the NAR ({vanished}); run the push again"
+            ))
+        }
+        Err(err) => Err(format!(
+            "the upload vanished ({vanished}) and re-checking failed: {err}"
+        )),
+    }
 }

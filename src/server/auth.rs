@@ -79,7 +79,8 @@ pub fn generate_token(
 
 /// The credential a request carries, if any: Bearer, or the password of Basic.
 pub fn presented_token(headers: &HeaderMap) -> Result<Option<String>, ServerError> {
-    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+    let mut values = headers.get_all(axum::http::header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
     let malformed = || {
@@ -89,6 +90,15 @@ pub fn presented_token(headers: &HeaderMap) -> Result<Option<String>, ServerErro
             "the Authorization header is malformed: send `Bearer stx_live_...` or HTTP Basic with the token as password",
         )
     };
+    // Two different credentials are ambiguous, and honouring either could let a proxy's
+    // header override the client's: refuse.
+    if values.any(|other| other != value) {
+        return Err(ServerError::new(
+            StatusCode::UNAUTHORIZED,
+            codes::MALFORMED_TOKEN,
+            "the request carries several different Authorization headers: send one",
+        ));
+    }
     let value = value.to_str().map_err(|_| malformed())?;
     let (scheme, credentials) = value.split_once(' ').ok_or_else(malformed)?;
     if scheme.eq_ignore_ascii_case("bearer") {

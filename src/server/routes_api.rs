@@ -30,19 +30,16 @@ use crate::nix::{NarInfo, Sha256Hash, StorePath};
 /// JSON bodies of the push API are parsed only after the credentials are checked, so an
 /// unauthenticated client cannot make the server buffer or parse anything, and a malformed body
 /// gets the same `{code, message}` answer as every other error.
-async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ServerResult<T> {
-    let bytes = axum::body::to_bytes(body, super::JSON_BODY_LIMIT)
-        .await
-        .map_err(|_| {
-            ServerError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::PAYLOAD_TOO_LARGE,
-                format!(
-                    "a JSON body is at most {} bytes: send smaller batches",
-                    super::JSON_BODY_LIMIT
-                ),
-            )
-        })?;
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &SharedState,
+    body: Body,
+) -> ServerResult<T> {
+    let bytes = upload::read_small_body(
+        body,
+        super::JSON_BODY_LIMIT,
+        Duration::from_secs(state.config.upload_idle_timeout_secs),
+    )
+    .await?;
     serde_json::from_slice(&bytes).map_err(|err| {
         ServerError::bad_request(
             codes::BAD_REQUEST,
@@ -103,7 +100,7 @@ pub async fn presence(
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Read, true)
         .await?;
-    let request: PresenceRequest = read_json(body).await?;
+    let request: PresenceRequest = read_json(&state, body).await?;
     if request.paths.len() > state.config.max_presence_batch {
         return Err(ServerError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -297,7 +294,7 @@ pub async fn create_upload(
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
-    let request: CreateUpload = read_json(body).await?;
+    let request: CreateUpload = read_json(&state, body).await?;
     check_compression(&request.compression)?;
     let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
     if request.encoder.len() > 200 {
@@ -395,16 +392,21 @@ pub async fn upload_chunk(
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
-    let declared: u64 = headers
-        .get(UPLOAD_OFFSET_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            ServerError::bad_request(
-                codes::BAD_REQUEST,
-                format!("a chunk needs an {UPLOAD_OFFSET_HEADER} header with the byte offset it starts at"),
-            )
-        })?;
+    let mut offsets = headers.get_all(UPLOAD_OFFSET_HEADER).iter();
+    let declared = match (offsets.next(), offsets.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok()),
+        _ => None,
+    };
+    let declared = declared.ok_or_else(|| {
+        ServerError::bad_request(
+            codes::BAD_REQUEST,
+            format!("a chunk needs exactly one {UPLOAD_OFFSET_HEADER} header: the decimal byte offset it starts at"),
+        )
+    })?;
     let record = find_upload(&state, &repo.name, &id).await?;
     let _slot = state.upload_slot()?;
     let lock = state.upload_lock(&record.id);
@@ -471,7 +473,7 @@ pub async fn complete_upload(
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
-    let request: CompleteUpload = read_json(body).await?;
+    let request: CompleteUpload = read_json(&state, body).await?;
     let file_hash = parse_nar_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
     // Verification reads and decompresses the whole file: it counts as an upload in flight.
@@ -552,7 +554,7 @@ pub async fn publish(
     let (repo, _) = state
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
-    let request: PublishRequest = read_json(body).await?;
+    let request: PublishRequest = read_json(&state, body).await?;
     if request.narinfos.len() > state.config.max_publish_batch {
         return Err(ServerError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -102,15 +102,12 @@ pub async fn put_file(
     if !is_valid_hash_part(hash) {
         return Err(invalid_hash_part(hash));
     }
-    let bytes = axum::body::to_bytes(body, NARINFO_BODY_LIMIT)
-        .await
-        .map_err(|_| {
-            ServerError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::PAYLOAD_TOO_LARGE,
-                format!("a narinfo is at most {NARINFO_BODY_LIMIT} bytes"),
-            )
-        })?;
+    let bytes = upload::read_small_body(
+        body,
+        NARINFO_BODY_LIMIT,
+        std::time::Duration::from_secs(state.config.upload_idle_timeout_secs),
+    )
+    .await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| {
         ServerError::bad_request(codes::INVALID_NARINFO, "the narinfo is not UTF-8 text")
     })?;

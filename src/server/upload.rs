@@ -88,6 +88,33 @@ pub async fn receive_into(
     outcome.map(|()| written)
 }
 
+/// Reads a small body (JSON, a narinfo) into memory, at most `limit` bytes, with the same idle
+/// timeout as uploads so a client that stops sending cannot hold a connection and its buffer.
+pub async fn read_small_body(
+    body: Body,
+    limit: usize,
+    idle_timeout: Duration,
+) -> ServerResult<bytes::Bytes> {
+    let mut stream = body.into_data_stream();
+    let mut collected = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle_timeout, stream.next()).await {
+            Err(_) => return Err(ReceiveError::Idle.into()),
+            Ok(None) => return Ok(collected.freeze()),
+            Ok(Some(Err(err))) => return Err(ReceiveError::Client(err.to_string()).into()),
+            Ok(Some(Ok(piece))) => {
+                if collected.len() + piece.len() > limit {
+                    return Err(ReceiveError::TooLarge {
+                        limit: limit as u64,
+                    }
+                    .into());
+                }
+                collected.extend_from_slice(&piece);
+            }
+        }
+    }
+}
+
 /// The expectations a staged file is checked against; `None` fields are not checked.
 #[derive(Default)]
 pub struct Expected {

@@ -1,0 +1,322 @@
+//! Interruptions: the client killed with SIGKILL at several points of a push of a real closure,
+//! and the server killed with SIGKILL during uploads. After every kill the repository invariant
+//! holds (nothing half-done is served); the next run completes, uploads no NAR the server
+//! already holds, and resends at most one chunk per interruption.
+//! (`tests/push_resume.rs` covers the single kill in the middle of a lone large NAR.)
+
+mod common;
+mod invariants;
+mod push_common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use push_common::{finished, push_command, Fixture, Pushed};
+use stowix::cli::exit;
+
+const CHUNK: u64 = 64 * 1024;
+const PRESENCE: &str = "stowix_server_http_requests_total{route=\"/{repo}/api/v1/presence\"}";
+
+/// A push running in the background whose stderr lines are collected as they come.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(fx: &Fixture, root: &str, extra: &[&str]) -> Running {
+        let mut args = vec!["--verbose"];
+        args.extend_from_slice(extra);
+        args.push(root);
+        let mut child = push_command(&fx.url, Some(&fx.token), &args)
+            .env("STOWIX_CHUNK_SIZE", CHUNK.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stowix nix push");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// SIGKILL, then everything it printed.
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.text()
+    }
+
+    /// Waits for the process to exit by itself (up to `timeout`).
+    fn wait(mut self, timeout: Duration) -> Pushed {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let text = self.kill();
+                panic!("the push did not end within {timeout:?}:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        Pushed {
+            code: status.code().unwrap_or(-1),
+            stdout: String::new(),
+            stderr: self.text(),
+        }
+    }
+}
+
+/// Polls `cond` until it holds; panics if `run` ends first or after 60 s.
+async fn kill_when<F, Fut>(run: &mut Running, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(
+            !run.exited(),
+            "the push ended before the kill point ({what}):\n{}",
+            run.text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "kill point ({what}) never reached:\n{}",
+            run.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// NAR hashes the server holds for the repository (its database, read-only).
+fn stored_nar_hashes(fx: &Fixture) -> BTreeSet<String> {
+    invariants::stored_nar_hashes(fx.server.data_dir(), &fx.repo)
+}
+
+/// Paths a run reported as uploaded (`uploaded: /nix/store/...: ...`).
+fn uploaded_paths(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("uploaded: "))
+        .filter_map(|rest| rest.split(':').next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Asserts no path the run uploaded had its NAR stored on the server before the run.
+fn assert_no_reupload(stderr: &str, held_before: &BTreeSet<String>, what: &str) {
+    for path in uploaded_paths(stderr) {
+        let nar_hash = common::LocalPath::load(&path).nar_hash;
+        assert!(
+            !held_before.contains(&nar_hash),
+            "{what}: uploaded {path} although the server held its NAR\n{stderr}"
+        );
+    }
+}
+
+async fn file_sizes(fx: &Fixture, paths: &[String]) -> f64 {
+    let mut total = 0.0;
+    for path in paths {
+        let (status, narinfo) = common::get_narinfo(&fx.url, common::hash_part(path)).await;
+        assert_eq!(status, 200, "{path}");
+        total += common::narinfo_field(&narinfo, "FileSize")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_killed_at_several_points_then_the_rerun_completes() {
+    let fx = Fixture::new();
+    // 2 MiB of random bytes: 32 chunks, ~8 s at the rate limit below.
+    let built = common::build_derivations(&[
+        common::Drv::new("big", "/usr/bin/head -c 2097152 /dev/urandom > $out"),
+        common::Drv::new("small-a", "echo a > $out"),
+        common::Drv::new(
+            "lib",
+            "/usr/bin/mkdir -p $out/lib && echo one > $out/lib/x && echo $out > $out/self",
+        ),
+        common::Drv::new("mid", "echo $dep0 $dep1 > $out").deps(&[0, 1]),
+        common::Drv::new("top", "echo $dep0 $dep1 > $out").deps(&[3, 2]),
+    ]);
+    let big = built[0].clone();
+    let root = built[4].clone();
+    let closure = common::closure_of(std::slice::from_ref(&root));
+    assert_eq!(closure.len(), 5);
+    let slow = ["--max-upload-rate", "256KiB"];
+    let check = || {
+        invariants::check(
+            &fx.url,
+            &fx.public_key,
+            Some(fx.server.data_dir()),
+            &closure,
+        )
+    };
+
+    // 1. Right after the presence answer: dump and compression of the large NAR under way.
+    let mut run = Running::start(&fx, &root, &slow);
+    kill_when(&mut run, "after presence", || async {
+        fx.server.metric(PRESENCE).await >= 1.0
+    })
+    .await;
+    run.kill();
+    check().await;
+
+    // 2. In the middle of the large NAR's chunks.
+    let held = stored_nar_hashes(&fx);
+    let start = fx.received_bytes().await;
+    let mut run = Running::start(&fx, &root, &slow);
+    kill_when(&mut run, "middle of the large NAR", || async {
+        fx.received_bytes().await >= start + 8.0 * CHUNK as f64
+    })
+    .await;
+    let text = run.kill();
+    assert_no_reupload(&text, &held, "run 2");
+    let report = check().await;
+    assert!(
+        report.serves_none_of(&[big.clone(), root.clone()]),
+        "an interrupted NAR or its dependent is served: {report:?}"
+    );
+
+    // 3. During publication: as soon as the first path is reported published.
+    let held = stored_nar_hashes(&fx);
+    let mut run = Running::start(&fx, &root, &slow);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if run.text().contains("published: ") || run.exited() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", run.text());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = run.kill();
+    assert_no_reupload(&text, &held, "run 3");
+    check().await;
+
+    // 4. The re-run completes without uploading anything the server holds.
+    let held = stored_nar_hashes(&fx);
+    let mut cmd = push_command(&fx.url, Some(&fx.token), &["--verbose", &root]);
+    cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
+    let last = finished(cmd.output().unwrap());
+    last.assert_code(exit::SUCCESS);
+    assert_no_reupload(&last.stderr, &held, "final run");
+    let report = check().await;
+    assert!(report.serves_all_of(&closure), "{report:?}");
+
+    // Over all four runs, each stored byte arrived once, plus at most one chunk per kill.
+    let received = fx.received_bytes().await;
+    let stored = file_sizes(&fx, &closure).await;
+    assert!(
+        received <= stored + 3.0 * CHUNK as f64,
+        "received {received} bytes for {stored} stored bytes over 3 kills\n{}",
+        last.stderr
+    );
+    fx.substitute(std::slice::from_ref(&root));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes() {
+    let mut fx = Fixture::new();
+    let built = common::build_derivations(&[
+        common::Drv::new("big", "/usr/bin/head -c 1572864 /dev/urandom > $out"),
+        common::Drv::new("small", "echo small > $out"),
+        common::Drv::new("top", "echo $dep0 $dep1 > $out").deps(&[0, 1]),
+    ]);
+    let big = built[0].clone();
+    let root = built[2].clone();
+    let closure = common::closure_of(std::slice::from_ref(&root));
+
+    let mut run = Running::start(&fx, &root, &["--max-upload-rate", "256KiB"]);
+    kill_when(&mut run, "middle of the large NAR", || async {
+        fx.received_bytes().await >= 8.0 * CHUNK as f64
+    })
+    .await;
+    fx.server.kill();
+    // The client cannot reach the dead server: it must end, with an error, by itself.
+    let failed = run.wait(Duration::from_secs(90));
+    assert!(
+        failed.code != exit::SUCCESS && (1..=6).contains(&failed.code),
+        "exit {} after the server died:\n{}",
+        failed.code,
+        failed.stderr
+    );
+
+    fx.server.restart();
+    fx.url = fx.server.repo_url(&fx.repo);
+    let report = invariants::check(
+        &fx.url,
+        &fx.public_key,
+        Some(fx.server.data_dir()),
+        &closure,
+    )
+    .await;
+    assert!(
+        report.serves_none_of(&[big.clone(), root.clone()]),
+        "a half-uploaded NAR or its dependent is served after the crash: {report:?}"
+    );
+    // Every NAR file in the store is one the database knows (no half-written file published).
+    let files = invariants::stored_nar_files(fx.server.data_dir(), &fx.repo);
+    assert_eq!(
+        files.len(),
+        stored_nar_hashes(&fx).len(),
+        "NAR files {files:?}"
+    );
+
+    let held = stored_nar_hashes(&fx);
+    let mut cmd = push_command(&fx.url, Some(&fx.token), &["--verbose", &root]);
+    cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
+    let rerun = finished(cmd.output().unwrap());
+    rerun.assert_code(exit::SUCCESS);
+    assert_no_reupload(&rerun.stderr, &held, "after the crash");
+    let report = invariants::check(
+        &fx.url,
+        &fx.public_key,
+        Some(fx.server.data_dir()),
+        &closure,
+    )
+    .await;
+    assert!(report.serves_all_of(&closure), "{report:?}");
+
+    // The received-bytes counter restarted with the server: this is the re-run alone. It
+    // resumed the partial upload (at least 8 chunks were held) rather than starting over.
+    let received = fx.received_bytes().await;
+    let stored = file_sizes(&fx, &closure).await;
+    assert!(
+        received <= stored - 6.0 * CHUNK as f64,
+        "the re-run sent {received} bytes of {stored}: the partial upload was not resumed\n{}",
+        rerun.stderr
+    );
+    fx.substitute(std::slice::from_ref(&root));
+}
