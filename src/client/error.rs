@@ -193,17 +193,31 @@ pub fn describe_chain(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// rustls reports handshake and record errors as `io::ErrorKind::InvalidData` through
-/// hyper-rustls; nothing else on a connection's path uses that kind.
+/// rustls reports handshake and record errors as `io::ErrorKind::InvalidData`; hyper boxes
+/// errors on the way, which hides that level from `downcast_ref` (a `Box<dyn Error>` forwards
+/// `source()` past its content), so rustls' own wording is the fallback.
 fn is_tls(err: &reqwest::Error) -> bool {
-    let mut source = err.source();
-    while let Some(cause) = source {
+    const RUSTLS_WORDING: &[&str] = &[
+        "corrupt message",
+        "peer certificate",
+        "certificate",
+        "fatal alert",
+        "handshake",
+        "peer is incompatible",
+        "peer misbehaved",
+    ];
+    let mut level: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = level {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::InvalidData {
                 return true;
             }
         }
-        source = cause.source();
+        let text = cause.to_string();
+        if RUSTLS_WORDING.iter().any(|w| text.contains(w)) {
+            return true;
+        }
+        level = cause.source();
     }
     false
 }
