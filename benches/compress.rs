@@ -1,12 +1,13 @@
 //! The xz compressor pool against plain liblzma on the same bytes, at the same preset.
 //!
 //! Two shapes, because the pool treats them differently:
-//! - many small NARs (4-64 KiB, 32 MiB in all): one thread each, dictionary sized to the NAR;
-//!   the baseline is one `xz_easy_encoder` per NAR at the preset, the way `nix copy` does it;
-//! - one large NAR (64 MiB): liblzma's multithreaded encoder over every thread; the baseline is
-//!   plain single-threaded liblzma, and `xz -T0` is what the end-to-end benchmark compares.
+//! - many small NARs (4-64 KiB, 8 MiB in all): one thread each, dictionary sized to the NAR;
+//!   the baseline is one `xz_easy_encoder` per NAR at preset 6, the way `nix copy` does it;
+//! - one large NAR (32 MiB, default preset 2): liblzma's multithreaded encoder over every
+//!   thread; the baseline is plain single-threaded liblzma (`benches/e2e.py` compares the
+//!   end-to-end push with `xz -T<cores>` on a 2 GiB NAR).
 //!
-//! Data is real: host binaries and libraries, so ratios and speeds are those of store paths.
+//! Data is real (host binaries and libraries), so ratios and speeds are those of store paths.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -20,7 +21,10 @@ use stowix::push::progress::Progress;
 use stowix::push::report::SilentReporter;
 use stowix::push::{CompressedPiece, NarPiece, NarStream, PIECE_SIZE};
 
-const PRESET: u32 = 6;
+/// Small NARs at `nix copy`'s preset, the large one at Stowix's default: at preset 6 a NAR must
+/// exceed 48 MiB (two 24 MiB blocks) to go multithreaded, which would make each sample minutes.
+const SMALL_PRESET: u32 = 6;
+const LARGE_PRESET: u32 = 2;
 
 fn host_bytes(total: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(total);
@@ -59,7 +63,7 @@ fn path_info(i: usize, nar_size: u64) -> Arc<PathInfo> {
 }
 
 /// Runs the real compression stage over `nars` and returns the compressed byte count.
-fn pool(nars: &[Bytes], threads: u32) -> u64 {
+fn pool(nars: &[Bytes], level: u32, threads: u32) -> u64 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -67,10 +71,7 @@ fn pool(nars: &[Bytes], threads: u32) -> u64 {
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<stowix::push::CompressedStream>(2);
     let progress = Arc::new(Progress::new(Arc::new(SilentReporter)));
     let cancel = tokio_util::sync::CancellationToken::new();
-    let config = CompressConfig {
-        level: PRESET,
-        threads,
-    };
+    let config = CompressConfig { level, threads };
     std::thread::scope(|scope| {
         scope.spawn(|| compress::run(config, nar_rx, out_tx, progress, cancel));
         let feeder = scope.spawn(|| {
@@ -121,10 +122,10 @@ fn pool(nars: &[Bytes], threads: u32) -> u64 {
     })
 }
 
-fn plain_liblzma(nars: &[Bytes]) -> u64 {
+fn plain_liblzma(nars: &[Bytes], level: u32) -> u64 {
     nars.iter()
         .map(|nar| {
-            let mut encoder = liblzma::write::XzEncoder::new(Vec::new(), PRESET);
+            let mut encoder = liblzma::write::XzEncoder::new(Vec::new(), level);
             encoder.write_all(nar).unwrap();
             encoder.finish().unwrap().len() as u64
         })
@@ -133,41 +134,46 @@ fn plain_liblzma(nars: &[Bytes]) -> u64 {
 
 fn bench(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get() as u32);
-    let data = Bytes::from(host_bytes(64 << 20));
+    let data = Bytes::from(host_bytes(32 << 20));
 
     let mut small = Vec::new();
     let mut offset = 0usize;
     let mut size = 4 << 10;
-    while offset + size <= (32 << 20).min(data.len()) {
+    while offset + size <= (8 << 20).min(data.len()) {
         small.push(data.slice(offset..offset + size));
         offset += size;
         size = if size >= 64 << 10 { 4 << 10 } else { size * 2 };
     }
     let small_bytes: u64 = small.iter().map(|n| n.len() as u64).sum();
-    let mut group = c.benchmark_group(format!("xz preset {PRESET}, {} small NARs", small.len()));
+    let mut group = c.benchmark_group(format!(
+        "xz preset {SMALL_PRESET}, {} small NARs",
+        small.len()
+    ));
     group.throughput(Throughput::Bytes(small_bytes));
     group.sample_size(10);
     group.bench_function("plain liblzma, one encoder per NAR, 1 thread", |b| {
-        b.iter(|| plain_liblzma(&small))
+        b.iter(|| plain_liblzma(&small, SMALL_PRESET))
     });
-    group.bench_function("stowix pool, 1 thread", |b| b.iter(|| pool(&small, 1)));
+    group.bench_function("stowix pool, 1 thread", |b| {
+        b.iter(|| pool(&small, SMALL_PRESET, 1))
+    });
     group.bench_function(format!("stowix pool, {threads} threads"), |b| {
-        b.iter(|| pool(&small, threads))
+        b.iter(|| pool(&small, SMALL_PRESET, threads))
     });
     group.finish();
 
     let large = vec![data.clone()];
     let mut group = c.benchmark_group(format!(
-        "xz preset {PRESET}, one {} MiB NAR",
+        "xz preset {LARGE_PRESET}, one {} MiB NAR",
         data.len() >> 20
     ));
     group.throughput(Throughput::Bytes(data.len() as u64));
     group.sample_size(10);
     group.bench_function("plain liblzma, 1 thread", |b| {
-        b.iter(|| plain_liblzma(&large))
+        b.iter(|| plain_liblzma(&large, LARGE_PRESET))
     });
     group.bench_function(format!("stowix pool, {threads} threads"), |b| {
-        b.iter(|| pool(&large, threads))
+        b.iter(|| pool(&large, LARGE_PRESET, threads))
     });
     group.finish();
 }

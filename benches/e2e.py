@@ -36,7 +36,10 @@ NO_SUBST = ["--option", "substituters", ""]
 
 
 def sh(cmd, **kw):
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+    proc = subprocess.run(cmd, text=True, capture_output=True, **kw)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)[:200]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 def log(msg):
@@ -58,6 +61,9 @@ def host_files(min_size, max_size, limit):
                 except OSError:
                     continue
                 if os.path.islink(p) or not os.path.isfile(p) or not os.access(p, os.R_OK):
+                    continue
+                # The names go into a shell command line in the derivation.
+                if not re.fullmatch(r"[A-Za-z0-9._+/-]+", p):
                     continue
                 if min_size <= st.st_size <= max_size:
                     picked.append((p, st.st_size))
@@ -86,7 +92,7 @@ def corpus_realistic(work, nonce, paths=300, target_mib=250):
                 break
     lines = ["let", "  mk = name: deps: files: derivation {", "    inherit name; system = builtins.currentSystem;",
              '    builder = "/bin/sh"; nonce = "%s";' % nonce,
-             '    args = [ "-c" ("/bin/mkdir -p $out/files && /bin/cp " + files + " $out/files/ && /bin/echo " + deps + " > $out/deps") ];',
+             '    args = [ "-c" ("/bin/mkdir -p $out/files && /bin/cp --backup=numbered " + files + " $out/files/ && /bin/echo " + deps + " > $out/deps") ];',
              "  };"]
     rng = random.Random(7)
     for i, group in enumerate(groups):
@@ -236,7 +242,16 @@ def push_nix_copy(server, repo, token, roots, level, work):
         cmd = ["/bin/sh", "-c", f'exec "$0" "$@" $(cat {listing})', *cmd]
     else:
         cmd += roots
-    return timed(cmd, dict(os.environ), server.received_bytes)
+    # A fresh narinfo cache per run: a CI machine pushing a new closure has none, and a warm
+    # one would let `nix copy` skip its per-path queries.
+    env = dict(os.environ, XDG_CACHE_HOME=tempfile.mkdtemp(dir=work, prefix="nix-cache-"))
+    return timed(cmd, env, server.received_bytes)
+
+
+def xz_baseline(path, level, work):
+    """`nix-store --dump | xz -T<cores>`: the multithreaded xz reference for one huge NAR."""
+    cmd = ["/bin/sh", "-c", f"nix-store --dump {path} | xz -T{os.cpu_count()} -{level} -c > /dev/null"]
+    return timed(cmd, dict(os.environ))
 
 
 def check_substitution(server, repo, key, closure, work, sample=5):
@@ -263,10 +278,15 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--huge-reps", type=int, default=1)
     parser.add_argument("--levels", default="6,default", help="stowix xz presets to run; 'default' = no flag")
+    parser.add_argument("--huge-levels", default="6,default", help="stowix presets for the huge corpus")
     parser.add_argument("--nix-level", type=int, default=6)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "benchmark-throughput.png"))
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--small-count", type=int, default=10000)
+    parser.add_argument("--real-paths", type=int, default=300)
+    parser.add_argument("--real-mib", type=int, default=250)
+    parser.add_argument("--huge-gib", type=int, default=2)
     args = parser.parse_args()
 
     log("building stowix (release)")
@@ -289,13 +309,19 @@ def main():
         for corpus in args.corpora.split(","):
             log(f"building corpus {corpus}")
             t0 = time.monotonic()
-            roots = {"realistic": corpus_realistic, "small": corpus_small, "huge": corpus_huge}[corpus](work, nonce)
+            build = {
+                "realistic": lambda: corpus_realistic(work, nonce, args.real_paths, args.real_mib),
+                "small": lambda: corpus_small(work, nonce, args.small_count),
+                "huge": lambda: corpus_huge(work, nonce, args.huge_gib),
+            }[corpus]
+            roots = build()
             closure = closure_of(roots)
             total_nar = nar_bytes(closure)
             log(f"corpus {corpus}: {len(closure)} paths, {total_nar / 2**20:.1f} MiB NAR, built in {time.monotonic() - t0:.0f} s")
             reps = args.huge_reps if corpus == "huge" else args.reps
+            levels = args.huge_levels if corpus == "huge" else args.levels
             pushers = [("nix copy", None)] + [(f"stowix -{lvl}" if lvl != "default" else "stowix (default)", lvl)
-                                               for lvl in args.levels.split(",")]
+                                               for lvl in levels.split(",")]
             runs = {name: [] for name, _ in pushers}
             warm_repos = {}
             for rep in range(reps):
@@ -328,7 +354,16 @@ def main():
                             r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else int(lvl), work)
                         warm[name].append(r)
                     log(f"{corpus} warm {name}: median {median([r['wall'] for r in warm[name]]):.2f} s")
-            results[corpus] = {"paths": len(closure), "nar": total_nar, "runs": runs, "warm": warm}
+            baseline = {}
+            if corpus == "huge":
+                default_level = sh([stowix, "nix", "push", "--help"])
+                m = re.search(r"--compression-level.*?\[default: (\d+)\]", default_level, re.S)
+                for lvl in sorted({args.nix_level, int(m.group(1)) if m else 2}):
+                    r = xz_baseline(closure[0], lvl, work)
+                    baseline[f"xz -T{os.cpu_count()} -{lvl}"] = r
+                    log(f"huge: xz -T{os.cpu_count()} -{lvl}: {r['wall']:.1f} s")
+            results[corpus] = {"paths": len(closure), "nar": total_nar, "runs": runs, "warm": warm,
+                               "baseline": baseline}
     finally:
         server.stop()
         if not args.keep:
@@ -338,27 +373,36 @@ def main():
 
 
 def write_report(args, results, plot_series):
-    lines = ["# Benchmarks", "",
-             "Generated by `python3 benches/e2e.py` (see its docstring); do not edit by hand.", "",
-             "## Machine", ""]
+    lines = ["<!-- generated:start (benches/e2e.py rewrites this part; edit outside the markers) -->", "",
+             "### Machine", ""]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
     lines += [f"- CPU: {cpu}, {os.cpu_count()} cores; memory {int(mem) // 2**20} GiB; {platform.platform()}",
               f"- {sh(['nix', '--version']).strip()}; {sh(['rustc', '--version']).strip()}; "
-              f"stowix {sh(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD']).strip()}",
+              f"stowix {sh(['git', '-C', str(ROOT), 'rev-parse', '--short', 'HEAD']).strip()}"
+              f"{' (with uncommitted changes)' if sh(['git', '-C', str(ROOT), 'status', '--porcelain', '--untracked-files=no']).strip() else ''}",
               f"- Date: {time.strftime('%Y-%m-%d')}. Same server (`stowix serve`, release build) for both pushers; "
               "each run into a fresh repository; runs alternate in order; medians, spread is min–max.", ""]
     for corpus, res in results.items():
-        lines += [f"## Corpus: {corpus} ({res['paths']} paths, {res['nar'] / 2**20:.1f} MiB of NAR)", "",
-                  "| pusher | runs | wall s (median) | spread | vs nix copy | CPU s | peak RSS MiB | MiB sent | MiB stored |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### Corpus: {corpus} ({res['paths']} paths, {res['nar'] / 2**20:.1f} MiB of NAR)", "",
+                  "| pusher | runs | wall s (median) | spread | vs nix copy | CPU s | peak RSS MiB | MiB sent | MiB stored | size vs nix copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         base = median([r["wall"] for r in res["runs"]["nix copy"]])
+        base_stored = median([r["stored"] for r in res["runs"]["nix copy"]])
         for name, runs in res["runs"].items():
             walls = [r["wall"] for r in runs]
             lines.append(f"| {name} | {len(runs)} | {median(walls):.2f} | {spread(walls)} | "
                          f"{base / median(walls):.2f}x | {median([r['cpu'] for r in runs]):.1f} | "
                          f"{max(r['rss_mib'] for r in runs):.0f} | {median([r['sent'] for r in runs]) / 2**20:.1f} | "
-                         f"{median([r['stored'] for r in runs]) / 2**20:.1f} |")
+                         f"{median([r['stored'] for r in runs]) / 2**20:.1f} | "
+                         f"{median([r['stored'] for r in runs]) / base_stored * 100 - 100:+.1f}% |")
+        if res.get("baseline"):
+            lines += ["", "Multithreaded xz on the same NAR (`nix-store --dump | xz`, no network, no server):", "",
+                      "| command | wall s | MiB/s of NAR | CPU s | peak RSS MiB |", "|---|---|---|---|---|"]
+            for name, r in res["baseline"].items():
+                lines.append(f"| {name} | {r['wall']:.1f} | {res['nar'] / 2**20 / r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_mib']:.0f} |")
+            lines += ["", "Throughput of the pushers on this corpus, in MiB/s of NAR: " + ", ".join(
+                f"{name} {res['nar'] / 2**20 / median([r['wall'] for r in runs]):.1f}" for name, runs in res["runs"].items()) + "."]
         if res["warm"]:
             lines += ["", "Warm (everything already present):", "",
                       "| pusher | wall s (median) | spread | vs nix copy |", "|---|---|---|---|"]
@@ -372,21 +416,37 @@ def write_report(args, results, plot_series):
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-            fig, ax = plt.subplots(figsize=(8, 4.5))
+            fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
             for name, samples in plot_series.items():
-                xs = [t for t, _ in samples][1:]
-                rates = [(b2 - b1) / (t2 - t1) / 2**20 for (t1, b1), (t2, b2) in zip(samples, samples[1:])]
-                ax.plot(xs, rates, label=name)
-            ax.set_xlabel("seconds since start")
-            ax.set_ylabel("MiB/s received by the server")
-            ax.set_title("Corpus realistic, cold: upload throughput over time")
-            ax.legend()
+                t0, b0 = samples[0]
+                xs = [t for t, _ in samples]
+                top.plot(xs, [(b - b0) / 2**20 for _, b in samples], label=name)
+                # A 2 s window: the server counts bytes as they arrive, so 100 ms samples of
+                # per-request uploads are too spiky to read.
+                window = 20
+                rates = [(samples[i][1] - samples[i - window][1]) / (samples[i][0] - samples[i - window][0]) / 2**20
+                         for i in range(window, len(samples))]
+                bottom.plot(xs[window:], rates, label=name)
+            top.set_ylabel("MiB received by the server")
+            top.set_title("Corpus realistic, cold: bytes uploaded over time")
+            top.legend()
+            bottom.set_ylabel("MiB/s (2 s average)")
+            bottom.set_xlabel("seconds since start")
             fig.tight_layout()
             fig.savefig(args.plot, dpi=110)
             lines += [f"![throughput over time]({Path(args.plot).name})", ""]
         except ImportError:
             lines += ["(matplotlib not installed: no plot; `pip install matplotlib`)", ""]
-    Path(args.out).write_text("\n".join(lines))
+    lines.append("<!-- generated:end -->")
+    generated = "\n".join(lines)
+    out = Path(args.out)
+    previous = out.read_text() if out.exists() else ""
+    start, end = "<!-- generated:start", "<!-- generated:end -->"
+    if start in previous and end in previous:
+        text = previous[:previous.index(start)] + generated + previous[previous.index(end) + len(end):]
+    else:
+        text = "# Benchmarks\n\n" + generated + "\n"
+    out.write_text(text)
     log(f"wrote {args.out}")
 
 

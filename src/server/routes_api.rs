@@ -189,49 +189,31 @@ pub async fn upload_whole(
     {
         return Ok((StatusCode::OK, Json(stored_answer(&existing, false))).into_response());
     }
-    let _slot = state.upload_slot()?;
-    let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
-    let mut file = tokio::fs::File::from_std(staged.reopen()?);
-    // One byte over the declared size is enough to know the client lied about it.
-    let received = upload::receive_into(
-        body,
-        &mut file,
-        params.file_size + 1,
-        Duration::from_secs(state.config.upload_idle_timeout_secs),
-    )
-    .await;
-    drop(file);
-    match received {
-        Err(upload::ReceiveError::TooLarge { .. }) => {
-            ::metrics::counter!(super::metrics::UPLOADS_REJECTED_TOTAL, "reason" => "file_size")
-                .increment(1);
-            return Err(ServerError::unprocessable(
-                codes::FILE_SIZE_MISMATCH,
-                format!(
-                    "the body is longer than the declared file_size {}",
-                    params.file_size
-                ),
-            ));
-        }
-        other => other?,
-    };
     let expected = Expected {
         file_hash: Some(file_hash),
         file_size: Some(params.file_size),
         nar_hash: Some(nar_hash),
         nar_size: Some(params.nar_size),
     };
-    let (staged_file, staged_path) = staged.into_parts();
-    drop(staged_file);
-    let result = upload::verify_and_store(
+    // One byte over the declared size is enough to know the client lied about it.
+    let file_size = params.file_size;
+    let result = upload::receive_verify_store(
         &state,
         &repo.name,
-        &staged_path,
+        body,
+        params.file_size + 1,
         &params.compression,
         expected,
+        || {
+            ::metrics::counter!(super::metrics::UPLOADS_REJECTED_TOTAL, "reason" => "file_size")
+                .increment(1);
+            ServerError::unprocessable(
+                codes::FILE_SIZE_MISMATCH,
+                format!("the body is longer than the declared file_size {file_size}"),
+            )
+        },
     )
     .await;
-    let _ = staged_path.close();
     let (record, newly) = result?;
     Ok((StatusCode::CREATED, Json(stored_answer(&record, newly))).into_response())
 }

@@ -251,27 +251,21 @@ pub async fn put_nar(
     {
         return Ok(StatusCode::OK.into_response());
     }
-    let _slot = state.upload_slot()?;
-    let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
-    let mut file_handle = tokio::fs::File::from_std(staged.reopen()?);
-    upload::receive_into(
-        body,
-        &mut file_handle,
-        state.config.max_single_upload_bytes,
-        std::time::Duration::from_secs(state.config.upload_idle_timeout_secs),
-    )
-    .await?;
-    drop(file_handle);
     let expected = Expected {
         file_hash: Some(file_hash),
         ..Expected::default()
     };
-    let (staged_file, staged_path) = staged.into_parts();
-    drop(staged_file);
-    let result =
-        upload::verify_and_store(&state, &repo.name, &staged_path, compression, expected).await;
-    // On success the file was moved away and this fails harmlessly; on failure it cleans up.
-    let _ = staged_path.close();
+    let limit = state.config.max_single_upload_bytes;
+    let result = upload::receive_verify_store(
+        &state,
+        &repo.name,
+        body,
+        limit,
+        compression,
+        expected,
+        || upload::ReceiveError::TooLarge { limit }.into(),
+    )
+    .await;
     result?;
     Ok(StatusCode::OK.into_response())
 }

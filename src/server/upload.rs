@@ -124,6 +124,34 @@ pub struct Expected {
     pub nar_size: Option<u64>,
 }
 
+/// Single-request uploads: receives `body` (at most `limit` bytes; more answers `too_large()`)
+/// into a temporary file that is deleted whatever happens, then verifies and stores it.
+pub async fn receive_verify_store(
+    state: &AppState,
+    repo: &str,
+    body: Body,
+    limit: u64,
+    compression: &str,
+    expected: Expected,
+    too_large: impl FnOnce() -> ServerError,
+) -> ServerResult<(NarRecord, bool)> {
+    let _slot = state.upload_slot()?;
+    let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
+    let mut file = tokio::fs::File::from_std(staged.reopen()?);
+    let idle = Duration::from_secs(state.config.upload_idle_timeout_secs);
+    match receive_into(body, &mut file, limit, idle).await {
+        Err(ReceiveError::TooLarge { .. }) => return Err(too_large()),
+        other => other?,
+    };
+    drop(file);
+    let (staged_file, staged_path) = staged.into_parts();
+    drop(staged_file);
+    let result = verify_and_store(state, repo, &staged_path, compression, expected).await;
+    // On success the file was moved into storage and this finds nothing to delete.
+    let _ = staged_path.close();
+    result
+}
+
 /// Verifies the staged file, then stores it and records the NAR. On any mismatch nothing is
 /// stored and the staged file is left for the caller to delete.
 pub async fn verify_and_store(
