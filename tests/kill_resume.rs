@@ -320,3 +320,73 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
     );
     fx.substitute(std::slice::from_ref(&root));
 }
+
+/// Kill points chosen by chance rather than by phase: each of three runs is killed at a random
+/// moment of its first 6 s (the large NAR alone takes ~8 s at the rate limit), so over many CI
+/// runs kills land in every stage. The seed is printed; `STOWIX_KILL_SEED` replays a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_killed_at_random_moments_then_the_rerun_completes() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("STOWIX_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("kill seed: {seed} (replay with STOWIX_KILL_SEED={seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let fx = Fixture::new();
+    let built = common::build_derivations(&[
+        common::Drv::new("big", "/usr/bin/head -c 2097152 /dev/urandom > $out"),
+        common::Drv::new("small-b", "echo b > $out"),
+        common::Drv::new("top", "echo $dep0 $dep1 > $out").deps(&[0, 1]),
+    ]);
+    let root = built[2].clone();
+    let closure = common::closure_of(std::slice::from_ref(&root));
+    let slow = ["--max-upload-rate", "256KiB"];
+    let kills = 3;
+    for kill in 0..kills {
+        let held = stored_nar_hashes(&fx);
+        let run = Running::start(&fx, &root, &slow);
+        let delay = Duration::from_millis(rng.gen_range(0..6000));
+        tokio::time::sleep(delay).await;
+        let text = run.kill();
+        assert_no_reupload(
+            &text,
+            &held,
+            &format!("kill {kill} after {delay:?} (seed {seed})"),
+        );
+        invariants::check(
+            &fx.url,
+            &fx.public_key,
+            Some(fx.server.data_dir()),
+            &closure,
+        )
+        .await;
+    }
+
+    let held = stored_nar_hashes(&fx);
+    let mut cmd = push_command(&fx.url, Some(&fx.token), &["--verbose", &root]);
+    cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
+    let last = finished(cmd.output().unwrap());
+    last.assert_code(exit::SUCCESS);
+    assert_no_reupload(&last.stderr, &held, &format!("final run (seed {seed})"));
+    let report = invariants::check(
+        &fx.url,
+        &fx.public_key,
+        Some(fx.server.data_dir()),
+        &closure,
+    )
+    .await;
+    assert!(report.serves_all_of(&closure), "seed {seed}: {report:?}");
+
+    // Each kill may cost the chunk in flight and the small single-request NARs in flight.
+    let received = fx.received_bytes().await;
+    let stored = file_sizes(&fx, &closure).await;
+    let allowance = kills as f64 * (CHUNK as f64 + 4096.0);
+    assert!(
+        received <= stored + allowance,
+        "seed {seed}: received {received} bytes for {stored} stored over {kills} random kills\n{}",
+        last.stderr
+    );
+    fx.substitute(std::slice::from_ref(&root));
+}
