@@ -84,7 +84,7 @@ impl UploadSession<'_> {
             let sent_from = self.offset;
             match self.client.patch_upload(&self.id, self.offset, body).await {
                 Ok(state) => {
-                    self.accept_offset(state.offset, end)?;
+                    self.accept_offset(state.offset);
                     if self.offset <= sent_from {
                         resyncs += 1;
                     } else {
@@ -95,7 +95,7 @@ impl UploadSession<'_> {
                     if api.code == codes::OFFSET_MISMATCH && api.offset.is_some() =>
                 {
                     resyncs += 1;
-                    self.accept_offset(api.offset.unwrap_or_default(), end)?;
+                    self.accept_offset(api.offset.unwrap_or_default());
                 }
                 Err(err) => {
                     let Some((reason, delay)) = retry.next_delay(&err) else {
@@ -108,7 +108,7 @@ impl UploadSession<'_> {
                     tokio::time::sleep(delay).await;
                     // A cut connection may have delivered part of the body: ask what arrived.
                     let state = self.client.upload_state(&self.id).await?;
-                    self.accept_offset(state.offset, end)?;
+                    self.accept_offset(state.offset);
                 }
             }
             if resyncs > MAX_RESYNCS_WITHOUT_PROGRESS {
@@ -121,15 +121,12 @@ impl UploadSession<'_> {
         Ok(())
     }
 
-    fn accept_offset(&mut self, offset: u64, sent_up_to: u64) -> Result<(), ClientError> {
-        if offset > sent_up_to {
-            return Err(ClientError::Protocol(format!(
-                "upload {}: the server claims {offset} bytes but only {sent_up_to} were sent",
-                self.id
-            )));
-        }
+    /// Takes the server's offset as the truth. It may be past what this client sent: concurrent
+    /// pushes of the same NAR share one upload (same NAR hash and encoder, so byte-identical
+    /// streams), and another client may be ahead. Completion checks FileHash over the whole
+    /// file, so a server holding different bytes is caught there, never published.
+    fn accept_offset(&mut self, offset: u64) {
         self.offset = offset;
-        Ok(())
     }
 
     /// Asks the server to verify and store the NAR. `file_hash`/`file_size` cover the whole
