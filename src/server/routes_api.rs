@@ -48,6 +48,18 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Batches over the configured size are refused whole, so one request's work stays bounded.
+fn check_batch(len: usize, limit: usize, what: &str) -> ServerResult<()> {
+    if len > limit {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!("at most {limit} {what}"),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_nar_hash(text: &str) -> ServerResult<Sha256Hash> {
     Sha256Hash::parse(text)
         .map_err(|err| ServerError::bad_request(codes::BAD_REQUEST, err.to_string()))
@@ -101,16 +113,11 @@ pub async fn presence(
         .access(&repo_name, &headers, peer.ip(), Access::Read, true)
         .await?;
     let request: PresenceRequest = read_json(&state, body).await?;
-    if request.paths.len() > state.config.max_presence_batch {
-        return Err(ServerError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::PAYLOAD_TOO_LARGE,
-            format!(
-                "at most {} paths per presence query",
-                state.config.max_presence_batch
-            ),
-        ));
-    }
+    check_batch(
+        request.paths.len(),
+        state.config.max_presence_batch,
+        "paths per presence query",
+    )?;
     let mut queries = Vec::with_capacity(request.paths.len());
     for query in &request.paths {
         if !is_valid_hash_part(&query.hash) {
@@ -537,16 +544,11 @@ pub async fn publish(
         .access(&repo_name, &headers, peer.ip(), Access::Push, true)
         .await?;
     let request: PublishRequest = read_json(&state, body).await?;
-    if request.narinfos.len() > state.config.max_publish_batch {
-        return Err(ServerError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            codes::PAYLOAD_TOO_LARGE,
-            format!(
-                "at most {} narinfos per request",
-                state.config.max_publish_batch
-            ),
-        ));
-    }
+    check_batch(
+        request.narinfos.len(),
+        state.config.max_publish_batch,
+        "narinfos per request",
+    )?;
     let mut response = PublishResponse::default();
     let mut parsed = Vec::with_capacity(request.narinfos.len());
     let mut seen = HashSet::new();
