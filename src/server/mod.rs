@@ -31,7 +31,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, RawPathParams};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
@@ -237,6 +238,59 @@ impl AppState {
             }
         }
         Ok(())
+    }
+}
+
+/// The repository a request's route names (`{repo}`), with the request's credentials checked
+/// by [`AppState::access`] for push (`PUSH`) or read access; `STRICT` also refuses bad
+/// credentials on public reads. Handlers take it as an argument, so none can forget the check.
+pub struct Authorized<const PUSH: bool, const STRICT: bool> {
+    pub repo: RepoRecord,
+    /// The token's scope when a valid token was presented.
+    pub scope: Option<Scope>,
+}
+
+/// Push API writes and `nix copy --to` PUTs.
+pub type PushAccess = Authorized<true, true>;
+/// Push API reads (`info`, `presence`): a bad token is an error even on a public repository.
+pub type ApiReadAccess = Authorized<false, true>;
+/// What Nix substituters read: public repositories ignore credentials (netrc sends them to
+/// every repository on a host).
+pub type CacheReadAccess = Authorized<false, false>;
+
+impl<const PUSH: bool, const STRICT: bool> FromRequestParts<SharedState>
+    for Authorized<PUSH, STRICT>
+{
+    type Rejection = ServerError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &SharedState,
+    ) -> Result<Self, ServerError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ServerError::not_found("this route names no repository"))?;
+        let repo_name = params
+            .iter()
+            .find(|(key, _)| *key == "repo")
+            .map(|(_, value)| value.to_string())
+            .ok_or_else(|| ServerError::not_found("this route names no repository"))?;
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip())
+            .ok_or_else(|| {
+                ServerError::internal("the server was started without connection info")
+            })?;
+        let needed = if PUSH {
+            auth::Access::Push
+        } else {
+            auth::Access::Read
+        };
+        let (repo, scope) = state
+            .access(&repo_name, &parts.headers, peer, needed, STRICT)
+            .await?;
+        Ok(Authorized { repo, scope })
     }
 }
 

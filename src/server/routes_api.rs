@@ -2,22 +2,20 @@
 //! chunked NAR uploads, and batched publication. `docs/protocol.md` documents each route.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use rand::Rng;
 
-use super::auth::Access;
 use super::error::{ServerError, ServerResult};
 use super::metadata::{now_unix, Presence, UploadRecord};
 use super::publish::{self, Candidate};
 use super::upload::{self, Expected};
-use super::{verify, SharedState};
+use super::{verify, ApiReadAccess, Authorized, PushAccess, SharedState};
 use crate::api::{
     codes, CompleteUpload, CreateUpload, NarStored, NarUploadParams, PresenceRequest,
     PresenceResponse, PublishRequest, PublishResponse, RepoInfo, ServerLimits, UploadState,
@@ -78,13 +76,8 @@ fn check_compression(compression: &str) -> ServerResult<()> {
 
 pub async fn info(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(repo_name): Path<String>,
-    headers: HeaderMap,
+    Authorized { repo, scope }: ApiReadAccess,
 ) -> ServerResult<Json<RepoInfo>> {
-    let (repo, scope) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Read, true)
-        .await?;
     let key = SecretKey::parse(&repo.secret_key)
         .map_err(|err| ServerError::internal(format!("repository {} key: {err}", repo.name)))?;
     let config = &state.config;
@@ -104,14 +97,9 @@ pub async fn info(
 
 pub async fn presence(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(repo_name): Path<String>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: ApiReadAccess,
     body: Body,
 ) -> ServerResult<Json<PresenceResponse>> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Read, true)
-        .await?;
     let request: PresenceRequest = read_json(&state, body).await?;
     check_batch(
         request.paths.len(),
@@ -160,15 +148,10 @@ fn stored_answer(record: &super::metadata::NarRecord, newly_stored: bool) -> Nar
 /// Small NARs in one request: the body is the whole compressed file.
 pub async fn upload_whole(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(repo_name): Path<String>,
+    Authorized { repo, .. }: PushAccess,
     uri: Uri,
-    headers: HeaderMap,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let Query(params) = Query::<NarUploadParams>::try_from_uri(&uri).map_err(|err| {
         ServerError::bad_request(
             codes::BAD_REQUEST,
@@ -275,14 +258,9 @@ fn state_response(status: StatusCode, state: UploadState) -> Response {
 
 pub async fn create_upload(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(repo_name): Path<String>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let request: CreateUpload = read_json(&state, body).await?;
     check_compression(&request.compression)?;
     let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
@@ -352,13 +330,9 @@ pub async fn create_upload(
 
 pub async fn upload_state(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, id)): Path<(String, String)>,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let record = find_upload(&state, &repo.name, &id).await?;
     let offset = held_offset(&state, &record.id).await?;
     Ok(state_response(
@@ -373,14 +347,11 @@ pub async fn upload_state(
 
 pub async fn upload_chunk(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, id)): Path<(String, String)>,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let mut offsets = headers.get_all(UPLOAD_OFFSET_HEADER).iter();
     let declared = match (offsets.next(), offsets.next()) {
         (Some(value), None) => value
@@ -454,14 +425,10 @@ async fn discard_upload(state: &SharedState, id: &str) -> ServerResult<()> {
 
 pub async fn complete_upload(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, id)): Path<(String, String)>,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let request: CompleteUpload = read_json(&state, body).await?;
     let file_hash = parse_nar_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
@@ -519,13 +486,9 @@ pub async fn complete_upload(
 
 pub async fn abort_upload(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, id)): Path<(String, String)>,
 ) -> ServerResult<StatusCode> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let record = find_upload(&state, &repo.name, &id).await?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
@@ -535,14 +498,9 @@ pub async fn abort_upload(
 
 pub async fn publish(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(repo_name): Path<String>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
     body: Body,
 ) -> ServerResult<Json<PublishResponse>> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let request: PublishRequest = read_json(&state, body).await?;
     check_batch(
         request.narinfos.len(),

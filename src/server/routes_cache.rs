@@ -2,18 +2,15 @@
 //! PUTs `nix copy --to URL` makes (NAR first, narinfo last), with the same verification,
 //! closure check and signing as the push API.
 
-use std::net::SocketAddr;
-
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::Access;
 use super::error::{ServerError, ServerResult};
 use super::publish::{self, Candidate};
 use super::upload::{self, Expected};
-use super::{verify, SharedState};
+use super::{verify, Authorized, CacheReadAccess, PushAccess, SharedState};
 use crate::api::codes;
 use crate::nix::store_path::is_valid_hash_part;
 use crate::nix::{base32, NarInfo, Sha256Hash};
@@ -45,13 +42,9 @@ fn invalid_hash_part(text: &str) -> ServerError {
 /// `nix-cache-info` and `<hash>.narinfo` (GET and HEAD).
 pub async fn get_file(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: CacheReadAccess,
+    Path((_, file)): Path<(String, String)>,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Read, false)
-        .await?;
     if file == "nix-cache-info" {
         let body = format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
@@ -80,14 +73,10 @@ pub async fn get_file(
 /// after the NAR it names.
 pub async fn put_file(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, file)): Path<(String, String)>,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     if file == "nix-cache-info" {
         // The server owns this file; accepting keeps `nix copy` happy without changing it.
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -203,13 +192,9 @@ fn parse_nar_file(file: &str) -> ServerResult<(Sha256Hash, &'static str)> {
 
 pub async fn get_nar(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: CacheReadAccess,
+    Path((_, file)): Path<(String, String)>,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Read, false)
-        .await?;
     parse_nar_file(&file)?;
     let key = format!("{}/nar/{file}", repo.name);
     let Some((len, reader)) = state.storage.get(&key).await? else {
@@ -232,14 +217,10 @@ pub async fn get_nar(
 
 pub async fn put_nar(
     State(state): State<SharedState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path((repo_name, file)): Path<(String, String)>,
-    headers: HeaderMap,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, file)): Path<(String, String)>,
     body: Body,
 ) -> ServerResult<Response> {
-    let (repo, _) = state
-        .access(&repo_name, &headers, peer.ip(), Access::Push, true)
-        .await?;
     let (file_hash, compression) = parse_nar_file(&file)?;
     let url = format!("nar/{file}");
     let name = repo.name.clone();
