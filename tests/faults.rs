@@ -11,7 +11,7 @@ mod push_common;
 
 use std::time::{Duration, Instant};
 
-use fault_proxy::{Fault, FaultProxy, Rule};
+use fault_proxy::{Event, Fault, FaultProxy, Rule};
 use push_common::{push_with, Fixture, Pushed};
 use stowix::cli::exit;
 
@@ -136,13 +136,17 @@ async fn connections_reset_after_n_bytes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_in_the_middle_of_a_chunk_resends_only_what_is_missing() {
+    // The first attempts of chunks 2, 3 and 4 of the large NAR are cut 30 kB in: far enough
+    // into the upload that starting it over costs more than two chunks per cut.
     let s = scenario(vec![Rule::new(Fault::CutBodyAfter { bytes: 30_000 })
         .on_method("PATCH")
         .on_path("/api/v1/uploads/")
+        .on_offset_multiple_of(CHUNK)
+        .skip(2)
         .times(3)]);
     let pushed = s.push(&[]);
     s.assert_ridden_out(&pushed).await;
-    assert_eq!(s.proxy.faults_injected(), 3, "{}", pushed.stderr);
+    assert_eq!(s.proxy.faults_of(0), 3, "{}", pushed.stderr);
     // The client saw a broken connection, never an answer head (a 502 or a truncated 200).
     let patch_retries: Vec<&str> = pushed
         .stderr
@@ -154,7 +158,48 @@ async fn cut_in_the_middle_of_a_chunk_resends_only_what_is_missing() {
         patch_retries.iter().all(|l| !l.contains("HTTP")),
         "{patch_retries:#?}"
     );
-    // Each cut delivered 30 kB the server may or may not keep: at most 3 chunks resent.
+
+    // Every chunk is sent from where the server last said it stands, never from the start of
+    // the chunk or of the upload.
+    let events = s.proxy.events();
+    let mut announced: std::collections::HashMap<String, u64> = Default::default();
+    let mut cut_bytes = 0;
+    let mut cuts_at = Vec::new();
+    for event in &events {
+        match event {
+            Event::Offset { id, offset } => {
+                announced.insert(id.clone(), *offset);
+            }
+            Event::Patch {
+                id,
+                offset,
+                delivered,
+                cut,
+            } => {
+                assert_eq!(
+                    announced.get(id),
+                    Some(offset),
+                    "a PATCH of upload {id} started at {offset}, but the server last said it \
+                     holds {:?}\nevents: {events:#?}\n{}",
+                    announced.get(id),
+                    pushed.stderr
+                );
+                if *cut {
+                    cut_bytes += delivered;
+                    cuts_at.push(*offset);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        cuts_at,
+        vec![2 * CHUNK, 3 * CHUNK, 4 * CHUNK],
+        "the cuts did not hit the chunks they were meant for: {events:#?}"
+    );
+    assert_eq!(cut_bytes, 90_000, "{events:#?}");
+
+    // The server received each stored byte once, plus at most what the cuts delivered (which
+    // it may or may not keep).
     let received = s.fx.received_bytes().await;
     let report = invariants::check(&s.fx.url, &s.fx.public_key, None, &s.closure).await;
     assert_eq!(report.served.len(), s.closure.len());
@@ -167,8 +212,8 @@ async fn cut_in_the_middle_of_a_chunk_resends_only_what_is_missing() {
             .unwrap();
     }
     assert!(
-        received <= stored + 3.0 * CHUNK as f64,
-        "received {received} bytes for {stored} stored\n{}",
+        received <= stored + cut_bytes as f64,
+        "received {received} bytes for {stored} stored and {cut_bytes} cut\n{}",
         pushed.stderr
     );
 }
@@ -210,11 +255,14 @@ async fn answers_429_and_503_without_retry_after() {
     ]);
     let pushed = s.push(&[]);
     s.assert_ridden_out(&pushed).await;
-    assert!(
-        s.proxy.faults_injected() >= 8,
-        "{}",
-        s.proxy.faults_injected()
-    );
+    for rule in 0..5 {
+        assert_eq!(
+            s.proxy.faults_of(rule),
+            2,
+            "rule {rule} did not fire twice\n{}",
+            pushed.stderr
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,7 +286,7 @@ async fn retry_after_is_honoured() {
     let pushed = s.push(&[("STOWIX_RETRY_BASE_DELAY_MS", "50")]);
     let elapsed = started.elapsed();
     s.assert_ridden_out(&pushed).await;
-    assert_eq!(s.proxy.faults_injected(), 2);
+    assert_eq!((s.proxy.faults_of(0), s.proxy.faults_of(1)), (1, 1));
     assert!(
         elapsed >= Duration::from_secs(3),
         "Retry-After 2 + 1 s ignored: the push took {elapsed:?}\n{}",
@@ -253,8 +301,10 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fraction_of_500s_and_lost_answers() {
-    // 30% of API requests (info aside: it has a short retry budget by design) fail: 20% with a
-    // 500 before the server sees them, 10% after the server did the work (answer lost).
+    // A fifth of API requests (info aside: it has a short retry budget by design) fail with a
+    // 500 before the server sees them, and one in eight of the others after the server did the
+    // work (answer lost). Fractions, not coins: each rule fires at positions drawn from the
+    // printed seed, and cannot miss in a push of this many requests.
     let s = scenario(vec![
         Rule::new(Fault::Status {
             status: 500,
@@ -262,14 +312,26 @@ async fn a_fraction_of_500s_and_lost_answers() {
         })
         .on_path("/api/v1/")
         .except_path("/api/v1/info")
-        .probability(0.2),
+        .fraction(2, 10),
         Rule::new(Fault::LoseAnswer)
             .on_path("/api/v1/")
             .except_path("/api/v1/info")
-            .probability(0.125),
+            .fraction(1, 8),
     ]);
     let pushed = s.push(&[]);
     s.assert_ridden_out(&pushed).await;
+    let seed = s.proxy.seed();
+    assert!(
+        s.proxy.faults_of(0) >= 2,
+        "the 500 rule fired {} times (seed {seed})\n{}",
+        s.proxy.faults_of(0),
+        pushed.stderr
+    );
+    assert!(
+        s.proxy.faults_of(1) >= 1,
+        "no answer was lost (seed {seed})\n{}",
+        pushed.stderr
+    );
 }
 
 /// Documents a gap: the client's read timeout (5 min) has no override, so a stalled answer

@@ -10,6 +10,7 @@ mod push_common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::process::ExitStatusExt as _;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,9 @@ use push_common::{finished, push_command, Fixture, Pushed};
 use stowix::cli::exit;
 
 const CHUNK: u64 = 64 * 1024;
+const SIGKILL: i32 = 9;
 const PRESENCE: &str = "stowix_server_http_requests_total{route=\"/{repo}/api/v1/presence\"}";
+const PUBLISHED: &str = "stowix_server_narinfos_published_total";
 
 /// A push running in the background whose stderr lines are collected as they come.
 struct Running {
@@ -62,12 +65,38 @@ impl Running {
         self.child.try_wait().unwrap().is_some()
     }
 
-    /// SIGKILL, then everything it printed.
-    fn kill(mut self) -> String {
-        let _ = self.child.kill();
-        self.child.wait().unwrap();
+    /// SIGKILL, then everything it printed. Panics unless the push was still running and
+    /// died of the signal: a kill that lands after the push ended on its own tests nothing.
+    fn kill(mut self, what: &str) -> String {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(reader) = self.reader.take() {
+                reader.join().unwrap();
+            }
+            panic!(
+                "{what}: the push had already ended ({status}) when it was to be killed:\n{}",
+                self.text()
+            );
+        }
+        self.child.kill().expect("send SIGKILL");
+        let status = self.child.wait().unwrap();
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
+        }
+        assert_eq!(
+            status.signal(),
+            Some(SIGKILL),
+            "{what}: the push ended with {status}, not by the kill:\n{}",
+            self.text()
+        );
+        self.text()
+    }
+
+    /// SIGKILL without checks, for a push that failed a test already.
+    fn abandon(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
         self.text()
     }
@@ -80,7 +109,7 @@ impl Running {
                 break status;
             }
             if Instant::now() > deadline {
-                let text = self.kill();
+                let text = self.abandon();
                 panic!("the push did not end within {timeout:?}:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -157,6 +186,20 @@ async fn file_sizes(fx: &Fixture, paths: &[String]) -> f64 {
     total
 }
 
+/// Asserts that a kill left the push unfinished: the large NAR is not stored and the root not
+/// published (whatever the server holds after the kill, it held at the kill).
+async fn assert_left_mid_way(fx: &Fixture, big_nar_hash: &str, root: &str, what: &str, text: &str) {
+    assert!(
+        !stored_nar_hashes(fx).contains(big_nar_hash),
+        "{what}: the large NAR was stored already: the kill did not interrupt its upload\n{text}"
+    );
+    let (status, _) = common::get_narinfo(&fx.url, common::hash_part(root)).await;
+    assert_eq!(
+        status, 404,
+        "{what}: the root was published already: the kill interrupted nothing\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_at_several_points_then_the_rerun_completes() {
     let fx = Fixture::new();
@@ -172,6 +215,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         common::Drv::new("top", "echo $dep0 $dep1 > $out").deps(&[3, 2]),
     ]);
     let big = built[0].clone();
+    let big_nar_hash = common::LocalPath::load(&big).nar_hash;
     let root = built[4].clone();
     let closure = common::closure_of(std::slice::from_ref(&root));
     assert_eq!(closure.len(), 5);
@@ -191,7 +235,8 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         fx.server.metric(PRESENCE).await >= 1.0
     })
     .await;
-    run.kill();
+    let text = run.kill("run 1");
+    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 1", &text).await;
     check().await;
 
     // 2. In the middle of the large NAR's chunks.
@@ -202,7 +247,8 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         fx.received_bytes().await >= start + 8.0 * CHUNK as f64
     })
     .await;
-    let text = run.kill();
+    let text = run.kill("run 2");
+    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 2", &text).await;
     assert_no_reupload(&text, &held, "run 2");
     let report = check().await;
     assert!(
@@ -210,18 +256,28 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         "an interrupted NAR or its dependent is served: {report:?}"
     );
 
-    // 3. During publication: as soon as the first path is reported published.
+    // 3. During publication: as soon as the first path is reported published (the small
+    // paths are; the large NAR has seconds of upload left at the rate limit).
     let held = stored_nar_hashes(&fx);
+    let published_before = fx.server.metric(PUBLISHED).await;
     let mut run = Running::start(&fx, &root, &slow);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if run.text().contains("published: ") || run.exited() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", run.text());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let text = run.kill();
+    let lines = Arc::clone(&run.lines);
+    kill_when(&mut run, "first path published", || {
+        let seen = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.starts_with("published: "));
+        async move { seen }
+    })
+    .await;
+    let published = fx.server.metric(PUBLISHED).await - published_before;
+    let text = run.kill("run 3");
+    assert!(
+        published >= 1.0,
+        "run 3 was killed before the server published anything\n{text}"
+    );
+    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 3", &text).await;
     assert_no_reupload(&text, &held, "run 3");
     check().await;
 
@@ -322,8 +378,10 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
 }
 
 /// Kill points chosen by chance rather than by phase: each of three runs is killed at a random
-/// moment of its first 6 s (the large NAR alone takes ~8 s at the rate limit), so over many CI
-/// runs kills land in every stage. The seed is printed; `STOWIX_KILL_SEED` replays a failure.
+/// moment of its first 4 s, so over many CI runs kills land in every stage. At the rate limit
+/// below (96 KiB/s, with a burst of one second's budget) three runs send at most 1.4 MiB of
+/// the 2 MiB large NAR, so every kill interrupts a running push, whatever the draw and however
+/// fast the machine. The seed is printed; `STOWIX_KILL_SEED` replays a failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_at_random_moments_then_the_rerun_completes() {
     use rand::{Rng, SeedableRng};
@@ -340,21 +398,20 @@ async fn client_killed_at_random_moments_then_the_rerun_completes() {
         common::Drv::new("small-b", "echo b > $out"),
         common::Drv::new("top", "echo $dep0 $dep1 > $out").deps(&[0, 1]),
     ]);
+    let big_nar_hash = common::LocalPath::load(&built[0]).nar_hash;
     let root = built[2].clone();
     let closure = common::closure_of(std::slice::from_ref(&root));
-    let slow = ["--max-upload-rate", "256KiB"];
+    let slow = ["--max-upload-rate", "96KiB"];
     let kills = 3;
     for kill in 0..kills {
         let held = stored_nar_hashes(&fx);
         let run = Running::start(&fx, &root, &slow);
-        let delay = Duration::from_millis(rng.gen_range(0..6000));
+        let delay = Duration::from_millis(rng.gen_range(0..4000));
         tokio::time::sleep(delay).await;
-        let text = run.kill();
-        assert_no_reupload(
-            &text,
-            &held,
-            &format!("kill {kill} after {delay:?} (seed {seed})"),
-        );
+        let what = format!("kill {kill} after {delay:?} (seed {seed})");
+        let text = run.kill(&what);
+        assert_left_mid_way(&fx, &big_nar_hash, &root, &what, &text).await;
+        assert_no_reupload(&text, &held, &what);
         invariants::check(
             &fx.url,
             &fx.public_key,

@@ -24,9 +24,10 @@ async fn concurrent_upload_cap_answers_too_many_uploads() {
         .await
         .upload_id;
 
-    // One upload in progress, stalled mid-body, holds the only slot.
+    // One upload in progress, stalled mid-body, holds the only slot (taken before the server
+    // reads the body: once bytes arrive, the slot is held).
     let stalled = start_partial_patch(&url, &token, &id, 0, file.len(), &file[..10_000]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_received_bytes(10_000).await;
     let (other_file, params) = other.xz_upload();
     let resp = post_nar(&url, &token, &params, other_file).await;
     let retry_after = resp.headers().get("retry-after").cloned();
@@ -47,7 +48,7 @@ async fn concurrent_upload_cap_answers_too_many_uploads() {
 
     // The slot comes back when the stalled client goes away.
     drop(stalled);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + EVENT_TIMEOUT;
     loop {
         let (other_file, params) = other.xz_upload();
         let resp = post_nar(&url, &token, &params, other_file).await;
@@ -79,10 +80,10 @@ async fn stalled_upload_body_is_cut_off_after_the_idle_timeout() {
     // The server must answer or hang up on its own, well before this test's patience ends.
     let started = Instant::now();
     let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(15), stalled.read_to_end(&mut buf)).await;
+    let read = tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut buf)).await;
     assert!(
         read.is_ok(),
-        "a stalled upload body was not cut off within 15 s (idle timeout 1 s)"
+        "a stalled upload body was not cut off within 60 s (idle timeout 1 s)"
     );
     assert!(
         started.elapsed() >= Duration::from_millis(500),
@@ -117,7 +118,13 @@ async fn stalled_upload_body_is_cut_off_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn sigterm_with_a_stalled_upload_exits_after_the_grace_period() {
-    let mut server = TestServer::start_with_config("shutdown_grace_secs = 2\n");
+    // The stalled body would hold the request for the whole idle timeout (10 min): only the
+    // grace period can end the shutdown within the test's bound.
+    let grace = Duration::from_secs(2);
+    let mut server = TestServer::start_with_config(&format!(
+        "shutdown_grace_secs = {}\nupload_idle_timeout_secs = 600\n",
+        grace.as_secs()
+    ));
     let repo = unique_name("grace");
     server.create_repo(&repo, false);
     let token = server.create_token(&repo, "push");
@@ -128,18 +135,27 @@ async fn sigterm_with_a_stalled_upload_exits_after_the_grace_period() {
         .await
         .upload_id;
     let stalled = start_partial_patch(&url, &token, &id, 0, file.len(), &file[..30_000]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_for_received_bytes(30_000).await;
 
     let started = Instant::now();
-    server.terminate(Duration::from_secs(15));
+    // Far below the idle timeout, far above the grace period: a generous bound that still
+    // fails a shutdown waiting for the stalled body.
+    let status = server.terminate(Duration::from_secs(60));
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "shutdown took {:?} with a 2 s grace period",
-        started.elapsed()
+        status.success(),
+        "SIGTERM with a stalled upload: exit status {status}\n{}",
+        server.log_text()
+    );
+    assert!(
+        took >= grace,
+        "exited {took:?} after SIGTERM: it did not wait the {grace:?} grace period for the \
+         request in flight\n{}",
+        server.log_text()
     );
     drop(stalled);
 
-    // The abandoned upload is still resumable after a restart.
+    // The abandoned upload is still resumable after a restart, holding what arrived.
     server.restart();
     let url = server.repo_url(&repo);
     let state = get_upload(&url, &token, &id).await;
@@ -188,5 +204,83 @@ async fn failed_authentications_are_rate_limited_per_client() {
         resp.status(),
         429,
         "the limit does not hold for a right guess"
+    );
+}
+
+/// One failed authentication through `GET api/v1/info` with a wrong token and `forwarded_for`
+/// (None: no header); returns (status, code).
+async fn guess(url: &str, forwarded_for: Option<&str>) -> (u16, String) {
+    let wrong = format!("stx_live_{}_{}", "a".repeat(26), "B".repeat(24));
+    let mut req = http()
+        .get(api_url(url, "info"))
+        .header("Authorization", bearer(&wrong));
+    if let Some(value) = forwarded_for {
+        req = req.header("X-Forwarded-For", value);
+    }
+    let (status, err) = api_error(req.send().await.unwrap()).await;
+    (status, err.code)
+}
+
+/// Behind a reverse proxy every connection comes from the proxy: with `client_ip_header` the
+/// failure budget belongs to the address the proxy appended (the right-most one); what a
+/// client writes to the left of it cannot buy it a fresh budget.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_right_most_forwarded_address_is_the_client() {
+    let server = TestServer::start_with_config(
+        "auth_failures_per_minute = 3\nclient_ip_header = \"X-Forwarded-For\"\n",
+    );
+    let repo = unique_name("proxied");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    let invalid = (401, codes::INVALID_TOKEN.to_string());
+    let limited = (429, codes::TOO_MANY_ATTEMPTS.to_string());
+
+    // One client (10.0.0.1 as the proxy saw it) spoofing a new address to the left each time.
+    for i in 0..3 {
+        let spoofed = format!("198.51.100.{i}, 10.0.0.1");
+        assert_eq!(guess(&url, Some(&spoofed)).await, invalid, "guess {i}");
+    }
+    assert_eq!(
+        guess(&url, Some("198.51.100.99, 10.0.0.1")).await,
+        limited,
+        "a spoofed left-most address bought a fresh failure budget"
+    );
+    // Even the right token waits while that client is limited.
+    let resp = http()
+        .get(api_url(&url, "info"))
+        .header("Authorization", bearer(&token))
+        .header("X-Forwarded-For", "10.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429, "the limit does not hold for a right guess");
+
+    // Other clients behind the same proxy keep their own budgets, even one that names the
+    // limited address to the left of its own.
+    assert_eq!(guess(&url, Some("10.0.0.1, 10.0.0.2")).await, invalid);
+    assert_eq!(guess(&url, Some("10.0.0.3")).await, invalid);
+    // A request without the header is the TCP peer (the proxy's own address here).
+    assert_eq!(guess(&url, None).await, invalid);
+    repo_info(&url, &token).await;
+}
+
+/// Without `client_ip_header` the header is whatever a client wrote: it is ignored, and every
+/// guess from this connection's address counts against the same budget.
+#[tokio::test]
+async fn without_client_ip_header_forwarded_addresses_are_ignored() {
+    let server = TestServer::start_with_config("auth_failures_per_minute = 3\n");
+    let repo = unique_name("direct");
+    server.create_repo(&repo, false);
+    let url = server.repo_url(&repo);
+    for i in 0..3 {
+        let (status, code) = guess(&url, Some(&format!("10.0.0.{i}"))).await;
+        assert_eq!((status, code.as_str()), (401, codes::INVALID_TOKEN), "guess {i}");
+    }
+    let (status, code) = guess(&url, Some("10.0.0.200")).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (429, codes::TOO_MANY_ATTEMPTS),
+        "an X-Forwarded-For header the server was not told to trust bought a fresh budget"
     );
 }

@@ -73,22 +73,13 @@ async fn server_killed_during_a_chunk_resumes_from_what_it_holds() {
 
     let create = xz_create_upload(&path);
     let id = create_upload(&url, &token, &create).await.upload_id;
-    // Send half a chunk, then kill the server while the request is open.
+    // Send half a chunk, then kill the server while the request is open, once the server has
+    // read all of it.
     let half = chunk / 2;
-    let sender = {
-        let (url, token, id, part) = (
-            url.clone(),
-            token.clone(),
-            id.clone(),
-            file[..half].to_vec(),
-        );
-        tokio::spawn(async move {
-            patch_then_drop_connection(&url, &token, &id, 0, chunk, &part).await;
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let open = start_partial_patch(&url, &token, &id, 0, chunk, &file[..half]).await;
+    server.wait_for_received_bytes(half as u64).await;
     server.kill();
-    let _ = sender.await;
+    drop(open);
     server.restart();
     let url = server.repo_url(&repo);
 
@@ -97,6 +88,13 @@ async fn server_killed_during_a_chunk_resumes_from_what_it_holds() {
         state.offset <= half as u64,
         "server claims {} bytes, only {half} were sent",
         state.offset
+    );
+    // The bytes it read were written before the crash: a SIGKILL loses no written data, so a
+    // server holding nothing lost what it had received.
+    assert!(
+        state.offset > 0,
+        "the server read {half} bytes of the chunk before it was killed, and holds none of them \
+         after the restart"
     );
     patch_rest(&url, &token, &id, &file, state.offset, chunk).await;
     let resp = complete_upload(
@@ -159,7 +157,7 @@ async fn sigterm_shuts_down_gracefully() {
     let resp = patch_chunk(&url, &token, &id, 0, file[..chunk].to_vec()).await;
     parse_ok::<api::UploadState>(resp, "PATCH").await;
 
-    let status = server.terminate(Duration::from_secs(15));
+    let status = server.terminate(Duration::from_secs(60));
     assert!(status.success(), "SIGTERM exit status {status}");
 
     // Nothing was corrupted: the server starts again and the upload is where it was.
@@ -167,4 +165,80 @@ async fn sigterm_shuts_down_gracefully() {
     let url = server.repo_url(&repo);
     let state = get_upload(&url, &token, &id).await;
     assert_eq!(state.offset, chunk as u64);
+}
+
+/// Unfinished uploads expire `upload_expiry_hours` after their last chunk (clean-up runs at
+/// start and hourly). Hours are not waited out: while the server is stopped, the uploads are
+/// backdated in its database (created_at) and on disk (the part file's mtime).
+#[tokio::test]
+async fn unfinished_uploads_past_their_expiry_are_deleted_at_start() {
+    let mut server = TestServer::start_with_config("upload_expiry_hours = 1\n");
+    let repo = unique_name("expiry");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    // stale: created and last written 2 h ago. slow: created 2 h ago, written just now (a
+    // large NAR on a slow link). fresh: neither.
+    let mut uploads = Vec::new();
+    for name in ["stale", "slow", "fresh"] {
+        let path = LocalPath::load(&build_random(&format!("expiry-{name}"), 2_000));
+        let (file, _) = path.xz_upload();
+        let id = create_upload(&url, &token, &xz_create_upload(&path))
+            .await
+            .upload_id;
+        patch_rest(&url, &token, &id, &file[..100], 0, 100).await;
+        uploads.push((name, path, id));
+    }
+    let status = server.terminate(Duration::from_secs(60));
+    assert!(status.success(), "SIGTERM exit status {status}");
+
+    let two_hours = Duration::from_secs(2 * 3600);
+    let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).expect("open db");
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    for (name, _, id) in &uploads[..2] {
+        let changed = db
+            .execute(
+                "UPDATE uploads SET created_at = created_at - ?1 WHERE id = ?2",
+                rusqlite::params![two_hours.as_secs() as i64, id],
+            )
+            .expect("backdate upload row");
+        assert_eq!(changed, 1, "no database row for the {name} upload {id}");
+    }
+    drop(db);
+    let part = |id: &str| server.data_dir().join("uploads").join(format!("{id}.part"));
+    let stale_part = part(&uploads[0].2);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale_part)
+        .unwrap_or_else(|e| panic!("open {}: {e}", stale_part.display()))
+        .set_modified(std::time::SystemTime::now() - two_hours)
+        .expect("backdate part file");
+
+    server.restart();
+    let url = server.repo_url(&repo);
+    let (stale_path, stale_id) = (&uploads[0].1, &uploads[0].2);
+    let (status, err) = api_error(get_upload_raw(&url, &token, stale_id).await).await;
+    assert_eq!(
+        (status, err.code.as_str()),
+        (404, api::codes::NOT_FOUND),
+        "the expired upload is still there: {err:?}"
+    );
+    assert!(!stale_part.exists(), "the expired upload's part file is left behind");
+    let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).expect("open db");
+    let rows: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM uploads WHERE id = ?1",
+            [stale_id],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 0, "the expired upload's database row is left behind");
+    for (name, _, id) in &uploads[1..] {
+        let state = get_upload(&url, &token, id).await;
+        assert_eq!(state.offset, 100, "the {name} upload lost its bytes: {state:?}");
+    }
+    // Asking again for the expired NAR starts over under a new id.
+    let again = create_upload(&url, &token, &xz_create_upload(stale_path)).await;
+    assert_ne!(&again.upload_id, stale_id);
+    assert_eq!(again.offset, 0);
 }

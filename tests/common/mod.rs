@@ -1386,3 +1386,42 @@ pub fn nix_copy_to(repo_url: &str, token: &str, paths: &[String]) -> Result<(), 
         .args(paths);
     run_nix(&mut cmd)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on events (never sleep-then-assert: a busy 2-core machine makes any fixed pause
+// too short sometimes)
+// ---------------------------------------------------------------------------------------------
+
+/// How long [`TestServer::wait_for_metric`] waits before failing: generous, since it only
+/// bounds how long a broken server takes to fail the test.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl TestServer {
+    /// Polls metric `query` (see [`TestServer::metric`]) until `holds(value)`, and returns the
+    /// value; panics naming `what` after [`EVENT_TIMEOUT`].
+    pub async fn wait_for_metric(&self, query: &str, what: &str, holds: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let value = self.metric(query).await;
+            if holds(value) {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {EVENT_TIMEOUT:?} for {what}: {query} is still {value}\n--- server log ---\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the server has received at least `bytes` upload bytes in all.
+    pub async fn wait_for_received_bytes(&self, bytes: u64) -> f64 {
+        self.wait_for_metric(
+            "stowix_server_upload_received_bytes_total",
+            &format!("{bytes} upload bytes to arrive"),
+            |v| v >= bytes as f64,
+        )
+        .await
+    }
+}

@@ -12,7 +12,14 @@
 //!                                                      └─ forward, but answer 500 (work done, answer lost)
 //! ```
 //! Request rules apply to requests whose path contains `path_filter` (empty: all), for the first
-//! `times` matching requests (or a fraction of them), so a test says exactly what breaks.
+//! `times` matching requests (or a fraction of them), so a test says exactly what breaks. Each
+//! rule counts its own faults ([`FaultProxy::faults_of`]), so a test with several rules can
+//! assert that every one of them fired. Every random choice comes from a seed printed when the
+//! proxy starts; `STOWIX_FAULT_SEED=<seed>` replays it.
+//!
+//! The proxy also logs the upload protocol as it passes ([`FaultProxy::events`]): each `PATCH`
+//! with the offset it starts at and the bytes it delivered, and each answer carrying an
+//! `Upload-Offset`, so a test can check that the client always resumes where the server said.
 //!
 //! Why a TCP relay in front: an HTTP server cannot break a connection without answering (axum
 //! sends the status line before it sees a body error, so a "cut" would look like a `200` with a
@@ -21,7 +28,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +39,9 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -65,6 +75,14 @@ pub struct Rule {
     pub times: u64,
     /// Apply to each matching request with this probability (1.0: always).
     pub probability: f64,
+    /// Apply to exactly `k` of every `n` matching requests, at positions drawn from the seed:
+    /// unlike a probability, a run with at least `n` matching requests cannot miss the fault.
+    pub fraction: Option<(u64, u64)>,
+    /// Let this many matching requests through before the rule starts applying.
+    pub skip: u64,
+    /// Only requests whose `Upload-Offset` header is a multiple of this, and only the first
+    /// one at each offset: the first attempt of each chunk, when this is the chunk size.
+    pub offset_multiple_of: Option<u64>,
 }
 
 impl Rule {
@@ -76,6 +94,9 @@ impl Rule {
             method: String::new(),
             times: u64::MAX,
             probability: 1.0,
+            fraction: None,
+            skip: 0,
+            offset_multiple_of: None,
         }
     }
     pub fn on_path(mut self, filter: &str) -> Self {
@@ -98,6 +119,80 @@ impl Rule {
         self.probability = probability;
         self
     }
+    pub fn fraction(mut self, k: u64, n: u64) -> Self {
+        assert!(k <= n && n > 0, "fraction {k} of {n}");
+        self.fraction = Some((k, n));
+        self
+    }
+    pub fn skip(mut self, skip: u64) -> Self {
+        self.skip = skip;
+        self
+    }
+    pub fn on_offset_multiple_of(mut self, n: u64) -> Self {
+        self.offset_multiple_of = Some(n);
+        self
+    }
+}
+
+/// A rule in force, with its own counters and random stream (seeded from the proxy's seed
+/// and the rule's position, so one rule's choices do not depend on how often another drew).
+struct ActiveRule {
+    rule: Rule,
+    /// Matching requests seen (including skipped ones and ones the coin spared).
+    matched: u64,
+    /// Requests the rule was applied to (what `times` limits).
+    used: u64,
+    /// Faults that really happened (a cut of a body shorter than the cut point is none).
+    injected: u64,
+    rng: StdRng,
+    /// The current block of a `fraction` rule: true where the fault applies.
+    deck: Vec<bool>,
+    /// Offsets an `offset_multiple_of` rule has seen.
+    offsets_seen: HashSet<u64>,
+}
+
+impl ActiveRule {
+    fn new(rule: Rule, seed: u64, index: usize) -> Self {
+        ActiveRule {
+            rule,
+            matched: 0,
+            used: 0,
+            injected: 0,
+            rng: StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            deck: Vec::new(),
+            offsets_seen: HashSet::new(),
+        }
+    }
+
+    /// Draws whether this matching request gets the fault.
+    fn draw(&mut self) -> bool {
+        if let Some((k, n)) = self.rule.fraction {
+            if self.deck.is_empty() {
+                let mut deck: Vec<bool> = (0..n).map(|i| i < k).collect();
+                deck.shuffle(&mut self.rng);
+                // Drawn from the end: reverse so the block is dealt in the shuffled order.
+                deck.reverse();
+                self.deck = deck;
+            }
+            return self.deck.pop().expect("refilled above");
+        }
+        self.rule.probability >= 1.0 || self.rng.gen::<f64>() < self.rule.probability
+    }
+}
+
+/// What the proxy saw of the upload protocol, in order.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A `PATCH` of upload `id` declaring `offset`; `delivered` body bytes reached the server,
+    /// and `cut` says whether the proxy cut the body (the client then got no answer).
+    Patch {
+        id: String,
+        offset: u64,
+        delivered: u64,
+        cut: bool,
+    },
+    /// An answer the client received that names the offset the server holds for upload `id`.
+    Offset { id: String, offset: u64 },
 }
 
 /// A fault of whole TCP connections, applied by the relay.
@@ -117,14 +212,18 @@ type Kill = oneshot::Sender<oneshot::Sender<()>>;
 struct Shared {
     upstream: String,
     client: reqwest::Client,
-    rules: Mutex<Vec<(Rule, u64)>>,
+    seed: u64,
+    rules: Mutex<Vec<ActiveRule>>,
     conn_rule: Mutex<Option<(ConnRule, u64)>>,
     /// Relayed connections by the local address of their socket to the HTTP proxy (which is
     /// the peer address the proxy sees).
     kills: Mutex<HashMap<SocketAddr, Kill>>,
     faults_injected: AtomicU64,
+    /// Connections reset by the connection rule.
+    connection_faults: AtomicU64,
     requests: AtomicU64,
     connections: AtomicU64,
+    events: Mutex<Vec<Event>>,
 }
 
 pub struct FaultProxy {
@@ -135,8 +234,17 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Starts a proxy to `upstream` (`http://127.0.0.1:PORT`) on its own runtime.
+    /// Starts a proxy to `upstream` (`http://127.0.0.1:PORT`) on its own runtime, with the seed
+    /// from `STOWIX_FAULT_SEED` or a random one (printed either way).
     pub fn start(upstream: &str, rules: Vec<Rule>) -> FaultProxy {
+        let seed = match std::env::var("STOWIX_FAULT_SEED") {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("STOWIX_FAULT_SEED={text:?} is not a u64")),
+            Err(_) => rand::random(),
+        };
+        eprintln!("fault proxy seed: {seed} (replay with STOWIX_FAULT_SEED={seed})");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -148,12 +256,15 @@ impl FaultProxy {
                 .no_proxy()
                 .build()
                 .expect("proxy client"),
-            rules: Mutex::new(rules.into_iter().map(|r| (r, 0)).collect()),
+            seed,
+            rules: Mutex::new(activate(rules, seed)),
             conn_rule: Mutex::new(None),
             kills: Mutex::new(HashMap::new()),
             faults_injected: AtomicU64::new(0),
+            connection_faults: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            events: Mutex::new(Vec::new()),
         });
         // Bound with std and handed over, so a test may start the proxy from async code.
         let bind = || {
@@ -200,7 +311,27 @@ impl FaultProxy {
     }
 
     pub fn set_rules(&self, rules: Vec<Rule>) {
-        *self.shared.rules.lock().unwrap() = rules.into_iter().map(|r| (r, 0)).collect();
+        *self.shared.rules.lock().unwrap() = activate(rules, self.shared.seed);
+    }
+
+    /// The seed of every random choice of this proxy.
+    pub fn seed(&self) -> u64 {
+        self.shared.seed
+    }
+
+    /// Faults rule number `index` (in the order given) really injected.
+    pub fn faults_of(&self, index: usize) -> u64 {
+        self.shared.rules.lock().unwrap()[index].injected
+    }
+
+    /// Connections the connection rule reset.
+    pub fn connection_faults(&self) -> u64 {
+        self.shared.connection_faults.load(Ordering::SeqCst)
+    }
+
+    /// The upload protocol as it passed, in order.
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.events.lock().unwrap().clone()
     }
 
     /// Resets the next `times` new connections after `bytes` client bytes each.
@@ -229,6 +360,14 @@ impl FaultProxy {
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
     }
+}
+
+fn activate(rules: Vec<Rule>, seed: u64) -> Vec<ActiveRule> {
+    rules
+        .into_iter()
+        .enumerate()
+        .map(|(index, rule)| ActiveRule::new(rule, seed, index))
+        .collect()
 }
 
 impl Drop for FaultProxy {
@@ -311,6 +450,7 @@ async fn relay(client: TcpStream, http_addr: SocketAddr, shared: Arc<Shared>) {
         reset = to_server => {
             if reset {
                 shared.faults_injected.fetch_add(1, Ordering::SeqCst);
+                shared.connection_faults.fetch_add(1, Ordering::SeqCst);
             }
         }
         () = to_client => {}
@@ -329,20 +469,55 @@ async fn relay(client: TcpStream, http_addr: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
-fn pick_fault(shared: &Shared, method: &str, path: &str) -> Option<Fault> {
+/// The rule (by index) that applies to this request, if any.
+fn pick_fault(
+    shared: &Shared,
+    method: &str,
+    path: &str,
+    upload_offset: Option<u64>,
+) -> Option<(usize, Fault)> {
     let mut rules = shared.rules.lock().unwrap();
-    for (rule, used) in rules.iter_mut() {
+    for (index, active) in rules.iter_mut().enumerate() {
+        let rule = &active.rule;
+        let offset_matches = match (rule.offset_multiple_of, upload_offset) {
+            (None, _) => true,
+            (Some(n), Some(offset)) => offset % n == 0 && !active.offsets_seen.contains(&offset),
+            (Some(_), None) => false,
+        };
         let matches = (rule.method.is_empty() || rule.method.eq_ignore_ascii_case(method))
             && path.contains(&rule.path_filter)
             && (rule.except_path.is_empty() || !path.contains(&rule.except_path))
-            && *used < rule.times;
-        if matches && rand::random::<f64>() < rule.probability {
-            *used += 1;
+            && offset_matches
+            && active.used < rule.times;
+        if !matches {
+            continue;
+        }
+        if let Some(offset) = upload_offset.filter(|_| rule.offset_multiple_of.is_some()) {
+            active.offsets_seen.insert(offset);
+        }
+        active.matched += 1;
+        if active.matched <= active.rule.skip {
+            continue;
+        }
+        if active.draw() {
+            active.used += 1;
+            active.injected += 1;
             shared.faults_injected.fetch_add(1, Ordering::SeqCst);
-            return Some(rule.fault.clone());
+            return Some((index, active.rule.fault.clone()));
         }
     }
     None
+}
+
+/// The upload id in a path `.../api/v1/uploads/<id>[/complete][?...]`.
+fn upload_id_in(path: &str) -> Option<String> {
+    let rest = path.split("/api/v1/uploads/").nth(1)?;
+    let id = rest.split(['/', '?']).next()?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Resets the client connection that carried the request from `peer`, and waits until it is
@@ -369,7 +544,10 @@ async fn forward(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
-    let fault = pick_fault(&shared, method.as_str(), &path);
+    let upload_offset = header_u64(request.headers(), "upload-offset");
+    let picked = pick_fault(&shared, method.as_str(), &path, upload_offset);
+    let rule_index = picked.as_ref().map(|(index, _)| *index);
+    let fault = picked.map(|(_, fault)| fault);
     if let Some(Fault::Status {
         status,
         retry_after,
@@ -422,6 +600,22 @@ async fn forward(
         // The body was shorter than the cut point: this request passes untouched (the rule
         // still counted it, so say so in the count of injected faults).
         shared.faults_injected.fetch_sub(1, Ordering::SeqCst);
+        if let Some(index) = rule_index {
+            shared.rules.lock().unwrap()[index].injected -= 1;
+        }
+    }
+    if method == axum::http::Method::PATCH {
+        if let (Some(id), Some(offset)) = (upload_id_in(&path), upload_offset) {
+            shared.events.lock().unwrap().push(Event::Patch {
+                id,
+                offset,
+                delivered: pieces
+                    .iter()
+                    .map(|p| p.as_ref().map_or(0, |b| b.len() as u64))
+                    .sum(),
+                cut,
+            });
+        }
     }
     let upstream_body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
     let url = format!("{}{}", shared.upstream, path);
@@ -458,6 +652,38 @@ async fn forward(
     }
     let status = upstream.status();
     let headers = copy_headers(upstream.headers());
+    if path.contains("/api/v1/uploads") {
+        // Upload states and errors are small JSON: read whole to learn the offset the server
+        // names (the `Upload-Offset` header, or `offset` of a 409) and the id of a new upload.
+        let body = match upstream.bytes().await {
+            Ok(body) => body,
+            Err(err) => {
+                return (
+                    StatusCode::BAD_GATEWAY,
+                    format!("proxy: upstream body failed: {err}"),
+                )
+                    .into_response()
+            }
+        };
+        let json = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        let offset = header_u64(&headers, "upload-offset").or_else(|| json["offset"].as_u64());
+        let id = json["upload_id"]
+            .as_str()
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .or_else(|| upload_id_in(&path));
+        if let (Some(id), Some(offset)) = (id, offset) {
+            shared
+                .events
+                .lock()
+                .unwrap()
+                .push(Event::Offset { id, offset });
+        }
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        return response;
+    }
     let mut response = Response::new(Body::from_stream(upstream.bytes_stream()));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
