@@ -203,7 +203,8 @@ async fn assert_left_mid_way(fx: &Fixture, big_nar_hash: &str, root: &str, what:
 #[tokio::test(flavor = "multi_thread")]
 async fn client_killed_at_several_points_then_the_rerun_completes() {
     let fx = Fixture::new();
-    // 2 MiB of random bytes: 32 chunks, ~8 s at the rate limit below.
+    // 2 MiB of random bytes: 32 chunks, ~16 s at the rate limit below, so that none of the
+    // three kills can land after the push finished.
     let built = common::build_derivations(&[
         common::Drv::new("big", "/usr/bin/head -c 2097152 /dev/urandom > $out"),
         common::Drv::new("small-a", "echo a > $out"),
@@ -219,7 +220,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
     let root = built[4].clone();
     let closure = common::closure_of(std::slice::from_ref(&root));
     assert_eq!(closure.len(), 5);
-    let slow = ["--max-upload-rate", "256KiB"];
+    let slow = ["--max-upload-rate", "128KiB"];
     let check = || {
         invariants::check(
             &fx.url,
@@ -229,17 +230,32 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         )
     };
 
-    // 1. Right after the presence answer: dump and compression of the large NAR under way.
+    // 1. During publication: as soon as this run publishes its first path (a small one; the
+    // large NAR has many seconds of upload left at the rate limit).
+    let published_before = fx.server.metric(PUBLISHED).await;
     let mut run = Running::start(&fx, &root, &slow);
-    kill_when(&mut run, "after presence", || async {
-        fx.server.metric(PRESENCE).await >= 1.0
+    kill_when(&mut run, "first path published", || async {
+        fx.server.metric(PUBLISHED).await > published_before
     })
     .await;
     let text = run.kill("run 1");
     assert_left_mid_way(&fx, &big_nar_hash, &root, "run 1", &text).await;
     check().await;
 
-    // 2. In the middle of the large NAR's chunks.
+    // 2. Right after the presence answer: dump and compression of the large NAR under way.
+    let held = stored_nar_hashes(&fx);
+    let presence_before = fx.server.metric(PRESENCE).await;
+    let mut run = Running::start(&fx, &root, &slow);
+    kill_when(&mut run, "after presence", || async {
+        fx.server.metric(PRESENCE).await > presence_before
+    })
+    .await;
+    let text = run.kill("run 2");
+    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 2", &text).await;
+    assert_no_reupload(&text, &held, "run 2");
+    check().await;
+
+    // 3. In the middle of the large NAR's chunks.
     let held = stored_nar_hashes(&fx);
     let start = fx.received_bytes().await;
     let mut run = Running::start(&fx, &root, &slow);
@@ -247,39 +263,14 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
         fx.received_bytes().await >= start + 8.0 * CHUNK as f64
     })
     .await;
-    let text = run.kill("run 2");
-    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 2", &text).await;
-    assert_no_reupload(&text, &held, "run 2");
+    let text = run.kill("run 3");
+    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 3", &text).await;
+    assert_no_reupload(&text, &held, "run 3");
     let report = check().await;
     assert!(
         report.serves_none_of(&[big.clone(), root.clone()]),
         "an interrupted NAR or its dependent is served: {report:?}"
     );
-
-    // 3. During publication: as soon as the first path is reported published (the small
-    // paths are; the large NAR has seconds of upload left at the rate limit).
-    let held = stored_nar_hashes(&fx);
-    let published_before = fx.server.metric(PUBLISHED).await;
-    let mut run = Running::start(&fx, &root, &slow);
-    let lines = Arc::clone(&run.lines);
-    kill_when(&mut run, "first path published", || {
-        let seen = lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.starts_with("published: "));
-        async move { seen }
-    })
-    .await;
-    let published = fx.server.metric(PUBLISHED).await - published_before;
-    let text = run.kill("run 3");
-    assert!(
-        published >= 1.0,
-        "run 3 was killed before the server published anything\n{text}"
-    );
-    assert_left_mid_way(&fx, &big_nar_hash, &root, "run 3", &text).await;
-    assert_no_reupload(&text, &held, "run 3");
-    check().await;
 
     // 4. The re-run completes without uploading anything the server holds.
     let held = stored_nar_hashes(&fx);
