@@ -147,18 +147,6 @@ async fn cut_in_the_middle_of_a_chunk_resends_only_what_is_missing() {
     let pushed = s.push(&[]);
     s.assert_ridden_out(&pushed).await;
     assert_eq!(s.proxy.faults_of(0), 3, "{}", pushed.stderr);
-    // The client saw a broken connection, never an answer head (a 502 or a truncated 200).
-    let patch_retries: Vec<&str> = pushed
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("warning: upload_patch"))
-        .collect();
-    assert!(!patch_retries.is_empty(), "{}", pushed.stderr);
-    assert!(
-        patch_retries.iter().all(|l| !l.contains("HTTP")),
-        "{patch_retries:#?}"
-    );
-
     // Every chunk is sent from where the server last said it stands, never from the start of
     // the chunk or of the upload.
     let events = s.proxy.events();
@@ -197,6 +185,18 @@ async fn cut_in_the_middle_of_a_chunk_resends_only_what_is_missing() {
         "the cuts did not hit the chunks they were meant for: {events:#?}"
     );
     assert_eq!(cut_bytes, 90_000, "{events:#?}");
+
+    // The client saw a broken connection, never an answer head (a 502 or a truncated 200).
+    let patch_retries: Vec<&str> = pushed
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: upload_patch"))
+        .collect();
+    assert!(!patch_retries.is_empty(), "{}", pushed.stderr);
+    assert!(
+        patch_retries.iter().all(|l| !l.contains("HTTP")),
+        "{patch_retries:#?}"
+    );
 
     // The server received each stored byte once, plus at most what the cuts delivered (which
     // it may or may not keep).

@@ -217,12 +217,15 @@ async fn unfinished_uploads_past_their_expiry_are_deleted_at_start() {
     server.restart();
     let url = server.repo_url(&repo);
     let (stale_path, stale_id) = (&uploads[0].1, &uploads[0].2);
-    let (status, err) = api_error(get_upload_raw(&url, &token, stale_id).await).await;
+    let resp = get_upload_raw(&url, &token, stale_id).await;
     assert_eq!(
-        (status, err.code.as_str()),
-        (404, api::codes::NOT_FOUND),
-        "the expired upload is still there: {err:?}"
+        resp.status(),
+        404,
+        "the upload expired 1 h ago is still there after a restart: {}",
+        resp.text().await.unwrap_or_default()
     );
+    let (_, err) = api_error(resp).await;
+    assert_eq!(err.code, api::codes::NOT_FOUND, "{err:?}");
     assert!(!stale_part.exists(), "the expired upload's part file is left behind");
     let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).expect("open db");
     let rows: i64 = db

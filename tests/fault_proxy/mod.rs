@@ -566,6 +566,7 @@ async fn forward(
         return response;
     }
     let headers = copy_headers(request.headers());
+    let declared_length = header_u64(request.headers(), "content-length");
     let limit = match &fault {
         Some(Fault::CutBodyAfter { bytes }) => Some(*bytes),
         _ => None,
@@ -617,6 +618,18 @@ async fn forward(
             });
         }
     }
+    if cut {
+        let delivered: Vec<u8> = pieces
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .flat_map(|b| b.iter().copied())
+            .collect();
+        send_cut_request(&shared, &method, &path, &headers, declared_length, &delivered).await;
+        // The server got the first bytes, then the end of its connection, and answered; only
+        // now the client's connection is reset, with no answer head at all.
+        kill_connection(&shared, peer).await;
+        return (StatusCode::BAD_GATEWAY, "injected cut (never delivered)").into_response();
+    }
     let upstream_body = reqwest::Body::wrap_stream(futures_util::stream::iter(pieces));
     let url = format!("{}{}", shared.upstream, path);
     let upstream = shared
@@ -626,12 +639,6 @@ async fn forward(
         .body(upstream_body)
         .send()
         .await;
-    if cut {
-        // The server got the first bytes and a broken body; the client gets a reset and no
-        // answer head at all.
-        kill_connection(&shared, peer).await;
-        return (StatusCode::BAD_GATEWAY, "injected cut (never delivered)").into_response();
-    }
     let upstream = match upstream {
         Ok(upstream) => upstream,
         Err(err) => {
@@ -688,6 +695,43 @@ async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// Sends `method path` upstream on a connection of its own, announcing `declared_length` body
+/// bytes but sending only `delivered`, then closes the sending side and waits for the answer.
+/// A clean close (FIN) rather than an aborted request (which may reset the connection and make
+/// the server's kernel drop bytes it had not read yet): the server reads every delivered byte
+/// before it sees the body end early, so the test knows exactly what it received.
+async fn send_cut_request(
+    shared: &Shared,
+    method: &axum::http::Method,
+    path: &str,
+    headers: &HeaderMap,
+    declared_length: Option<u64>,
+    delivered: &[u8],
+) {
+    let addr = shared.upstream.trim_start_matches("http://");
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let length = declared_length.unwrap_or(delivered.len() as u64 + 1);
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {length}\r\n"
+    );
+    for (name, value) in headers {
+        if let Ok(value) = value.to_str() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    head.push_str("\r\n");
+    if stream.write_all(head.as_bytes()).await.is_err()
+        || stream.write_all(delivered).await.is_err()
+        || stream.shutdown().await.is_err()
+    {
+        return;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut answer)).await;
 }
 
 fn copy_headers(from: &HeaderMap) -> HeaderMap {
