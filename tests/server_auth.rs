@@ -76,7 +76,11 @@ impl Setup {
     /// The upload id of another repository than the one of `repo_url`.
     fn foreign_upload(&self, repo_url: &str) -> &str {
         let name = Self::name_of(repo_url);
-        let foreign = if name == self.other { &self.repo } else { &self.other };
+        let foreign = if name == self.other {
+            &self.repo
+        } else {
+            &self.other
+        };
         &self.uploads[foreign].0
     }
 
@@ -540,9 +544,13 @@ async fn upload_ids_of_another_repository_are_not_found() {
             if !route.contains("another repository's id") {
                 continue;
             }
-            let code = serde_json::from_str::<api::ApiError>(body).ok().map(|e| e.code);
+            let code = serde_json::from_str::<api::ApiError>(body)
+                .ok()
+                .map(|e| e.code);
             if *got != 404 || code.as_deref() != Some(codes::NOT_FOUND) {
-                failures.push(format!("{route}: expected 404 not_found, got {got} {body:?}"));
+                failures.push(format!(
+                    "{route}: expected 404 not_found, got {got} {body:?}"
+                ));
             }
         }
         assert!(failures.is_empty(), "{auth}:\n{}", failures.join("\n"));
@@ -596,7 +604,10 @@ async fn tokens_for_several_repositories_work_on_those_and_nowhere_else() {
         .lines()
         .find(|l| l.contains(token_id(&both).unwrap()))
         .unwrap_or_else(|| panic!("token not listed:\n{list}"));
-    assert!(line.contains(&s.repo) && line.contains(&s.private), "{line}");
+    assert!(
+        line.contains(&s.repo) && line.contains(&s.private),
+        "{line}"
+    );
 
     // Each token is refused on every route of the repository it is not for, and in either
     // direction: repo/private tokens on `other`, the `other` token on repo and private.

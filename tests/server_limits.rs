@@ -254,7 +254,11 @@ async fn behind_a_trusted_proxy_the_right_most_forwarded_address_is_the_client()
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 429, "the limit does not hold for a right guess");
+    assert_eq!(
+        resp.status(),
+        429,
+        "the limit does not hold for a right guess"
+    );
 
     // Other clients behind the same proxy keep their own budgets, even one that names the
     // limited address to the left of its own.
@@ -275,7 +279,11 @@ async fn without_client_ip_header_forwarded_addresses_are_ignored() {
     let url = server.repo_url(&repo);
     for i in 0..3 {
         let (status, code) = guess(&url, Some(&format!("10.0.0.{i}"))).await;
-        assert_eq!((status, code.as_str()), (401, codes::INVALID_TOKEN), "guess {i}");
+        assert_eq!(
+            (status, code.as_str()),
+            (401, codes::INVALID_TOKEN),
+            "guess {i}"
+        );
     }
     let (status, code) = guess(&url, Some("10.0.0.200")).await;
     assert_eq!(

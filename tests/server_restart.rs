@@ -218,15 +218,17 @@ async fn unfinished_uploads_past_their_expiry_are_deleted_at_start() {
     let url = server.repo_url(&repo);
     let (stale_path, stale_id) = (&uploads[0].1, &uploads[0].2);
     let resp = get_upload_raw(&url, &token, stale_id).await;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
     assert_eq!(
-        resp.status(),
-        404,
-        "the upload expired 1 h ago is still there after a restart: {}",
-        resp.text().await.unwrap_or_default()
+        status, 404,
+        "the upload that expired an hour ago is still there after a restart: {body}"
     );
-    let (_, err) = api_error(resp).await;
-    assert_eq!(err.code, api::codes::NOT_FOUND, "{err:?}");
-    assert!(!stale_part.exists(), "the expired upload's part file is left behind");
+    assert!(body.contains(api::codes::NOT_FOUND), "{body}");
+    assert!(
+        !stale_part.exists(),
+        "the expired upload's part file is left behind"
+    );
     let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).expect("open db");
     let rows: i64 = db
         .query_row(
@@ -238,7 +240,10 @@ async fn unfinished_uploads_past_their_expiry_are_deleted_at_start() {
     assert_eq!(rows, 0, "the expired upload's database row is left behind");
     for (name, _, id) in &uploads[1..] {
         let state = get_upload(&url, &token, id).await;
-        assert_eq!(state.offset, 100, "the {name} upload lost its bytes: {state:?}");
+        assert_eq!(
+            state.offset, 100,
+            "the {name} upload lost its bytes: {state:?}"
+        );
     }
     // Asking again for the expired NAR starts over under a new id.
     let again = create_upload(&url, &token, &xz_create_upload(stale_path)).await;

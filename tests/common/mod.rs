@@ -1399,7 +1399,12 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 impl TestServer {
     /// Polls metric `query` (see [`TestServer::metric`]) until `holds(value)`, and returns the
     /// value; panics naming `what` after [`EVENT_TIMEOUT`].
-    pub async fn wait_for_metric(&self, query: &str, what: &str, holds: impl Fn(f64) -> bool) -> f64 {
+    pub async fn wait_for_metric(
+        &self,
+        query: &str,
+        what: &str,
+        holds: impl Fn(f64) -> bool,
+    ) -> f64 {
         let deadline = Instant::now() + EVENT_TIMEOUT;
         loop {
             let value = self.metric(query).await;

@@ -158,7 +158,9 @@ impl ActiveRule {
             matched: 0,
             used: 0,
             injected: 0,
-            rng: StdRng::seed_from_u64(seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            rng: StdRng::seed_from_u64(
+                seed ^ (index as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ),
             deck: Vec::new(),
             offsets_seen: HashSet::new(),
         }
@@ -624,7 +626,15 @@ async fn forward(
             .filter_map(|p| p.as_ref().ok())
             .flat_map(|b| b.iter().copied())
             .collect();
-        send_cut_request(&shared, &method, &path, &headers, declared_length, &delivered).await;
+        send_cut_request(
+            &shared,
+            &method,
+            &path,
+            &headers,
+            declared_length,
+            &delivered,
+        )
+        .await;
         // The server got the first bytes, then the end of its connection, and answered; only
         // now the client's connection is reset, with no answer head at all.
         kill_connection(&shared, peer).await;
