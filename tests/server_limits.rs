@@ -1,6 +1,8 @@
 //! Protection against clients that would exhaust the server: the cap on concurrent uploads,
-//! the idle timeout on a stalled body, a shutdown that does not wait forever for one, and the
-//! limit on failed authentications.
+//! the idle timeout on a stalled body, a shutdown that waits the grace period for one and no
+//! longer, and the limit on failed authentications per client address (behind a trusted proxy
+//! with `client_ip_header`, and without it). Waits are on events (metrics, answers), never on
+//! fixed pauses.
 
 mod common;
 

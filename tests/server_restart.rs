@@ -1,5 +1,6 @@
 //! The server crashing (SIGKILL) or stopping (SIGTERM): uploads in progress resume from the
-//! bytes held on disk, published paths and tokens survive, shutdown is clean.
+//! bytes held on disk, published paths and tokens survive, shutdown is clean, and unfinished
+//! uploads past `upload_expiry_hours` are gone after the next start.
 
 mod common;
 
