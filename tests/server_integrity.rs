@@ -298,7 +298,7 @@ async fn concurrent_creates_for_one_nar_get_one_session() {
     server.create_repo(&repo, false);
     let token = server.create_token(&repo, "push");
     let url = server.repo_url(&repo);
-    const NARS: usize = 8;
+    const NARS: usize = 16;
     const CALLS: usize = 24;
     for n in 0..NARS {
         let create = create_for(&format!("nar {n} {}", nonce()), 1 << 20);

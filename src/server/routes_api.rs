@@ -686,3 +686,15 @@ fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
         ca: entry.ca.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
+        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
+        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
+        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
+    }
+}
