@@ -93,7 +93,12 @@ async fn a_large_publication_batch_does_not_stall_other_requests() {
     let (status, answer, took) = post.await.unwrap();
     assert_eq!(status, 200);
     // Every entry names a NAR the repository does not have: the whole batch was checked.
-    assert_eq!(answer.rejected.len(), ENTRIES, "{:?}", &answer.rejected[..3]);
+    assert_eq!(
+        answer.rejected.len(),
+        ENTRIES,
+        "{:?}",
+        &answer.rejected[..3]
+    );
     let slowest = latencies.iter().max().copied().unwrap_or_default();
     eprintln!(
         "POST took {took:?}; {} /healthz answers meanwhile, slowest {slowest:?}",

@@ -670,3 +670,81 @@ impl Metadata for SqliteMetadata {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(id: &str, nar: &str) -> UploadRecord {
+        UploadRecord {
+            id: id.into(),
+            repo: "r".into(),
+            nar_hash: nar.into(),
+            nar_size: 1,
+            compression: "xz".into(),
+            encoder: "e".into(),
+            created_at: 0,
+        }
+    }
+
+    const CAPS: SessionCaps = SessionCaps {
+        per_token: 2,
+        per_repo: 3,
+    };
+
+    #[test]
+    fn a_database_from_before_the_uniqueness_rule_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stowix.db");
+        {
+            // The uploads table as earlier versions made it, holding a duplicate session.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for id in ["first", "second"] {
+                conn.execute(
+                    &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, 'r', 'n', 1, 'xz', 'e', 0)"),
+                    [id],
+                )
+                .unwrap();
+            }
+        }
+        let meta = SqliteMetadata::open(&path).unwrap();
+        match meta.open_upload(&upload("third", "n"), "t", CAPS).unwrap() {
+            OpenedUpload::Existing(kept) => assert_eq!(kept.id, "first"),
+            other => panic!("expected the oldest session back, got {other:?}"),
+        }
+        assert!(meta.upload("second").unwrap().is_none());
+        // Opening again is idempotent.
+        drop(meta);
+        SqliteMetadata::open(&path).unwrap();
+    }
+
+    #[test]
+    fn sessions_are_unique_per_key_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMetadata::open(&dir.path().join("stowix.db")).unwrap();
+        assert!(matches!(
+            meta.open_upload(&upload("a", "n1"), "t", CAPS).unwrap(),
+            OpenedUpload::Created(_)
+        ));
+        match meta.open_upload(&upload("b", "n1"), "t", CAPS).unwrap() {
+            OpenedUpload::Existing(existing) => assert_eq!(existing.id, "a"),
+            other => panic!("{other:?}"),
+        }
+        // The unique index refuses a second row for the key, whoever inserts it.
+        assert!(meta.create_upload(&upload("c", "n1")).is_err());
+        meta.open_upload(&upload("d", "n2"), "t", CAPS).unwrap();
+        assert!(matches!(
+            meta.open_upload(&upload("e", "n3"), "t", CAPS).unwrap(),
+            OpenedUpload::TokenFull
+        ));
+        assert!(matches!(
+            meta.open_upload(&upload("f", "n3"), "u", CAPS).unwrap(),
+            OpenedUpload::Created(_)
+        ));
+        assert!(matches!(
+            meta.open_upload(&upload("g", "n4"), "u", CAPS).unwrap(),
+            OpenedUpload::RepoFull
+        ));
+    }
+}
