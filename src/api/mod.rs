@@ -59,6 +59,10 @@ pub mod codes {
     pub const MISSING_REFERENCES: &str = "missing_references";
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
     pub const TOO_MANY_UPLOADS: &str = "too_many_uploads";
+    /// A compressed NAR whose decoder needs more memory than the server allows.
+    pub const DECOMPRESSION_LIMIT: &str = "decompression_limit";
+    /// A token or repository already holds its maximum of unfinished chunked uploads.
+    pub const TOO_MANY_UPLOAD_SESSIONS: &str = "too_many_upload_sessions";
     pub const INTERNAL: &str = "internal";
 }
 

@@ -34,6 +34,21 @@ pub struct ServerConfig {
     /// Header a trusted reverse proxy puts the client's address in (e.g. `X-Forwarded-For`);
     /// unset, the TCP peer address is the client.
     pub client_ip_header: Option<String>,
+    /// Largest NAR accepted, uncompressed, on every upload route. It is also where
+    /// decompression stops when nothing declares the NAR's size yet: `nix copy` PUTs the NAR
+    /// before the narinfo carrying its NarSize, and a few hundred KB of xz can expand without
+    /// end. 32 GiB is sixteen times Hydra's default output limit (2 GiB) and twice the
+    /// single-upload limit. Decoding and hashing that much costs about a minute and a half of
+    /// one core (xz decodes zeros at ~0.45 GB/s on a 2-core CI machine), but no memory or
+    /// disk; a server that never sees NARs that large should lower it.
+    pub max_nar_bytes: u64,
+    /// Unfinished chunked uploads one token may hold open. A push holds at most `--jobs`
+    /// (at most 1024) at once, and a re-run resumes the same ones rather than opening more.
+    pub max_upload_sessions_per_token: u64,
+    /// Unfinished chunked uploads one repository may hold open, whichever tokens opened them:
+    /// room for several full-width pushes at once, yet a bound on the rows and `.part` files
+    /// hostile or broken clients can leave behind before expiry.
+    pub max_upload_sessions_per_repo: u64,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +66,9 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             auth_failures_per_minute: 60,
             client_ip_header: None,
+            max_nar_bytes: 32 << 30,
+            max_upload_sessions_per_token: 1024,
+            max_upload_sessions_per_repo: 4096,
         }
     }
 }
@@ -91,6 +109,15 @@ mod tests {
         assert_eq!(
             parsed.upload_idle_timeout_secs,
             defaults.upload_idle_timeout_secs
+        );
+        assert_eq!(parsed.max_nar_bytes, defaults.max_nar_bytes);
+        assert_eq!(
+            parsed.max_upload_sessions_per_token,
+            defaults.max_upload_sessions_per_token
+        );
+        assert_eq!(
+            parsed.max_upload_sessions_per_repo,
+            defaults.max_upload_sessions_per_repo
         );
     }
 

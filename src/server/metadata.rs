@@ -78,6 +78,23 @@ pub struct UploadRecord {
     pub created_at: i64,
 }
 
+/// How many unfinished chunked uploads one token, and one repository, may hold.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionCaps {
+    pub per_token: u64,
+    pub per_repo: u64,
+}
+
+/// What [`Metadata::open_upload`] did.
+#[derive(Clone, Debug)]
+pub enum OpenedUpload {
+    Created(UploadRecord),
+    /// A session for the same NAR, compression and encoder existed: resume it.
+    Existing(UploadRecord),
+    TokenFull,
+    RepoFull,
+}
+
 #[derive(Clone, Debug)]
 pub struct PublishedNarInfo {
     pub hash: String,
@@ -131,6 +148,23 @@ pub trait Metadata: Send + Sync {
     fn create_upload(&self, upload: &UploadRecord) -> MetaResult<()>;
     fn delete_upload(&self, id: &str) -> MetaResult<()>;
     fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>>;
+
+    /// Creates the upload session for `upload`'s (repository, NarHash, compression, encoder),
+    /// or returns the one that exists: one atomic step under a uniqueness rule, so concurrent
+    /// calls for one NAR get one session. A new session counts against `token_id`'s and the
+    /// repository's caps.
+    fn open_upload(
+        &self,
+        upload: &UploadRecord,
+        token_id: &str,
+        caps: SessionCaps,
+    ) -> MetaResult<OpenedUpload>;
+    /// Store paths (absolute) of the published narinfos among `hashes`, in order.
+    fn published_store_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+    ) -> MetaResult<Vec<Option<String>>>;
 }
 
 const SCHEMA: &str = "
@@ -210,6 +244,7 @@ impl SqliteMetadata {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
+        migrate_uploads(&conn)?;
         Ok(SqliteMetadata {
             conn: Mutex::new(conn),
         })
@@ -221,6 +256,25 @@ impl SqliteMetadata {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Sessions remember the token that opened them (for its cap), and one NAR key has at most one
+/// session. Databases from before either rule get the column, and lose duplicate sessions
+/// (the oldest is kept; a client resumes or restarts whichever it is handed).
+fn migrate_uploads(conn: &Connection) -> MetaResult<()> {
+    let has_token_id = conn
+        .prepare("SELECT 1 FROM pragma_table_info('uploads') WHERE name = 'token_id'")?
+        .exists([])?;
+    if !has_token_id {
+        conn.execute_batch("ALTER TABLE uploads ADD COLUMN token_id TEXT NOT NULL DEFAULT ''")?;
+    }
+    conn.execute_batch(
+        "DELETE FROM uploads WHERE rowid NOT IN (
+             SELECT MIN(rowid) FROM uploads GROUP BY repo, nar_hash, compression, encoder);
+         CREATE UNIQUE INDEX IF NOT EXISTS uploads_one_per_key
+             ON uploads (repo, nar_hash, compression, encoder);
+         CREATE INDEX IF NOT EXISTS uploads_by_token ON uploads (token_id);",
+    )
 }
 
 fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> MetaResult<TokenRecord> {
@@ -531,5 +585,166 @@ impl Metadata for SqliteMetadata {
         ))?;
         let rows = stmt.query_map([at], upload_from_row)?;
         rows.collect()
+    }
+
+    fn open_upload(
+        &self,
+        upload: &UploadRecord,
+        token_id: &str,
+        caps: SessionCaps,
+    ) -> MetaResult<OpenedUpload> {
+        let mut conn = self.conn();
+        // IMMEDIATE: the counts, the insert and the read-back see one state, even with another
+        // process (`stowix admin`) writing.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO uploads ({UPLOAD_COLUMNS}, token_id)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+                 WHERE (SELECT COUNT(*) FROM uploads WHERE token_id = ?8) < ?9
+                   AND (SELECT COUNT(*) FROM uploads WHERE repo = ?2) < ?10
+                 ON CONFLICT (repo, nar_hash, compression, encoder) DO NOTHING"
+            ),
+            params![
+                upload.id,
+                upload.repo,
+                upload.nar_hash,
+                upload.nar_size as i64,
+                upload.compression,
+                upload.encoder,
+                upload.created_at,
+                token_id,
+                i64::try_from(caps.per_token).unwrap_or(i64::MAX),
+                i64::try_from(caps.per_repo).unwrap_or(i64::MAX),
+            ],
+        )?;
+        let current = tx
+            .prepare_cached(&format!(
+                "SELECT {UPLOAD_COLUMNS} FROM uploads
+                 WHERE repo = ?1 AND nar_hash = ?2 AND compression = ?3 AND encoder = ?4"
+            ))?
+            .query_row(
+                [
+                    &upload.repo,
+                    &upload.nar_hash,
+                    &upload.compression,
+                    &upload.encoder,
+                ],
+                upload_from_row,
+            )
+            .optional()?;
+        let opened = match current {
+            Some(row) if row.id == upload.id => OpenedUpload::Created(row),
+            Some(row) => OpenedUpload::Existing(row),
+            None => {
+                let held: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM uploads WHERE token_id = ?1",
+                    [token_id],
+                    |row| row.get(0),
+                )?;
+                if u64::try_from(held).unwrap_or(0) >= caps.per_token {
+                    OpenedUpload::TokenFull
+                } else {
+                    OpenedUpload::RepoFull
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(opened)
+    }
+
+    fn published_store_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+    ) -> MetaResult<Vec<Option<String>>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT store_path FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+        hashes
+            .iter()
+            .map(|hash| {
+                stmt.query_row(params![repo, hash], |row| row.get(0))
+                    .optional()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload(id: &str, nar: &str) -> UploadRecord {
+        UploadRecord {
+            id: id.into(),
+            repo: "r".into(),
+            nar_hash: nar.into(),
+            nar_size: 1,
+            compression: "xz".into(),
+            encoder: "e".into(),
+            created_at: 0,
+        }
+    }
+
+    const CAPS: SessionCaps = SessionCaps {
+        per_token: 2,
+        per_repo: 3,
+    };
+
+    #[test]
+    fn a_database_from_before_the_uniqueness_rule_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stowix.db");
+        {
+            // The uploads table as earlier versions made it, holding a duplicate session.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for id in ["first", "second"] {
+                conn.execute(
+                    &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, 'r', 'n', 1, 'xz', 'e', 0)"),
+                    [id],
+                )
+                .unwrap();
+            }
+        }
+        let meta = SqliteMetadata::open(&path).unwrap();
+        match meta.open_upload(&upload("third", "n"), "t", CAPS).unwrap() {
+            OpenedUpload::Existing(kept) => assert_eq!(kept.id, "first"),
+            other => panic!("expected the oldest session back, got {other:?}"),
+        }
+        assert!(meta.upload("second").unwrap().is_none());
+        // Opening again is idempotent.
+        drop(meta);
+        SqliteMetadata::open(&path).unwrap();
+    }
+
+    #[test]
+    fn sessions_are_unique_per_key_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMetadata::open(&dir.path().join("stowix.db")).unwrap();
+        assert!(matches!(
+            meta.open_upload(&upload("a", "n1"), "t", CAPS).unwrap(),
+            OpenedUpload::Created(_)
+        ));
+        match meta.open_upload(&upload("b", "n1"), "t", CAPS).unwrap() {
+            OpenedUpload::Existing(existing) => assert_eq!(existing.id, "a"),
+            other => panic!("{other:?}"),
+        }
+        // The unique index refuses a second row for the key, whoever inserts it.
+        assert!(meta.create_upload(&upload("c", "n1")).is_err());
+        meta.open_upload(&upload("d", "n2"), "t", CAPS).unwrap();
+        assert!(matches!(
+            meta.open_upload(&upload("e", "n3"), "t", CAPS).unwrap(),
+            OpenedUpload::TokenFull
+        ));
+        assert!(matches!(
+            meta.open_upload(&upload("f", "n3"), "u", CAPS).unwrap(),
+            OpenedUpload::Created(_)
+        ));
+        assert!(matches!(
+            meta.open_upload(&upload("g", "n4"), "u", CAPS).unwrap(),
+            OpenedUpload::RepoFull
+        ));
     }
 }

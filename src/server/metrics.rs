@@ -15,6 +15,7 @@ pub const NARS_STORED_TOTAL: &str = "stowix_server_nars_stored_total";
 pub const NARINFOS_PUBLISHED_TOTAL: &str = "stowix_server_narinfos_published_total";
 pub const UPLOADS_REJECTED_TOTAL: &str = "stowix_server_uploads_rejected_total";
 pub const AUTH_FAILURES_TOTAL: &str = "stowix_server_auth_failures_total";
+pub const VERIFIED_NAR_BYTES_TOTAL: &str = "stowix_server_verified_nar_bytes_total";
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -36,6 +37,7 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
     metrics::counter!(UPLOAD_RECEIVED_BYTES_TOTAL).absolute(0);
     metrics::counter!(NARS_STORED_TOTAL).absolute(0);
     metrics::counter!(NARINFOS_PUBLISHED_TOTAL).absolute(0);
+    metrics::counter!(VERIFIED_NAR_BYTES_TOTAL).absolute(0);
     Ok(handle)
 }
 
@@ -59,6 +61,11 @@ fn describe() {
     metrics::describe_counter!(
         UPLOADS_REJECTED_TOTAL,
         "Uploads refused at verification, by reason"
+    );
+    metrics::describe_counter!(
+        VERIFIED_NAR_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "NAR bytes decompressed while verifying uploads, whatever the outcome"
     );
     metrics::describe_counter!(
         AUTH_FAILURES_TOTAL,

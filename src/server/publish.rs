@@ -5,9 +5,10 @@
 //!     ──► closure check: every reference is self, already published, or an accepted candidate
 //!     ──► sign with the repository key ──► one metadata transaction
 //! ```
-//! The check runs to a fixed point, so a batch holding a path and its references publishes
-//! together, and a path whose reference is missing is refused with the names of what is missing:
-//! a repository never serves a narinfo whose NAR or references are absent.
+//! The check runs to a fixed point ([`closure_check`], pure), so a batch holding a path and its
+//! references publishes together, and a path whose reference is missing is refused with the
+//! names of what is missing: a repository never serves a narinfo whose NAR or references are
+//! absent. References match whole store paths, name included.
 
 use std::collections::{HashMap, HashSet};
 
@@ -17,7 +18,7 @@ use super::metrics;
 use super::AppState;
 use crate::api::{codes, PublishRejection};
 use crate::nix::signing::SecretKey;
-use crate::nix::{NarInfo, Sha256Hash};
+use crate::nix::{NarInfo, Sha256Hash, StorePath};
 
 pub struct Candidate {
     /// The client's narinfo; URL, compression and file fields are replaced from `nar`.
@@ -37,7 +38,6 @@ pub async fn publish(
     repo: &RepoRecord,
     candidates: Vec<Candidate>,
 ) -> ServerResult<Outcome> {
-    let mut outcome = Outcome::default();
     // One lookup for the batch's own paths and everything they reference: a path published
     // earlier is left as it is (and satisfies references), whatever this request says of it.
     let mut lookup: Vec<String> = candidates
@@ -52,83 +52,26 @@ pub async fn publish(
     lookup.sort();
     let repo_name = repo.name.clone();
     let query = lookup.clone();
-    let published_flags = state
-        .db(move |meta| meta.published_among(&repo_name, &query))
+    let stored_paths = state
+        .db(move |meta| meta.published_store_paths(&repo_name, &query))
         .await?;
-    let published: HashSet<String> = lookup
-        .into_iter()
-        .zip(published_flags)
-        .filter_map(|(hash, published)| published.then_some(hash))
-        .collect();
-    let (already, candidates): (Vec<Candidate>, Vec<Candidate>) = candidates
-        .into_iter()
-        .partition(|c| published.contains(c.info.store_path.hash_part()));
-    outcome.already_published = already
-        .iter()
-        .map(|c| c.info.store_path.hash_part().to_string())
-        .collect();
-    let published_outside = published;
-
-    // Fixed point: drop candidates with a reference that is neither published nor accepted.
-    let mut accepted: HashMap<String, usize> = candidates
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.info.store_path.hash_part().to_string(), i))
-        .collect();
-    let mut missing_of: HashMap<usize, Vec<String>> = HashMap::new();
-    loop {
-        let mut dropped = Vec::new();
-        for (hash, &i) in &accepted {
-            let info = &candidates[i].info;
-            let missing: Vec<String> = info
-                .references
-                .iter()
-                .filter(|r| {
-                    r.hash_part() != hash
-                        && !published_outside.contains(r.hash_part())
-                        && !accepted.contains_key(r.hash_part())
-                })
-                .map(|r| r.to_absolute())
-                .collect();
-            if !missing.is_empty() {
-                dropped.push(hash.clone());
-                missing_of.insert(i, missing);
-            }
-        }
-        if dropped.is_empty() {
-            break;
-        }
-        for hash in dropped {
-            accepted.remove(&hash);
+    let mut published = HashMap::new();
+    for (hash, path) in lookup.into_iter().zip(stored_paths) {
+        if let Some(path) = path {
+            let path = StorePath::from_absolute(&path).map_err(|err| {
+                super::error::ServerError::internal(format!("published store path: {err}"))
+            })?;
+            published.insert(hash, path);
         }
     }
-
     let key = SecretKey::parse(&repo.secret_key).map_err(|err| {
         super::error::ServerError::internal(format!("repository {} key: {err}", repo.name))
     })?;
-    let mut rows = Vec::new();
-    for (i, candidate) in candidates.into_iter().enumerate() {
-        let hash = candidate.info.store_path.hash_part().to_string();
-        if let Some(missing) = missing_of.remove(&i) {
-            outcome.rejected.push(PublishRejection {
-                hash,
-                code: codes::MISSING_REFERENCES.into(),
-                message: format!(
-                    "{} references paths this repository does not have: {}; push them first (or in the same request)",
-                    candidate.info.store_path,
-                    missing.join(", ")
-                ),
-            });
-            continue;
-        }
-        let signed = sign(candidate, &key)?;
-        rows.push(PublishedNarInfo {
-            hash,
-            store_path: signed.store_path.to_absolute(),
-            nar_hash: signed.nar_hash.to_typed_nix32(),
-            text: signed.render(),
-        });
-    }
+    // Checking thousands of references and signing thousands of narinfos is CPU work: off the
+    // async workers, so other requests keep being answered meanwhile.
+    let (mut outcome, rows) =
+        tokio::task::spawn_blocking(move || decide_and_sign(candidates, &published, &key))
+            .await??;
     let repo_name = repo.name.clone();
     let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
     let newly = state
@@ -147,6 +90,120 @@ pub async fn publish(
     Ok(outcome)
 }
 
+/// Sorts the candidates into already published, refused and signed rows to write. `published`
+/// maps hash parts to the store paths this repository already publishes under them.
+fn decide_and_sign(
+    candidates: Vec<Candidate>,
+    published: &HashMap<String, StorePath>,
+    key: &SecretKey,
+) -> ServerResult<(Outcome, Vec<PublishedNarInfo>)> {
+    let mut outcome = Outcome::default();
+    let mut fresh = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let path = &candidate.info.store_path;
+        match published.get(path.hash_part()) {
+            None => fresh.push(candidate),
+            Some(existing) if existing == path => {
+                outcome.already_published.push(path.hash_part().to_string())
+            }
+            Some(existing) => outcome.rejected.push(PublishRejection {
+                hash: path.hash_part().to_string(),
+                code: codes::BAD_REQUEST.into(),
+                message: format!(
+                    "{path} cannot be published: this repository already publishes {existing} under the same hash part"
+                ),
+            }),
+        }
+    }
+    let published_paths: HashSet<&StorePath> = published.values().collect();
+    let closure: Vec<(&StorePath, &[StorePath])> = fresh
+        .iter()
+        .map(|c| (&c.info.store_path, c.info.references.as_slice()))
+        .collect();
+    let missing_of: Vec<Vec<String>> = closure_check(&closure, &published_paths)
+        .into_iter()
+        .map(|missing| missing.iter().map(|r| r.to_absolute()).collect())
+        .collect();
+    drop(closure);
+    let mut rows = Vec::new();
+    for (candidate, missing) in fresh.into_iter().zip(missing_of) {
+        let hash = candidate.info.store_path.hash_part().to_string();
+        if !missing.is_empty() {
+            outcome.rejected.push(PublishRejection {
+                hash,
+                code: codes::MISSING_REFERENCES.into(),
+                message: format!(
+                    "{} references paths this repository does not have: {}; push them first (or in the same request)",
+                    candidate.info.store_path,
+                    missing.join(", ")
+                ),
+            });
+            continue;
+        }
+        let signed = sign(candidate, key)?;
+        rows.push(PublishedNarInfo {
+            hash,
+            store_path: signed.store_path.to_absolute(),
+            nar_hash: signed.nar_hash.to_typed_nix32(),
+            text: signed.render(),
+        });
+    }
+    Ok((outcome, rows))
+}
+
+/// The closure check, to its fixed point: a candidate `(path, references)` is accepted when
+/// every reference is the path itself, a path in `published`, or an accepted candidate,
+/// compared as whole store paths (a hash part alone is not enough: `<hash>-other` is a
+/// different path, and Nix refuses a closure that names it). Returns, per candidate, the
+/// references found missing (empty when accepted). Refusals propagate: a candidate whose
+/// reference is refused is refused too.
+pub fn closure_check<'a>(
+    candidates: &[(&'a StorePath, &'a [StorePath])],
+    published: &HashSet<&StorePath>,
+) -> Vec<Vec<&'a StorePath>> {
+    let mut accepted: HashMap<&StorePath, usize> = HashMap::new();
+    for (path, _) in candidates {
+        *accepted.entry(*path).or_default() += 1;
+    }
+    // Who references whom among the candidates, so a refusal only revisits its dependents.
+    let mut dependents: HashMap<&StorePath, Vec<usize>> = HashMap::new();
+    for (i, (path, references)) in candidates.iter().enumerate() {
+        for reference in references.iter() {
+            if reference != *path {
+                dependents.entry(reference).or_default().push(i);
+            }
+        }
+    }
+    let mut missing: Vec<Vec<&'a StorePath>> = vec![Vec::new(); candidates.len()];
+    let unresolved = |i: usize, accepted: &HashMap<&StorePath, usize>| {
+        let (path, references) = candidates[i];
+        references
+            .iter()
+            .filter(|r| *r != path && !published.contains(r) && !accepted.contains_key(r))
+            .collect::<Vec<_>>()
+    };
+    let mut queue: Vec<usize> = (0..candidates.len()).collect();
+    while let Some(i) = queue.pop() {
+        if !missing[i].is_empty() {
+            continue;
+        }
+        let found = unresolved(i, &accepted);
+        if found.is_empty() {
+            continue;
+        }
+        missing[i] = found;
+        let path = candidates[i].0;
+        if let Some(count) = accepted.get_mut(path) {
+            *count -= 1;
+            if *count == 0 {
+                accepted.remove(path);
+                queue.extend(dependents.get(path).into_iter().flatten().copied());
+            }
+        }
+    }
+    missing
+}
+
 /// Completes the narinfo from the stored NAR and signs it. Signatures the client carried along
 /// are kept (Nix does the same), except any under this repository's key name: only the server
 /// signs for its own key.
@@ -163,4 +220,120 @@ fn sign(candidate: Candidate, key: &SecretKey) -> ServerResult<NarInfo> {
     info.sigs.retain(|sig| !sig.starts_with(&own_prefix));
     info.sigs.push(key.sign(&info.fingerprint()));
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(hash_char: char, name: &str) -> StorePath {
+        let hash: String = std::iter::repeat_n(hash_char, 32).collect();
+        StorePath::from_basename(&format!("{hash}-{name}")).unwrap()
+    }
+
+    /// Runs the check and names each candidate's missing references by basename.
+    fn check(
+        candidates: &[(StorePath, Vec<StorePath>)],
+        published: &[StorePath],
+    ) -> Vec<Vec<String>> {
+        let borrowed: Vec<(&StorePath, &[StorePath])> = candidates
+            .iter()
+            .map(|(p, refs)| (p, refs.as_slice()))
+            .collect();
+        let published: HashSet<&StorePath> = published.iter().collect();
+        closure_check(&borrowed, &published)
+            .into_iter()
+            .map(|missing| missing.iter().map(|p| p.basename().to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_with_its_references_is_accepted_whole() {
+        let (a, b, c) = (path('a', "a"), path('b', "b"), path('c', "c"));
+        let result = check(
+            &[
+                (a.clone(), vec![a.clone(), b.clone()]),
+                (b.clone(), vec![c.clone()]),
+                (c.clone(), vec![]),
+            ],
+            &[],
+        );
+        assert!(result.iter().all(Vec::is_empty), "{result:?}");
+    }
+
+    #[test]
+    fn published_references_satisfy_only_by_their_exact_path() {
+        let published = path('p', "lib");
+        let same = (path('a', "app"), vec![published.clone()]);
+        let renamed = (path('b', "bin"), vec![path('p', "other-name")]);
+        let result = check(&[same, renamed], std::slice::from_ref(&published));
+        assert_eq!(result[0], Vec::<String>::new());
+        assert_eq!(
+            result[1],
+            vec![path('p', "other-name").basename().to_string()]
+        );
+    }
+
+    #[test]
+    fn a_self_reference_under_another_name_is_missing() {
+        let me = path('a', "app");
+        let result = check(&[(me.clone(), vec![me.clone(), path('a', "not-app")])], &[]);
+        assert_eq!(result[0], vec![path('a', "not-app").basename().to_string()]);
+    }
+
+    #[test]
+    fn a_batch_reference_under_another_name_is_missing() {
+        let lib = path('l', "lib");
+        let app = path('a', "app");
+        let result = check(
+            &[(lib.clone(), vec![]), (app, vec![path('l', "lib-renamed")])],
+            &[],
+        );
+        assert!(result[0].is_empty());
+        assert_eq!(
+            result[1],
+            vec![path('l', "lib-renamed").basename().to_string()]
+        );
+    }
+
+    #[test]
+    fn refusals_propagate_along_a_chain_in_any_order() {
+        // d -> c -> b -> a -> (missing x); f is independent.
+        let p: Vec<StorePath> = ['a', 'b', 'c', 'd', 'f']
+            .iter()
+            .map(|&c| path(c, &c.to_string()))
+            .collect();
+        let x = path('x', "x");
+        let mut candidates = vec![
+            (p[3].clone(), vec![p[2].clone()]),
+            (p[0].clone(), vec![x.clone()]),
+            (p[4].clone(), vec![p[4].clone()]),
+            (p[2].clone(), vec![p[1].clone()]),
+            (p[1].clone(), vec![p[0].clone()]),
+        ];
+        for _ in 0..candidates.len() {
+            candidates.rotate_left(1);
+            let result = check(&candidates, &[]);
+            for ((path, _), missing) in candidates.iter().zip(&result) {
+                let expected: Vec<String> = match path.name() {
+                    "a" => vec![x.basename().into()],
+                    "b" => vec![p[0].basename().into()],
+                    "c" => vec![p[1].basename().into()],
+                    "d" => vec![p[2].basename().into()],
+                    _ => vec![],
+                };
+                assert_eq!(missing, &expected, "{}", path.name());
+            }
+        }
+    }
+
+    #[test]
+    fn a_cycle_inside_the_batch_is_accepted() {
+        let (a, b) = (path('a', "a"), path('b', "b"));
+        let result = check(
+            &[(a.clone(), vec![b.clone()]), (b.clone(), vec![a.clone()])],
+            &[],
+        );
+        assert!(result.iter().all(Vec::is_empty), "{result:?}");
+    }
 }

@@ -12,10 +12,10 @@ use axum::Json;
 use rand::Rng;
 
 use super::error::{ServerError, ServerResult};
-use super::metadata::{now_unix, Presence, UploadRecord};
+use super::metadata::{now_unix, OpenedUpload, Presence, SessionCaps, UploadRecord};
 use super::publish::{self, Candidate};
 use super::upload::{self, Expected};
-use super::{verify, ApiReadAccess, Authorized, PushAccess, SharedState};
+use super::{auth, verify, ApiReadAccess, Authorized, PushAccess, SharedState};
 use crate::api::{
     codes, CompleteUpload, CreateUpload, NarStored, NarUploadParams, PresenceRequest,
     PresenceResponse, PublishRequest, PublishResponse, RepoInfo, ServerLimits, UploadState,
@@ -28,7 +28,7 @@ use crate::nix::{NarInfo, Sha256Hash, StorePath};
 /// JSON bodies of the push API are parsed only after the credentials are checked, so an
 /// unauthenticated client cannot make the server buffer or parse anything, and a malformed body
 /// gets the same `{code, message}` answer as every other error.
-async fn read_json<T: serde::de::DeserializeOwned>(
+async fn read_json<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &SharedState,
     body: Body,
 ) -> ServerResult<T> {
@@ -38,13 +38,25 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         Duration::from_secs(state.config.upload_idle_timeout_secs),
     )
     .await?;
-    serde_json::from_slice(&bytes).map_err(|err| {
-        ServerError::bad_request(
-            codes::BAD_REQUEST,
-            format!("the JSON body is invalid: {err}"),
-        )
-    })
+    let inline = bytes.len() <= JSON_INLINE_PARSE_BYTES;
+    let parse = move || {
+        serde_json::from_slice(&bytes).map_err(|err| {
+            ServerError::bad_request(
+                codes::BAD_REQUEST,
+                format!("the JSON body is invalid: {err}"),
+            )
+        })
+    };
+    // Parsing tens of MB takes a good fraction of a second: off the async workers. A small body
+    // parses faster than a hop to the blocking pool would take.
+    if inline {
+        parse()
+    } else {
+        tokio::task::spawn_blocking(parse).await?
+    }
 }
+
+const JSON_INLINE_PARSE_BYTES: usize = 64 << 10;
 
 /// Batches over the configured size are refused whole, so one request's work stays bounded.
 fn check_batch(len: usize, limit: usize, what: &str) -> ServerResult<()> {
@@ -159,6 +171,7 @@ pub async fn upload_whole(
         )
     })?;
     check_compression(&params.compression)?;
+    upload::check_nar_size(&state.config, params.nar_size)?;
     let nar_hash = parse_nar_hash(&params.nar_hash)?;
     let file_hash = parse_nar_hash(&params.file_hash)?;
     if params.file_size > state.config.max_single_upload_bytes {
@@ -259,10 +272,12 @@ fn state_response(status: StatusCode, state: UploadState) -> Response {
 pub async fn create_upload(
     State(state): State<SharedState>,
     Authorized { repo, .. }: PushAccess,
+    headers: HeaderMap,
     body: Body,
 ) -> ServerResult<Response> {
     let request: CreateUpload = read_json(&state, body).await?;
     check_compression(&request.compression)?;
+    upload::check_nar_size(&state.config, request.nar_size)?;
     let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
     if request.encoder.len() > 200 {
         return Err(ServerError::bad_request(
@@ -286,26 +301,6 @@ pub async fn create_upload(
             },
         ));
     }
-    let name = repo.name.clone();
-    let (hash, compression, encoder) = (
-        nar_hash.clone(),
-        request.compression.clone(),
-        request.encoder.clone(),
-    );
-    let existing = state
-        .db(move |meta| meta.find_upload(&name, &hash, &compression, &encoder))
-        .await?;
-    if let Some(existing) = existing {
-        let offset = held_offset(&state, &existing.id).await?;
-        return Ok(state_response(
-            StatusCode::OK,
-            UploadState {
-                upload_id: existing.id,
-                offset,
-                already_stored: false,
-            },
-        ));
-    }
     let record = UploadRecord {
         id: new_upload_id(),
         repo: repo.name.clone(),
@@ -315,18 +310,53 @@ pub async fn create_upload(
         encoder: request.encoder,
         created_at: now_unix(),
     };
-    tokio::fs::File::create(upload_path(&state, &record.id)).await?;
-    let id = record.id.clone();
-    state.db(move |meta| meta.create_upload(&record)).await?;
+    // The id of the token, to count its sessions; the extractor has already checked it.
+    let token_id = auth::presented_token(&headers)?
+        .as_deref()
+        .and_then(auth::parse_token)
+        .map(|token| token.id.to_string())
+        .unwrap_or_default();
+    let caps = SessionCaps {
+        per_token: state.config.max_upload_sessions_per_token,
+        per_repo: state.config.max_upload_sessions_per_repo,
+    };
+    // One statement decides, under the database's uniqueness rule for (repository, NarHash,
+    // compression, encoder): concurrent creates for one NAR all get the same session.
+    let opened = state
+        .db(move |meta| meta.open_upload(&record, &token_id, caps))
+        .await?;
+    let (status, upload) = match opened {
+        OpenedUpload::Created(upload) => (StatusCode::CREATED, upload),
+        OpenedUpload::Existing(upload) => (StatusCode::OK, upload),
+        OpenedUpload::TokenFull => return Err(too_many_sessions("this token", caps.per_token)),
+        OpenedUpload::RepoFull => return Err(too_many_sessions("this repository", caps.per_repo)),
+    };
+    let offset = held_offset(&state, &upload.id).await?;
     Ok(state_response(
-        StatusCode::CREATED,
+        status,
         UploadState {
-            upload_id: id,
-            offset: 0,
+            upload_id: upload.id,
+            offset,
             already_stored: false,
         },
     ))
 }
+
+/// Sessions free up as uploads complete, are aborted or expire: worth retrying later.
+fn too_many_sessions(holder: &str, cap: u64) -> ServerError {
+    ServerError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        codes::TOO_MANY_UPLOAD_SESSIONS,
+        format!(
+            "{holder} already holds its maximum of {cap} unfinished uploads: complete or abort some (DELETE uploads/<id>), or retry once they expire"
+        ),
+    )
+    .with_retry_after(SESSIONS_RETRY_AFTER_SECS)
+}
+
+/// Long enough that a client waiting for a session does not hammer the server, short enough
+/// that a push whose own uploads complete meanwhile carries on promptly.
+const SESSIONS_RETRY_AFTER_SECS: u64 = 10;
 
 pub async fn upload_state(
     State(state): State<SharedState>,
@@ -389,9 +419,8 @@ pub async fn upload_chunk(
         .create(true)
         .open(&path)
         .await?;
-    // Compressed output is never much larger than the NAR (xz and zstd add well under 1% to
-    // incompressible data), so this bounds the disk one upload can take.
-    let max_file_size = record.nar_size + record.nar_size / 64 + (64 << 10);
+    // Sessions from before `max_nar_bytes` was checked at creation may declare any NarSize.
+    let max_file_size = max_compressed_size(record.nar_size.min(state.config.max_nar_bytes));
     let room = max_file_size.saturating_sub(held);
     let received = upload::receive_into(
         body,
@@ -404,8 +433,24 @@ pub async fn upload_chunk(
         // An oversized chunk is refused whole, so the offset stays where the client expects it.
         file.set_len(held).await?;
     }
+    // Every offset this server states (here, in GET, in a 409) is the file's length: the bytes
+    // below it reach the disk before any of those answers, so a power loss cannot take back an
+    // acknowledged chunk. Also after a failed chunk, whose kept bytes a GET reports.
+    file.sync_data().await?;
     drop(file);
-    received?;
+    match received {
+        Err(upload::ReceiveError::TooLarge { .. }) if room < state.config.max_chunk_bytes => {
+            return Err(ServerError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                format!(
+                    "this chunk takes the upload past {max_file_size} bytes, the most a NAR of NarSize {} may compress to",
+                    record.nar_size
+                ),
+            ))
+        }
+        other => other?,
+    };
     let offset = held_offset(&state, &record.id).await?;
     Ok(state_response(
         StatusCode::OK,
@@ -415,6 +460,16 @@ pub async fn upload_chunk(
             already_stored: false,
         },
     ))
+}
+
+/// The largest compressed file a NAR of `nar_size` bytes may upload as: xz and zstd add well
+/// under 1% to incompressible data, so this bounds the disk one upload can take. Saturates
+/// rather than wrapping on a hostile NarSize.
+fn max_compressed_size(nar_size: u64) -> u64 {
+    nar_size
+        .checked_add(nar_size / 64)
+        .and_then(|size| size.checked_add(64 << 10))
+        .unwrap_or(u64::MAX)
 }
 
 async fn discard_upload(state: &SharedState, id: &str) -> ServerResult<()> {
@@ -507,32 +562,9 @@ pub async fn publish(
         state.config.max_publish_batch,
         "narinfos per request",
     )?;
-    let mut response = PublishResponse::default();
-    let mut parsed = Vec::with_capacity(request.narinfos.len());
-    let mut seen = HashSet::new();
-    for entry in request.narinfos {
-        let hash_hint = entry
-            .store_path
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .chars()
-            .take(32)
-            .collect::<String>();
-        match parse_entry(&entry) {
-            Ok(info) if seen.insert(info.store_path.hash_part().to_string()) => parsed.push(info),
-            Ok(info) => response.rejected.push(crate::api::PublishRejection {
-                hash: info.store_path.hash_part().to_string(),
-                code: codes::BAD_REQUEST.into(),
-                message: format!("{} appears twice in this request", info.store_path),
-            }),
-            Err(message) => response.rejected.push(crate::api::PublishRejection {
-                hash: hash_hint,
-                code: codes::BAD_REQUEST.into(),
-                message,
-            }),
-        }
-    }
+    // Validating every store path of a large batch is CPU work like the JSON parse before it.
+    let (mut response, parsed) =
+        tokio::task::spawn_blocking(move || parse_entries(request)).await?;
     let name = repo.name.clone();
     let nar_hashes: Vec<String> = parsed
         .iter()
@@ -578,6 +610,38 @@ pub async fn publish(
     Ok(Json(response))
 }
 
+/// The request's entries as narinfos, and a response already holding the malformed and
+/// duplicate ones.
+fn parse_entries(request: PublishRequest) -> (PublishResponse, Vec<NarInfo>) {
+    let mut response = PublishResponse::default();
+    let mut parsed = Vec::with_capacity(request.narinfos.len());
+    let mut seen = HashSet::new();
+    for entry in request.narinfos {
+        let hash_hint = entry
+            .store_path
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(32)
+            .collect::<String>();
+        match parse_entry(&entry) {
+            Ok(info) if seen.insert(info.store_path.hash_part().to_string()) => parsed.push(info),
+            Ok(info) => response.rejected.push(crate::api::PublishRejection {
+                hash: info.store_path.hash_part().to_string(),
+                code: codes::BAD_REQUEST.into(),
+                message: format!("{} appears twice in this request", info.store_path),
+            }),
+            Err(message) => response.rejected.push(crate::api::PublishRejection {
+                hash: hash_hint,
+                code: codes::BAD_REQUEST.into(),
+                message,
+            }),
+        }
+    }
+    (response, parsed)
+}
+
 fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
     let store_path = StorePath::from_absolute(&entry.store_path).map_err(|e| e.to_string())?;
     let nar_hash = Sha256Hash::parse(&entry.nar_hash).map_err(|e| e.to_string())?;
@@ -621,4 +685,16 @@ fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
         sigs: entry.signatures.clone(),
         ca: entry.ca.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
+        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
+        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
+        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
+    }
 }

@@ -76,7 +76,7 @@ pub async fn receive_into(
             Ok(Some(Ok(bytes))) => bytes,
         };
         metrics::record_received(next.len() as u64);
-        if written + next.len() as u64 > limit {
+        if written.saturating_add(next.len() as u64) > limit {
             break Err(ReceiveError::TooLarge { limit });
         }
         if let Err(err) = file.write_all(&next).await {
@@ -169,25 +169,49 @@ pub async fn verify_and_store(
     })?;
     let path = staged.to_path_buf();
     let compression_owned = compression.to_string();
+    let limit = output_limit(&state.config, expected.nar_size)?;
     let verified =
-        tokio::task::spawn_blocking(move || verify::verify_file(&path, &compression_owned))
+        tokio::task::spawn_blocking(move || verify::verify_file(&path, &compression_owned, limit))
             .await?
             .map_err(|err| {
-                let (code, reason) = match &err {
+                let (status, code, reason) = match &err {
                     verify::VerifyError::Io(io) => {
                         return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
                     }
-                    verify::VerifyError::UnsupportedCompression(_) => {
-                        (codes::UNSUPPORTED_COMPRESSION, "compression")
-                    }
-                    verify::VerifyError::InvalidNar(_) => (codes::INVALID_NAR, "invalid_nar"),
+                    verify::VerifyError::UnsupportedCompression(_) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        codes::UNSUPPORTED_COMPRESSION,
+                        "compression",
+                    ),
+                    verify::VerifyError::InvalidNar(_) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        codes::INVALID_NAR,
+                        "invalid_nar",
+                    ),
                     verify::VerifyError::Decompress { .. }
-                    | verify::VerifyError::TrailingData(_) => {
-                        (codes::INVALID_NAR, "bad_compression")
-                    }
+                    | verify::VerifyError::TrailingData(_) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        codes::INVALID_NAR,
+                        "bad_compression",
+                    ),
+                    verify::VerifyError::DecoderMemory { .. } => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        codes::DECOMPRESSION_LIMIT,
+                        "decoder_memory",
+                    ),
+                    verify::VerifyError::TooMuchOutput(limit) if limit.declared => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        codes::NAR_SIZE_MISMATCH,
+                        "nar_size",
+                    ),
+                    verify::VerifyError::TooMuchOutput(_) => (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        codes::PAYLOAD_TOO_LARGE,
+                        "nar_too_large",
+                    ),
                 };
                 reject(reason);
-                ServerError::unprocessable(code, err.to_string())
+                ServerError::new(status, code, err.to_string())
             })?;
     check_expectations(&verified, &expected)?;
     let file_nix32 = verified.file_hash.to_nix32();
@@ -211,6 +235,41 @@ pub async fn verify_and_store(
         ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
     }
     Ok((record, newly))
+}
+
+/// Where decompression stops: just past the declared NarSize, else at the server's cap.
+fn output_limit(
+    config: &super::config::ServerConfig,
+    declared: Option<u64>,
+) -> ServerResult<verify::OutputLimit> {
+    match declared {
+        Some(size) => {
+            check_nar_size(config, size)?;
+            Ok(verify::OutputLimit {
+                bytes: size,
+                declared: true,
+            })
+        }
+        None => Ok(verify::OutputLimit {
+            bytes: config.max_nar_bytes,
+            declared: false,
+        }),
+    }
+}
+
+/// Refuses a declared NarSize over `max_nar_bytes` before any byte of the body is read.
+pub fn check_nar_size(config: &super::config::ServerConfig, nar_size: u64) -> ServerResult<()> {
+    if nar_size > config.max_nar_bytes {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!(
+                "a NarSize of {nar_size} bytes is over this server's max_nar_bytes of {}",
+                config.max_nar_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn reject(reason: &'static str) {
