@@ -53,7 +53,8 @@ const BASE_RESERVE: u64 = 64;
 /// limit leaves fewer than 16 connections.
 pub fn connection_cap(nofile: u64, upload_slots: usize, db_connections: usize) -> Option<usize> {
     let reserve = BASE_RESERVE + 2 * upload_slots as u64 + 4 * db_connections as u64;
-    let cap = nofile.saturating_sub(reserve);
+    // Up to an eighth more may be open for a moment while evicted connections close.
+    let cap = nofile.saturating_sub(reserve) / 9 * 8;
     (cap >= 16).then_some(cap.min(1 << 20) as usize)
 }
 
@@ -83,7 +84,10 @@ struct ConnShared {
 /// Open connections and, oldest first, those idle (waiting for a request head).
 #[derive(Default)]
 struct Registry {
-    open: AtomicUsize,
+    /// Connections counted against the cap: open ones not yet asked to close.
+    counted: AtomicUsize,
+    /// Sockets open, evicted ones included until they have closed.
+    live: AtomicUsize,
     idle: Mutex<VecDeque<(Weak<ConnShared>, u64)>>,
     all_closed: Notify,
 }
@@ -95,7 +99,7 @@ impl Registry {
         idle.push_back((Arc::downgrade(conn), round));
         // Entries of connections that went busy or closed are skipped lazily; dropping them
         // once they outnumber open connections keeps the queue's size proportional to those.
-        let open = self.open.load(Ordering::Relaxed);
+        let open = self.live.load(Ordering::Relaxed);
         if idle.len() > 2 * open + 64 {
             idle.retain(|(weak, round)| {
                 weak.upgrade().is_some_and(|conn| {
@@ -117,6 +121,8 @@ impl Registry {
             {
                 continue;
             }
+            // It closes within a poll: its place is free for the connection that evicted it.
+            self.counted.fetch_sub(1, Ordering::AcqRel);
             conn.evict.notify_one();
             ::metrics::counter!(super::metrics::CONNECTIONS_EVICTED_TOTAL).increment(1);
             return true;
@@ -201,7 +207,8 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let builder = Arc::new(builder);
-    // Evicted connections close within a poll; this bounds how many may overlap new ones.
+    // Evicted connections close within a poll of their task; this bounds how many sockets
+    // may be open while a burst of new connections evicts old ones faster than that.
     let hard_cap = limits.max_connections + limits.max_connections / 8 + 1;
     loop {
         let accepted = tokio::select! {
@@ -221,13 +228,27 @@ pub async fn serve(
                 continue;
             }
         };
-        let open = registry.open.load(Ordering::Acquire);
-        if open >= hard_cap || (open >= limits.max_connections && !registry.evict_oldest_idle()) {
+        if registry.counted.load(Ordering::Acquire) >= limits.max_connections
+            && !registry.evict_oldest_idle()
+        {
             ::metrics::counter!(super::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
             drop(stream);
             continue;
         }
-        registry.open.fetch_add(1, Ordering::AcqRel);
+        // Give evicted connections a moment to close rather than go over the descriptor
+        // budget; if they do not (one had just started a request), the new one is closed.
+        let mut waited = 0;
+        while registry.live.load(Ordering::Acquire) >= hard_cap && waited < 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            waited += 1;
+        }
+        if registry.live.load(Ordering::Acquire) >= hard_cap {
+            ::metrics::counter!(super::metrics::CONNECTIONS_REFUSED_TOTAL).increment(1);
+            drop(stream);
+            continue;
+        }
+        registry.counted.fetch_add(1, Ordering::AcqRel);
+        registry.live.fetch_add(1, Ordering::AcqRel);
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
@@ -241,7 +262,7 @@ pub async fn serve(
     drop(listener);
     loop {
         let closed = registry.all_closed.notified();
-        if registry.open.load(Ordering::Acquire) == 0 {
+        if registry.live.load(Ordering::Acquire) == 0 {
             break;
         }
         closed.await;
@@ -303,7 +324,10 @@ async fn connection(
             }
         }
     }
-    if registry.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+    if !shared.evicted.swap(true, Ordering::AcqRel) {
+        registry.counted.fetch_sub(1, Ordering::AcqRel);
+    }
+    if registry.live.fetch_sub(1, Ordering::AcqRel) == 1 {
         registry.all_closed.notify_waiters();
     }
 }
@@ -315,7 +339,10 @@ mod tests {
     #[test]
     fn the_cap_keeps_a_reserve_below_the_descriptor_limit() {
         let cap = connection_cap(1024, 64, 5).unwrap();
-        assert_eq!(cap, 1024 - 64 - 128 - 20);
+        let budget = 1024 - 64 - 128 - 20;
+        assert_eq!(cap, budget / 9 * 8);
+        // With the overshoot allowed while evicted connections close, still within budget.
+        assert!(cap + cap / 8 + 1 <= budget);
         assert!(connection_cap(100, 64, 5).is_none());
         assert_eq!(connection_cap(u64::MAX, 64, 5), Some(1 << 20));
     }
