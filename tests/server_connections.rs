@@ -315,5 +315,33 @@ async fn two_thousand_unfinished_heads_hold_bounded_memory() {
         "only {open} of 2000 connections were still held: the measurement is not of 2000"
     );
     drop(held);
+
+    // The attack: 2 000 connections each sending 300 KiB of a head that never ends.
+    // Each is refused once past the bound, so the server does not hold 600 MiB of them.
+    let mut attackers = Vec::new();
+    for _ in 0..2000 {
+        let mut stream = TcpStream::connect(&addr).await.expect("connect");
+        let mut head = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Pad: ").into_bytes();
+        head.resize(head.len() + 300 * 1024, b'a');
+        // The server stops reading (431, then close) long before the end: fine.
+        let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&head)).await;
+        attackers.push(stream);
+    }
+    let mut peak = server.rss_kib();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peak = peak.max(server.rss_kib());
+    }
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    eprintln!(
+        "server RSS with 2000 connections sending 300 KiB heads: {} MiB (+{grown_mib} MiB)",
+        peak / 1024
+    );
+    assert!(
+        grown_mib < 200,
+        "2000 connections with 300 KiB heads grew the server by {grown_mib} MiB"
+    );
+    assert_eq!(healthz(&addr).await, Ok(200));
+    drop(attackers);
     let _ = std::io::stderr().flush();
 }
