@@ -2,6 +2,7 @@
 //! binary cache, plus the Stowix push API and `nix copy --to` compatibility.
 //!
 //! ```text
+//!  conn: accept loop (connection cap, head timeout, header bytes) ──► hyper http1 ──► router
 //!             ┌── routes_cache: nix-cache-info, <hash>.narinfo, nar/<file>  (GET/HEAD; PUT for nix copy)
 //!  request ──►├── routes_api:   api/v1/{info,presence,nars,uploads,narinfos}
 //!   (metrics  └── /metrics, /healthz
