@@ -165,7 +165,7 @@ async fn anonymous_presence_is_bounded_in_size_and_rate() {
 }
 
 #[tokio::test]
-async fn forty_trickling_anonymous_presence_bodies_hold_little_memory() {
+async fn forty_unfinished_anonymous_presence_bodies_hold_little_memory() {
     let server = TestServer::start_with_config("body_rate_grace_secs = 60\n");
     let repo = unique_name("pmem");
     server.create_repo(&repo, false);
@@ -179,24 +179,34 @@ async fn forty_trickling_anonymous_presence_bodies_hold_little_memory() {
         200
     );
     let before = server_rss_kib(&server);
-    // Each announces 4 MiB (a legal size before the fix) and sends 2 MiB of it at once.
+    // Each sends 2 MiB of a body it never finishes (a legal size before the fix): half
+    // announce 4 MiB with Content-Length, half send one chunk of chunked encoding, which no
+    // announced length can refuse up front.
     let addr = server.addr();
     let sends: Vec<_> = (0..40)
-        .map(|_| {
+        .map(|i| {
             let (addr, repo) = (addr.clone(), repo.clone());
             tokio::spawn(async move {
                 let mut stream = TcpStream::connect(&addr).await.expect("connect");
+                let framing = if i % 2 == 0 {
+                    format!("Content-Length: {}", 4 << 20)
+                } else {
+                    "Transfer-Encoding: chunked".to_string()
+                };
                 let head = format!(
                     "POST /{repo}/{}/presence HTTP/1.1\r\nHost: {addr}\r\n\
-                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                     Content-Type: application/json\r\n{framing}\r\n\r\n",
                     api::API_PREFIX,
-                    4 << 20
                 );
                 stream.write_all(head.as_bytes()).await.unwrap();
+                let mut body = Vec::new();
+                if i % 2 == 1 {
+                    body.extend_from_slice(format!("{:x}\r\n", 2 << 20).as_bytes());
+                }
+                body.resize(body.len() + (2 << 20), b' ');
                 // The server may refuse (and close) before the body is sent: fine.
-                let chunk = vec![b' '; 2 << 20];
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(10), stream.write_all(&chunk)).await;
+                    tokio::time::timeout(Duration::from_secs(10), stream.write_all(&body)).await;
                 stream
             })
         })
