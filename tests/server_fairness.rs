@@ -376,6 +376,11 @@ async fn metrics_on_their_own_address_leave_the_public_one() {
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.contains("stowix_server_nars_stored_total"), "{text}");
+    // This scrape's own connection is open while it is answered.
+    assert!(
+        sum_metric(&text, "stowix_server_connections_open") >= 1.0,
+        "{text}"
+    );
     // The public address still serves everything else.
     let resp = http()
         .get(format!("{}/healthz", server.url()))

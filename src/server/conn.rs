@@ -249,6 +249,7 @@ pub async fn serve(
         }
         registry.counted.fetch_add(1, Ordering::AcqRel);
         registry.live.fetch_add(1, Ordering::AcqRel);
+        ::metrics::gauge!(super::metrics::CONNECTIONS_OPEN).increment(1.0);
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
@@ -327,6 +328,7 @@ async fn connection(
     if !shared.evicted.swap(true, Ordering::AcqRel) {
         registry.counted.fetch_sub(1, Ordering::AcqRel);
     }
+    ::metrics::gauge!(super::metrics::CONNECTIONS_OPEN).decrement(1.0);
     if registry.live.fetch_sub(1, Ordering::AcqRel) == 1 {
         registry.all_closed.notify_waiters();
     }

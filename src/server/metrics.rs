@@ -15,6 +15,7 @@ pub const NARS_STORED_TOTAL: &str = "stowix_server_nars_stored_total";
 pub const NARINFOS_PUBLISHED_TOTAL: &str = "stowix_server_narinfos_published_total";
 pub const UPLOADS_REJECTED_TOTAL: &str = "stowix_server_uploads_rejected_total";
 pub const AUTH_FAILURES_TOTAL: &str = "stowix_server_auth_failures_total";
+pub const CONNECTIONS_OPEN: &str = "stowix_server_connections_open";
 pub const CONNECTIONS_EVICTED_TOTAL: &str = "stowix_server_connections_evicted_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_total";
 pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
@@ -62,6 +63,10 @@ fn describe() {
     metrics::describe_counter!(
         UPLOADS_REJECTED_TOTAL,
         "Uploads refused at verification, by reason"
+    );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open client connections (all listeners), against the cap"
     );
     metrics::describe_counter!(
         CONNECTIONS_EVICTED_TOTAL,
