@@ -302,9 +302,10 @@ async fn push_without_token_is_401_missing_token() {
     let s = Setup::new().await;
     s.assert_write_refused(None, 401, codes::MISSING_TOKEN)
         .await;
-    // A private repository answers nothing, not even presence, without a token.
+    // A private repository answers nothing, not even presence, without a token: it looks
+    // absent, so its name cannot be confirmed.
     let private = s.server.repo_url(&s.private);
-    s.assert_refused_at(&private, None, 401, codes::MISSING_TOKEN, &[])
+    s.assert_refused_at(&private, None, 404, codes::NO_SUCH_REPOSITORY, &[])
         .await;
 }
 
@@ -435,7 +436,13 @@ async fn private_repository_reads_need_a_token_of_that_repository() {
     ];
 
     let cases: Vec<(String, Option<String>, u16, Option<&str>)> = vec![
-        ("no token".into(), None, 401, Some(codes::MISSING_TOKEN)),
+        // Without access, a private repository answers as an absent one.
+        (
+            "no token".into(),
+            None,
+            404,
+            Some(codes::NO_SUCH_REPOSITORY),
+        ),
         ("read Bearer".into(), Some(bearer(&read)), 200, None),
         ("read Basic".into(), Some(basic(&read)), 200, None),
         ("push Bearer".into(), Some(bearer(&push)), 200, None),
@@ -461,8 +468,8 @@ async fn private_repository_reads_need_a_token_of_that_repository() {
         (
             "another repository's token".into(),
             Some(bearer(&foreign)),
-            403,
-            Some(codes::WRONG_REPOSITORY),
+            404,
+            Some(codes::NO_SUCH_REPOSITORY),
         ),
     ];
     let mut failures = Vec::new();

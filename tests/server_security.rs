@@ -1387,7 +1387,8 @@ async fn a_push_token_cannot_overwrite_mislabel_delete_or_cross_repositories() {
     }
     assert_eq!(get_narinfo(&url, &path.hash).await, (200, published));
 
-    // Another repository: neither readable (it is private) nor writable.
+    // Another repository: neither readable (it is private) nor writable, and to this token
+    // it looks absent.
     let resp = http()
         .get(format!("{other_url}/nix-cache-info"))
         .header("Authorization", bearer(&token))
@@ -1395,8 +1396,14 @@ async fn a_push_token_cannot_overwrite_mislabel_delete_or_cross_repositories() {
         .await
         .unwrap();
     let (status, err) = api_error(resp).await;
-    assert_eq!((status, err.code.as_str()), (403, codes::WRONG_REPOSITORY));
+    assert_eq!(
+        (status, err.code.as_str()),
+        (404, codes::NO_SUCH_REPOSITORY)
+    );
     let resp = post_nar(&other_url, &token, &path.xz_upload().1, path.xz_upload().0).await;
     let (status, err) = api_error(resp).await;
-    assert_eq!((status, err.code.as_str()), (403, codes::WRONG_REPOSITORY));
+    assert_eq!(
+        (status, err.code.as_str()),
+        (404, codes::NO_SUCH_REPOSITORY)
+    );
 }

@@ -49,6 +49,27 @@ pub struct ServerConfig {
     /// room for several full-width pushes at once, yet a bound on the rows and `.part` files
     /// hostile or broken clients can leave behind before expiry.
     pub max_upload_sessions_per_repo: u64,
+    /// Time to send a complete request head, from connecting or from the previous response:
+    /// also how long an idle keep-alive connection stays open.
+    pub request_head_timeout_secs: u64,
+    /// Bytes of request head (request line and headers) held per connection.
+    pub max_header_bytes: usize,
+    /// Open connections; unset, derived from the descriptor limit minus a reserve. A value
+    /// above what the limit allows is lowered to it.
+    pub max_connections: Option<usize>,
+    /// Request bodies must average at least this rate once `body_rate_grace_secs` have passed,
+    /// so a trickle cannot hold an upload slot or a buffer.
+    pub min_body_bytes_per_sec: u64,
+    pub body_rate_grace_secs: u64,
+    /// Uploads one repository may have in flight: the rest of `max_concurrent_uploads` stays
+    /// free for the others.
+    pub max_concurrent_uploads_per_repo: usize,
+    /// Most hash parts in a presence query without a token.
+    pub anonymous_presence_batch: usize,
+    /// Serve `/metrics` here instead of on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// SQLite connections for reads, besides the one that writes.
+    pub metadata_readers: usize,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +90,15 @@ impl Default for ServerConfig {
             max_nar_bytes: 32 << 30,
             max_upload_sessions_per_token: 1024,
             max_upload_sessions_per_repo: 4096,
+            request_head_timeout_secs: 10,
+            max_header_bytes: 32 << 10,
+            max_connections: None,
+            min_body_bytes_per_sec: 4096,
+            body_rate_grace_secs: 10,
+            max_concurrent_uploads_per_repo: 32,
+            anonymous_presence_batch: 1000,
+            metrics_listen: None,
+            metadata_readers: 4,
         }
     }
 }
@@ -119,6 +149,27 @@ mod tests {
             parsed.max_upload_sessions_per_repo,
             defaults.max_upload_sessions_per_repo
         );
+        assert_eq!(
+            parsed.request_head_timeout_secs,
+            defaults.request_head_timeout_secs
+        );
+        assert_eq!(parsed.max_header_bytes, defaults.max_header_bytes);
+        assert_eq!(parsed.max_connections, defaults.max_connections);
+        assert_eq!(
+            parsed.min_body_bytes_per_sec,
+            defaults.min_body_bytes_per_sec
+        );
+        assert_eq!(parsed.body_rate_grace_secs, defaults.body_rate_grace_secs);
+        assert_eq!(
+            parsed.max_concurrent_uploads_per_repo,
+            defaults.max_concurrent_uploads_per_repo
+        );
+        assert_eq!(
+            parsed.anonymous_presence_batch,
+            defaults.anonymous_presence_batch
+        );
+        assert_eq!(parsed.metrics_listen, defaults.metrics_listen);
+        assert_eq!(parsed.metadata_readers, defaults.metadata_readers);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Repository metadata: repositories and their keys, tokens, stored NARs, published narinfos
 //! and unfinished uploads. [`Metadata`] is the interface the HTTP layer sees; [`SqliteMetadata`]
 //! is the embedded default (one file in the data dir, WAL mode so `stowix admin` can write while
-//! the server runs). A PostgreSQL implementation plugs in behind the same trait.
+//! the server runs; one writing connection and a pool of reading ones). A PostgreSQL
+//! implementation plugs in behind the same trait.
 //!
 //! Calls are blocking; async callers go through `tokio::task::spawn_blocking`.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -228,14 +230,24 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// The embedded default. One connection behind a mutex: SQLite serialises writers anyway, and
-/// every statement here is a point lookup or a small batch, so the lock is held for microseconds.
+/// The embedded default. One writing connection behind a mutex (SQLite serialises writers
+/// anyway), and a pool of reading connections: in WAL mode readers see every committed write and
+/// neither block nor wait for the writer, so a 20 000-entry presence query holds one reader and
+/// narinfo lookups go on in the others.
 pub struct SqliteMetadata {
     conn: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
 }
 
 impl SqliteMetadata {
+    /// One connection for everything: what `stowix admin` needs.
     pub fn open(path: &Path) -> MetaResult<Self> {
+        Self::open_with_readers(path, 0)
+    }
+
+    /// A writer and `readers` reading connections (none: reads go through the writer).
+    pub fn open_with_readers(path: &Path, readers: usize) -> MetaResult<Self> {
         let conn = Connection::open(path)?;
         // WAL lets `stowix admin` and the server use the file at once; NORMAL sync is durable
         // across process crashes, which is what a killed server needs.
@@ -245,14 +257,45 @@ impl SqliteMetadata {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
         migrate_uploads(&conn)?;
+        let readers = (0..readers)
+            .map(|_| {
+                let reader = Connection::open(path)?;
+                reader.busy_timeout(std::time::Duration::from_secs(10))?;
+                // A reader that tried to write would race the writer's transactions.
+                reader.pragma_update(None, "query_only", "ON")?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<MetaResult<Vec<_>>>()?;
         Ok(SqliteMetadata {
             conn: Mutex::new(conn),
+            readers,
+            next_reader: AtomicUsize::new(0),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    /// The writing connection.
+    fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (statements are atomic).
         self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A reading connection: the first free one from a rotating start, else a wait for one.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        let count = self.readers.len();
+        if count == 0 {
+            return self.conn();
+        }
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..count {
+            match self.readers[(start + i) % count].try_lock() {
+                Ok(guard) => return guard,
+                Err(TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        self.readers[start % count]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -345,7 +388,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>> {
-        self.conn()
+        self.reader()
             .prepare_cached(
                 "SELECT name, private, secret_key, priority FROM repos WHERE name = ?1",
             )?
@@ -361,7 +404,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT name, private, secret_key, priority FROM repos ORDER BY name",
         )?;
@@ -400,7 +443,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT id, secret_sha256, scope, description, created_at, revoked_at
              FROM tokens WHERE id = ?1",
@@ -410,7 +453,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn tokens(&self) -> MetaResult<Vec<TokenRecord>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT id, secret_sha256, scope, description, created_at, revoked_at
              FROM tokens ORDER BY created_at, id",
@@ -432,14 +475,14 @@ impl Metadata for SqliteMetadata {
     }
 
     fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>> {
-        self.conn()
+        self.reader()
             .prepare_cached("SELECT text FROM narinfos WHERE repo = ?1 AND hash = ?2")?
             .query_row([repo, hash], |row| row.get(0))
             .optional()
     }
 
     fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut published =
             conn.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
         let mut nar =
@@ -459,7 +502,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn published_among(&self, repo: &str, hashes: &[String]) -> MetaResult<Vec<bool>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt =
             conn.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
         hashes
@@ -495,7 +538,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>> {
-        self.conn()
+        self.reader()
             .prepare_cached(&format!(
                 "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND nar_hash = ?2 ORDER BY created_at LIMIT 1"
             ))?
@@ -504,7 +547,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>> {
-        self.conn()
+        self.reader()
             .prepare_cached(&format!(
                 "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND url = ?2"
             ))?
@@ -537,7 +580,7 @@ impl Metadata for SqliteMetadata {
         compression: &str,
         encoder: &str,
     ) -> MetaResult<Option<UploadRecord>> {
-        self.conn()
+        self.reader()
             .prepare_cached(&format!(
                 "SELECT {UPLOAD_COLUMNS} FROM uploads
                  WHERE repo = ?1 AND nar_hash = ?2 AND compression = ?3 AND encoder = ?4
@@ -548,7 +591,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
-        self.conn()
+        self.reader()
             .prepare_cached(&format!(
                 "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"
             ))?
@@ -579,7 +622,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created_at < ?1"
         ))?;
@@ -746,5 +789,55 @@ mod tests {
             meta.open_upload(&upload("g", "n4"), "u", CAPS).unwrap(),
             OpenedUpload::RepoFull
         ));
+    }
+
+    fn published(hash: &str) -> PublishedNarInfo {
+        PublishedNarInfo {
+            hash: hash.to_string(),
+            store_path: format!("/nix/store/{hash}-x"),
+            nar_hash: "sha256:0".into(),
+            text: format!("StorePath: /nix/store/{hash}-x\n"),
+        }
+    }
+
+    #[test]
+    fn readers_see_every_committed_write_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMetadata::open_with_readers(&dir.path().join("db"), 3).unwrap();
+        for i in 0..20 {
+            let hash = format!("{i:0>32}");
+            assert_eq!(meta.narinfo("r", &hash).unwrap(), None);
+            assert_eq!(meta.publish("r", &[published(&hash)]).unwrap(), vec![true]);
+            // Whichever reader answers, the write just committed is visible.
+            for _ in 0..3 {
+                assert!(meta.narinfo("r", &hash).unwrap().is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn a_busy_reader_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = std::sync::Arc::new(
+            SqliteMetadata::open_with_readers(&dir.path().join("db"), 2).unwrap(),
+        );
+        meta.publish("r", &[published(&"a".repeat(32))]).unwrap();
+        // A long presence query holds one connection: simulate it by holding one reader, and
+        // (so that a single shared connection would block too) the writer.
+        let _busy_reader = meta.readers[0].lock().unwrap();
+        let _busy_writer = meta.conn.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::sync::Arc::clone(&meta);
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                let _ = tx.send(reader.narinfo("r", &"a".repeat(32)).unwrap());
+            }
+        });
+        for _ in 0..10 {
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("a narinfo read waited for a busy connection");
+            assert!(got.is_some());
+        }
     }
 }

@@ -16,6 +16,10 @@ pub const NARINFOS_PUBLISHED_TOTAL: &str = "stowix_server_narinfos_published_tot
 pub const UPLOADS_REJECTED_TOTAL: &str = "stowix_server_uploads_rejected_total";
 pub const AUTH_FAILURES_TOTAL: &str = "stowix_server_auth_failures_total";
 pub const VERIFIED_NAR_BYTES_TOTAL: &str = "stowix_server_verified_nar_bytes_total";
+pub const CONNECTIONS_OPEN: &str = "stowix_server_connections_open";
+pub const CONNECTIONS_EVICTED_TOTAL: &str = "stowix_server_connections_evicted_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_total";
+pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -61,6 +65,22 @@ fn describe() {
     metrics::describe_counter!(
         UPLOADS_REJECTED_TOTAL,
         "Uploads refused at verification, by reason"
+    );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open client connections (all listeners), against the cap"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_EVICTED_TOTAL,
+        "Idle connections closed to make room at the connection cap"
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once: at the cap with none idle"
+    );
+    metrics::describe_counter!(
+        SLOW_BODIES_TOTAL,
+        "Request bodies cut off for arriving below the minimum rate"
     );
     metrics::describe_counter!(
         VERIFIED_NAR_BYTES_TOTAL,

@@ -2,6 +2,7 @@
 //! binary cache, plus the Stowix push API and `nix copy --to` compatibility.
 //!
 //! ```text
+//!  conn: accept loop (connection cap, head timeout, header bytes) ──► hyper http1 ──► router
 //!             ┌── routes_cache: nix-cache-info, <hash>.narinfo, nar/<file>  (GET/HEAD; PUT for nix copy)
 //!  request ──►├── routes_api:   api/v1/{info,presence,nars,uploads,narinfos}
 //!   (metrics  └── /metrics, /healthz
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod metadata;
 pub mod metrics;
@@ -69,13 +71,40 @@ pub struct AppState {
     /// Single-request uploads while they are received and verified.
     pub tmp_dir: PathBuf,
     pub upload_slots: Arc<Semaphore>,
+    /// Uploads in flight per repository (only those with any).
+    repo_uploads: Arc<Mutex<HashMap<String, usize>>>,
     /// One lock per upload id: a chunk append and a completion never interleave.
     upload_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    auth_failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Fixed size, constant cost per failure: see [`auth::FailureTable`].
+    auth_failures: Mutex<auth::FailureTable>,
     pub metrics: Option<PrometheusHandle>,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// An upload in flight: a server-wide slot and one of its repository's share.
+pub struct UploadSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _repo_share: RepoShare,
+}
+
+struct RepoShare {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    repo: String,
+}
+
+impl Drop for RepoShare {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.repo) {
+            *count -= 1;
+            // Only repositories with uploads in flight stay in the map.
+            if *count == 0 {
+                counts.remove(&self.repo);
+            }
+        }
+    }
+}
 
 impl AppState {
     pub fn open(config: ServerConfig, metrics: Option<PrometheusHandle>) -> Result<Self, String> {
@@ -86,23 +115,29 @@ impl AppState {
             std::fs::create_dir_all(dir)
                 .map_err(|err| format!("cannot create data directory {}: {err}", dir.display()))?;
         }
-        let meta = SqliteMetadata::open(&data_dir.join("stowix.db")).map_err(|err| {
-            format!(
-                "cannot open metadata database in {}: {err}",
-                data_dir.display()
-            )
-        })?;
+        let meta =
+            SqliteMetadata::open_with_readers(&data_dir.join("stowix.db"), config.metadata_readers)
+                .map_err(|err| {
+                    format!(
+                        "cannot open metadata database in {}: {err}",
+                        data_dir.display()
+                    )
+                })?;
         let storage = LocalStorage::new(data_dir.join("store"))
             .map_err(|err| format!("cannot create storage in {}: {err}", data_dir.display()))?;
         Ok(AppState {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads)),
+            repo_uploads: Arc::new(Mutex::new(HashMap::new())),
             config,
             meta: Arc::new(meta),
             storage: Arc::new(storage),
             uploads_dir,
             tmp_dir,
             upload_locks: Mutex::new(HashMap::new()),
-            auth_failures: Mutex::new(HashMap::new()),
+            auth_failures: Mutex::new(auth::FailureTable::new(
+                auth::FailureTable::DEFAULT_SLOTS,
+                Duration::from_secs(60),
+            )),
             metrics,
         })
     }
@@ -125,8 +160,31 @@ impl AppState {
         Arc::clone(locks.entry(id.to_string()).or_default())
     }
 
-    pub fn upload_slot(&self) -> ServerResult<tokio::sync::OwnedSemaphorePermit> {
-        Arc::clone(&self.upload_slots)
+    /// One of the `max_concurrent_uploads` slots, and one of the repository's
+    /// `max_concurrent_uploads_per_repo`, for as long as the returned slot lives. The repository
+    /// share keeps one repository's pushes (and so one token's) from taking every slot.
+    pub fn upload_slot(&self, repo: &str) -> ServerResult<UploadSlot> {
+        let per_repo = self.config.max_concurrent_uploads_per_repo.max(1);
+        {
+            let mut counts = self.repo_uploads.lock().unwrap_or_else(|p| p.into_inner());
+            let count = counts.entry(repo.to_string()).or_insert(0);
+            if *count >= per_repo {
+                return Err(ServerError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::TOO_MANY_UPLOADS,
+                    format!(
+                        "repository '{repo}' has its maximum of {per_repo} uploads in flight; retry shortly"
+                    ),
+                )
+                .with_retry_after(1));
+            }
+            *count += 1;
+        }
+        let repo_share = RepoShare {
+            counts: Arc::clone(&self.repo_uploads),
+            repo: repo.to_string(),
+        };
+        let permit = Arc::clone(&self.upload_slots)
             .try_acquire_owned()
             .map_err(|_| {
                 ServerError::new(
@@ -138,7 +196,11 @@ impl AppState {
                     ),
                 )
                 .with_retry_after(1)
-            })
+            })?;
+        Ok(UploadSlot {
+            _permit: permit,
+            _repo_share: repo_share,
+        })
     }
 
     /// Looks up the repository and checks the request's credentials for `needed` access.
@@ -158,13 +220,12 @@ impl AppState {
         }
         let peer = self.client_address(headers, peer);
         let name = repo_name.to_string();
-        let repo = self
-            .db(move |meta| meta.repo(&name))
-            .await?
-            .ok_or_else(|| no_such_repository(repo_name))?;
+        let repo = self.db(move |meta| meta.repo(&name)).await?;
         let token = auth::presented_token(headers);
-        if needed == auth::Access::Read && !repo.private && !strict {
-            return Ok((repo, None));
+        if let Some(repo) = &repo {
+            if needed == auth::Access::Read && !repo.private && !strict {
+                return Ok((repo.clone(), None));
+            }
         }
         let token = match token {
             Ok(token) => token,
@@ -175,12 +236,34 @@ impl AppState {
         }
         let meta = Arc::clone(&self.meta);
         let repo_for_check = repo.clone();
-        let checked = tokio::task::spawn_blocking(move || {
-            auth::authorize(meta.as_ref(), &repo_for_check, token.as_deref(), needed)
+        // A presented token is checked even when the repository does not exist, so a bad token
+        // gets the same 401 for absent and private repositories.
+        let checked = tokio::task::spawn_blocking(move || match &repo_for_check {
+            Some(repo) => auth::authorize(meta.as_ref(), repo, token.as_deref(), needed),
+            None => match token {
+                Some(token) => auth::authenticate(meta.as_ref(), &token).map(|_| None),
+                None => Ok(None),
+            },
         })
         .await?;
+        let Some(repo) = repo else {
+            return match checked {
+                Err(err) => Err(self.auth_failed(peer, err)),
+                Ok(_) => Err(no_such_repository(repo_name)),
+            };
+        };
         match checked {
             Ok(scope) => Ok((repo, scope)),
+            // Whoever may not use a private repository at all gets the answer of an absent one,
+            // so repository names cannot be enumerated. Nix sends netrc credentials with its
+            // first request (Basic, no challenge needed), so it never relies on a 401 here.
+            Err(err)
+                if repo.private
+                    && (err.body.code == codes::MISSING_TOKEN
+                        || err.body.code == codes::WRONG_REPOSITORY) =>
+            {
+                Err(no_such_repository(repo_name))
+            }
             Err(err) => Err(self.auth_failed(peer, err)),
         }
     }
@@ -206,17 +289,10 @@ impl AppState {
         ::metrics::counter!(metrics::AUTH_FAILURES_TOTAL, "code" => err.body.code.clone())
             .increment(1);
         if err.status == StatusCode::UNAUTHORIZED && err.body.code != codes::MISSING_TOKEN {
-            let mut failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            if failures.len() > 10_000 {
-                failures
-                    .retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
-            }
-            let entry = failures.entry(peer).or_insert((now, 0));
-            if now.duration_since(entry.0) >= Duration::from_secs(60) {
-                *entry = (now, 0);
-            }
-            entry.1 += 1;
+            self.auth_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(peer, Instant::now());
         }
         err
     }
@@ -224,18 +300,19 @@ impl AppState {
     /// Refuses to even evaluate credentials from an address that failed too often this minute,
     /// so guessing tokens costs a minute per `auth_failures_per_minute` guesses.
     fn check_auth_rate(&self, peer: IpAddr) -> ServerResult<()> {
-        let failures = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((start, count)) = failures.get(&peer) {
-            let elapsed = start.elapsed();
-            if elapsed < Duration::from_secs(60) && *count >= self.config.auth_failures_per_minute {
-                let wait = 60 - elapsed.as_secs();
-                return Err(ServerError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    codes::TOO_MANY_ATTEMPTS,
-                    format!("too many failed authentications from this address; retry in {wait} s"),
-                )
-                .with_retry_after(wait.max(1)));
-            }
+        let wait = self
+            .auth_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .wait(peer, self.config.auth_failures_per_minute, Instant::now());
+        if let Some(wait) = wait {
+            let wait = wait.as_secs() + 1;
+            return Err(ServerError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                codes::TOO_MANY_ATTEMPTS,
+                format!("too many failed authentications from this address; retry in {wait} s"),
+            )
+            .with_retry_after(wait));
         }
         Ok(())
     }
@@ -308,12 +385,25 @@ fn no_such_repository(name: &str) -> ServerError {
 /// JSON bodies (presence, publication) are far smaller than this even at the batch limits.
 pub(crate) const JSON_BODY_LIMIT: usize = 64 << 20;
 
+/// The routes of the separate metrics address (`metrics_listen`).
+pub fn metrics_router(state: SharedState) -> Router {
+    Router::new()
+        .route("/metrics", get(routes_cache::metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
 pub fn router(state: SharedState) -> Router {
     let api = format!("/{{repo}}/{}", crate::api::API_PREFIX);
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(routes_cache::metrics))
-        .route(&format!("{api}/info"), get(routes_api::info))
+    let base = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    // With its own address, /metrics is not on the public one: a route that is absent
+    // answers like any unknown path.
+    let base = if state.config.metrics_listen.is_none() {
+        base.route("/metrics", get(routes_cache::metrics))
+    } else {
+        base
+    };
+    base.route(&format!("{api}/info"), get(routes_api::info))
         .route(&format!("{api}/presence"), post(routes_api::presence))
         .route(
             &format!("{api}/nars"),
@@ -391,17 +481,36 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let state: SharedState = Arc::new(AppState::open(config, Some(handle))?);
     clean_up(&state).await.map_err(|err| err.body.message)?;
+    let limits = connection_limits(&state.config)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
     let local = listener.local_addr().map_err(|err| err.to_string())?;
+    let metrics_listener = match state.config.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|err| format!("cannot listen for metrics on {addr}: {err}"))?,
+        ),
+        None => None,
+    };
     {
         use std::io::Write;
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "listening on http://{local}");
+        if let Some(metrics) = &metrics_listener {
+            if let Ok(addr) = metrics.local_addr() {
+                let _ = writeln!(stdout, "metrics on http://{addr}/metrics");
+            }
+        }
         let _ = stdout.flush();
     }
-    tracing::info!(%local, data_dir = %state.config.data_dir.display(), "stowix serve started");
+    tracing::info!(
+        %local,
+        max_connections = limits.max_connections,
+        data_dir = %state.config.data_dir.display(),
+        "stowix serve started"
+    );
 
     let janitor_state = Arc::clone(&state);
     tokio::spawn(async move {
@@ -416,22 +525,28 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(metrics_listener) = metrics_listener {
+        let app = metrics_router(Arc::clone(&state));
+        let limits = conn::ConnLimits {
+            max_connections: 64,
+            ..limits.clone()
+        };
+        servers.spawn(conn::serve(metrics_listener, app, limits, stop_rx.clone()));
+    }
+    servers.spawn(conn::serve(listener, router(state), limits, stop_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: waiting up to {grace:?} for requests in flight");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(grace, server).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(err))) => Err(format!("server error: {err}")),
-        Ok(Err(err)) => Err(format!("server task failed: {err}")),
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(joined) = servers.join_next().await {
+            joined.map_err(|err| format!("server task failed: {err}"))?;
+        }
+        Ok::<_, String>(())
+    })
+    .await;
+    match drained {
+        Ok(result) => result,
         Err(_) => {
             tracing::warn!(
                 "grace period over: abandoning requests in flight (chunked uploads stay resumable)"
@@ -439,6 +554,29 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The connection limits of `config`, with the cap checked against the descriptor limit.
+fn connection_limits(config: &ServerConfig) -> Result<conn::ConnLimits, String> {
+    let nofile = conn::descriptor_limit()
+        .map_err(|err| format!("cannot read the descriptor limit: {err}"))?;
+    let db_connections = config.metadata_readers + 2;
+    let derived = conn::connection_cap(nofile, config.max_concurrent_uploads, db_connections)
+        .ok_or_else(|| {
+            format!(
+                "the descriptor limit of {nofile} leaves too few for connections with {} upload \
+                 slots: raise it (`ulimit -n 4096`) or lower max_concurrent_uploads",
+                config.max_concurrent_uploads
+            )
+        })?;
+    let max_connections = config
+        .max_connections
+        .map_or(derived, |c| c.clamp(1, derived));
+    Ok(conn::ConnLimits {
+        head_timeout: Duration::from_secs(config.request_head_timeout_secs.max(1)),
+        max_header_bytes: config.max_header_bytes,
+        max_connections,
+    })
 }
 
 async fn shutdown_signal() {

@@ -2,7 +2,6 @@
 //! chunked NAR uploads, and batched publication. `docs/protocol.md` documents each route.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -35,7 +34,7 @@ async fn read_json<T: serde::de::DeserializeOwned + Send + 'static>(
     let bytes = upload::read_small_body(
         body,
         super::JSON_BODY_LIMIT,
-        Duration::from_secs(state.config.upload_idle_timeout_secs),
+        upload::BodyPace::new(&state.config),
     )
     .await?;
     let inline = bytes.len() <= JSON_INLINE_PARSE_BYTES;
@@ -107,44 +106,84 @@ pub async fn info(
     }))
 }
 
+/// The largest body a presence query of `batch` entries can need: an entry is at most ~130
+/// bytes (`{"hash":"<32>","nar_hash":"sha256:<64 hex>"},`); 160 leaves room for whitespace.
+pub(crate) fn presence_body_limit(batch: usize) -> usize {
+    4096 + batch.saturating_mul(160)
+}
+
+/// A presence query from a token holder (every `stowix nix push`) may be as large as the
+/// batch limit; one without a token (anyone, on a public repository) is held to
+/// `anonymous_presence_batch`, so anonymous clients cannot make the server buffer megabytes.
+/// Nix substituters never ask presence; they read narinfos.
 pub async fn presence(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: ApiReadAccess,
+    Authorized { repo, scope, .. }: ApiReadAccess,
     body: Body,
-) -> ServerResult<Json<PresenceResponse>> {
-    let request: PresenceRequest = read_json(&state, body).await?;
-    check_batch(
-        request.paths.len(),
-        state.config.max_presence_batch,
-        "paths per presence query",
-    )?;
-    let mut queries = Vec::with_capacity(request.paths.len());
-    for query in &request.paths {
-        if !is_valid_hash_part(&query.hash) {
-            return Err(ServerError::bad_request(
-                codes::INVALID_HASH_PART,
-                format!(
-                    "{:?} is not a store path hash part",
-                    query.hash.chars().take(80).collect::<String>()
-                ),
+) -> ServerResult<Response> {
+    let batch = match scope {
+        Some(_) => state.config.max_presence_batch,
+        None => state
+            .config
+            .anonymous_presence_batch
+            .min(state.config.max_presence_batch),
+    };
+    let bytes = upload::read_small_body(
+        body,
+        presence_body_limit(batch),
+        upload::BodyPace::new(&state.config),
+    )
+    .await?;
+    let what = match scope {
+        Some(_) => "paths per presence query",
+        None => "paths per presence query without a token",
+    };
+    let meta = std::sync::Arc::clone(&state.meta);
+    let name = repo.name.clone();
+    // Parsing up to 20 000 entries, the lookups and the answer's serialisation are CPU and
+    // database work: off the async workers, so they never delay other requests' I/O.
+    let answer = tokio::task::spawn_blocking(move || -> ServerResult<Vec<u8>> {
+        let request: PresenceRequest = serde_json::from_slice(&bytes).map_err(|err| {
+            ServerError::bad_request(
+                codes::BAD_REQUEST,
+                format!("the JSON body is invalid: {err}"),
+            )
+        })?;
+        drop(bytes);
+        check_batch(request.paths.len(), batch, what)?;
+        let mut queries = Vec::with_capacity(request.paths.len());
+        for query in &request.paths {
+            if !is_valid_hash_part(&query.hash) {
+                return Err(ServerError::bad_request(
+                    codes::INVALID_HASH_PART,
+                    format!(
+                        "{:?} is not a store path hash part",
+                        query.hash.chars().take(80).collect::<String>()
+                    ),
+                ));
+            }
+            queries.push((
+                query.hash.clone(),
+                parse_nar_hash(&query.nar_hash)?.to_typed_nix32(),
             ));
         }
-        queries.push((
-            query.hash.clone(),
-            parse_nar_hash(&query.nar_hash)?.to_typed_nix32(),
-        ));
-    }
-    let name = repo.name.clone();
-    let answers = state.db(move |meta| meta.presence(&name, &queries)).await?;
-    let mut response = PresenceResponse::default();
-    for (query, answer) in request.paths.into_iter().zip(answers) {
-        match answer {
-            Presence::Published => {}
-            Presence::NarStored => response.nar_stored.push(query.hash),
-            Presence::Missing => response.missing.push(query.hash),
+        let answers = meta.presence(&name, &queries)?;
+        let mut response = PresenceResponse::default();
+        for (query, answer) in request.paths.into_iter().zip(answers) {
+            match answer {
+                Presence::Published => {}
+                Presence::NarStored => response.nar_stored.push(query.hash),
+                Presence::Missing => response.missing.push(query.hash),
+            }
         }
-    }
-    Ok(Json(response))
+        serde_json::to_vec(&response).map_err(|err| ServerError::internal(err.to_string()))
+    })
+    .await??;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        answer,
+    )
+        .into_response())
 }
 
 fn stored_answer(record: &super::metadata::NarRecord, newly_stored: bool) -> NarStored {
@@ -398,7 +437,7 @@ pub async fn upload_chunk(
         )
     })?;
     let record = find_upload(&state, &repo.name, &id).await?;
-    let _slot = state.upload_slot()?;
+    let _slot = state.upload_slot(&repo.name)?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     // Completion may have finished (and removed the upload) while this request waited.
@@ -426,7 +465,7 @@ pub async fn upload_chunk(
         body,
         &mut file,
         state.config.max_chunk_bytes.min(room),
-        Duration::from_secs(state.config.upload_idle_timeout_secs),
+        upload::BodyPace::new(&state.config),
     )
     .await;
     if let Err(upload::ReceiveError::TooLarge { .. }) = &received {
@@ -488,7 +527,7 @@ pub async fn complete_upload(
     let file_hash = parse_nar_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
     // Verification reads and decompresses the whole file: it counts as an upload in flight.
-    let _slot = state.upload_slot()?;
+    let _slot = state.upload_slot(&repo.name)?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;

@@ -94,7 +94,7 @@ pub async fn put_file(
     let bytes = upload::read_small_body(
         body,
         NARINFO_BODY_LIMIT,
-        std::time::Duration::from_secs(state.config.upload_idle_timeout_secs),
+        upload::BodyPace::new(&state.config),
     )
     .await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| {

@@ -9,7 +9,7 @@
 //! temporary file that is deleted when dropped, so an abandoned request leaves nothing behind.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -31,6 +31,10 @@ pub enum ReceiveError {
         limit: u64,
     },
     Idle,
+    /// The body arrived slower than the minimum rate, on average, after the grace period.
+    TooSlow {
+        min_rate: u64,
+    },
     /// The client went away or sent a broken body.
     Client(String),
     Io(std::io::Error),
@@ -49,6 +53,14 @@ impl From<ReceiveError> for ServerError {
                 codes::BAD_REQUEST,
                 "the body stalled; the bytes received so far are kept",
             ),
+            ReceiveError::TooSlow { min_rate } => ServerError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                codes::BAD_REQUEST,
+                format!(
+                    "the body arrived slower than this server's minimum of {min_rate} bytes/s; \
+                     the bytes received so far are kept"
+                ),
+            ),
             ReceiveError::Client(detail) => ServerError::bad_request(
                 codes::BAD_REQUEST,
                 format!("the request body broke off: {detail}"),
@@ -58,19 +70,84 @@ impl From<ReceiveError> for ServerError {
     }
 }
 
+/// How long a request body may take: no gap longer than `idle`, and once `grace` has passed,
+/// an average of at least `min_rate` bytes per second. The rate rule is what stops a trickle
+/// (one byte just inside every idle timeout) from holding an upload slot or a buffer for hours;
+/// the grace period lets a connection start up (TCP slow start, a proxy) before it counts.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyPace {
+    pub idle: Duration,
+    pub min_rate: u64,
+    pub grace: Duration,
+}
+
+impl BodyPace {
+    pub fn new(config: &super::config::ServerConfig) -> Self {
+        BodyPace {
+            idle: Duration::from_secs(config.upload_idle_timeout_secs),
+            min_rate: config.min_body_bytes_per_sec,
+            grace: Duration::from_secs(config.body_rate_grace_secs),
+        }
+    }
+
+    /// When the body must have delivered more than `received` bytes to stay at the rate.
+    fn deadline(&self, started: Instant, received: u64) -> Option<Instant> {
+        if self.min_rate == 0 {
+            return None;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        started.checked_add(self.grace.saturating_add(earned))
+    }
+
+    /// Waits for the next piece of `stream`, within the idle timeout and the rate deadline.
+    async fn next<S: futures_util::Stream + Unpin>(
+        &self,
+        stream: &mut S,
+        started: Instant,
+        received: u64,
+    ) -> Result<Option<S::Item>, ReceiveError> {
+        let now = Instant::now();
+        let (wait, slow) = match self.deadline(started, received) {
+            Some(deadline) if deadline.saturating_duration_since(now) < self.idle => {
+                (deadline.saturating_duration_since(now), true)
+            }
+            _ => (self.idle, false),
+        };
+        match tokio::time::timeout(wait, stream.next()).await {
+            Ok(next) => Ok(next),
+            Err(_) if slow => {
+                ::metrics::counter!(metrics::SLOW_BODIES_TOTAL).increment(1);
+                Err(ReceiveError::TooSlow {
+                    min_rate: self.min_rate,
+                })
+            }
+            Err(_) => Err(ReceiveError::Idle),
+        }
+    }
+}
+
+/// A body whose declared length is over `limit` is refused before any of it is read.
+fn declared_too_large(body: &Body, limit: u64) -> bool {
+    hyper::body::Body::size_hint(body).lower() > limit
+}
+
 /// Appends the body to `file`, at most `limit` bytes, and returns how many were written. Bytes
 /// written before an error stay written (and flushed): a resumable upload keeps them.
 pub async fn receive_into(
     body: Body,
     file: &mut tokio::fs::File,
     limit: u64,
-    idle_timeout: Duration,
+    pace: BodyPace,
 ) -> Result<u64, ReceiveError> {
+    if declared_too_large(&body, limit) {
+        return Err(ReceiveError::TooLarge { limit });
+    }
     let mut stream = body.into_data_stream();
+    let started = Instant::now();
     let mut written = 0u64;
     let outcome = loop {
-        let next = match tokio::time::timeout(idle_timeout, stream.next()).await {
-            Err(_) => break Err(ReceiveError::Idle),
+        let next = match pace.next(&mut stream, started, written).await {
+            Err(err) => break Err(err),
             Ok(None) => break Ok(()),
             Ok(Some(Err(err))) => break Err(ReceiveError::Client(err.to_string())),
             Ok(Some(Ok(bytes))) => bytes,
@@ -88,21 +165,30 @@ pub async fn receive_into(
     outcome.map(|()| written)
 }
 
-/// Reads a small body (JSON, a narinfo) into memory, at most `limit` bytes, with the same idle
-/// timeout as uploads so a client that stops sending cannot hold a connection and its buffer.
+/// Reads a small body (JSON, a narinfo) into memory, at most `limit` bytes, at the same pace as
+/// uploads, so a client that stops or trickles cannot hold a connection and its buffer.
 pub async fn read_small_body(
     body: Body,
     limit: usize,
-    idle_timeout: Duration,
+    pace: BodyPace,
 ) -> ServerResult<bytes::Bytes> {
+    if declared_too_large(&body, limit as u64) {
+        return Err(ReceiveError::TooLarge {
+            limit: limit as u64,
+        }
+        .into());
+    }
     let mut stream = body.into_data_stream();
+    let started = Instant::now();
     let mut collected = bytes::BytesMut::new();
     loop {
-        match tokio::time::timeout(idle_timeout, stream.next()).await {
-            Err(_) => return Err(ReceiveError::Idle.into()),
-            Ok(None) => return Ok(collected.freeze()),
-            Ok(Some(Err(err))) => return Err(ReceiveError::Client(err.to_string()).into()),
-            Ok(Some(Ok(piece))) => {
+        match pace
+            .next(&mut stream, started, collected.len() as u64)
+            .await?
+        {
+            None => return Ok(collected.freeze()),
+            Some(Err(err)) => return Err(ReceiveError::Client(err.to_string()).into()),
+            Some(Ok(piece)) => {
                 if collected.len() + piece.len() > limit {
                     return Err(ReceiveError::TooLarge {
                         limit: limit as u64,
@@ -135,11 +221,10 @@ pub async fn receive_verify_store(
     expected: Expected,
     too_large: impl FnOnce() -> ServerError,
 ) -> ServerResult<(NarRecord, bool)> {
-    let _slot = state.upload_slot()?;
+    let _slot = state.upload_slot(repo)?;
     let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
     let mut file = tokio::fs::File::from_std(staged.reopen()?);
-    let idle = Duration::from_secs(state.config.upload_idle_timeout_secs);
-    match receive_into(body, &mut file, limit, idle).await {
+    match receive_into(body, &mut file, limit, BodyPace::new(&state.config)).await {
         Err(ReceiveError::TooLarge { .. }) => return Err(too_large()),
         other => other?,
     };
