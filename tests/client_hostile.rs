@@ -377,6 +377,7 @@ fn endless_and_huge_answers_are_refused_with_bounded_memory() {
             "{}",
             run.stderr
         );
+        assert_no_raw_controls(&run);
         assert!(run.peak_rss_kib > 0, "VmHWM was never read");
         assert!(run.peak_rss_kib < RSS_LIMIT_KIB, "{run:?}");
     }
@@ -414,8 +415,8 @@ fn server_messages_reach_the_terminal_escaped() {
     assert!(run.stderr.contains("\\u{9b}31mred"), "{}", run.stderr);
     assert_no_raw_controls(&run);
 
-    // A non-JSON error body (a "proxy page") full of escapes, and a Retry-After-less 503
-    // repeated until the info request gives up.
+    // A non-JSON error body (a "proxy page") full of escapes, on a 503 repeated until the
+    // info request gives up.
     let page = HostileServer::start(|_, _| Answer::Full {
         status: 503,
         content_type: "text/html",
@@ -426,7 +427,7 @@ fn server_messages_reach_the_terminal_escaped() {
     assert!(run.stderr.contains("\\u{1b}[2J"), "{}", run.stderr);
     assert_no_raw_controls(&run);
 
-    // A publication rejection (printed per path) and a 422 on presence-free paths.
+    // A publication rejection, printed per path.
     let rejection = HostileServer::start(move |seen, _| {
         if seen.path.ends_with("/info") {
             info_ok()
