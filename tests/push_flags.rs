@@ -343,7 +343,8 @@ fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
     // (presence) is refused with 401.
     let revoked = fx.server.create_token(&fx.repo, "push");
     let injected = proxy.faults_injected();
-    proxy.set_rules(vec![Rule::new(Fault::Stall(Duration::from_secs(10)))
+    // Held long enough for `stowix admin token revoke` to finish on a busy machine.
+    proxy.set_rules(vec![Rule::new(Fault::Stall(Duration::from_secs(15)))
         .on_path("/api/v1/info")
         .times(1)]);
     let (_, top) = common::build_pair();
@@ -378,7 +379,9 @@ fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
         .status()
         .unwrap();
     assert!(status.success());
+    let interrupted = Instant::now();
     let pushed = wait_bounded(child, "interrupted push");
+    println!("exited {:?} after SIGINT", interrupted.elapsed());
     pushed.assert_code(exit::INTERRUPTED);
     assert!(
         gateway.value("stowix_push_uploaded_bytes_total") > 0.0,
