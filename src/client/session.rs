@@ -61,7 +61,7 @@ impl PushClient {
         }
         if !is_valid_upload_id(&state.upload_id) {
             return Err(ClientError::Protocol(format!(
-                "the server named the upload {:?}, which is not a Stowix upload id \
+                "the server named the upload \"{}\", which is not a Stowix upload id \
                  ({UPLOAD_ID_LEN} lowercase hex digits); refusing to put it into a URL",
                 super::error::escape_server_text(&truncated(&state.upload_id))
             )));
@@ -75,7 +75,7 @@ impl PushClient {
     }
 }
 
-/// An id for an error message: a hostile one may be megabytes long.
+/// An id for an error message: a hostile one may be up to a whole answer long.
 fn truncated(id: &str) -> String {
     const SHOWN: usize = 80;
     match id.char_indices().nth(SHOWN) {
