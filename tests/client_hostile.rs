@@ -45,6 +45,8 @@ enum Answer {
         prefix: Vec<u8>,
         chunked: bool,
     },
+    /// Never read the request body, never answer: a server (or proxy) that stopped reading.
+    StopReading,
 }
 
 fn json(status: u16, value: serde_json::Value) -> Answer {
@@ -73,7 +75,7 @@ fn info_ok() -> Answer {
     )
 }
 
-type Script = Arc<dyn Fn(&Seen, &[u8]) -> Answer + Send + Sync>;
+type Script = Arc<dyn Fn(&Seen) -> Answer + Send + Sync>;
 
 /// A raw HTTP/1.1 server on loopback: one request per connection, answered by `script`.
 struct HostileServer {
@@ -83,7 +85,7 @@ struct HostileServer {
 }
 
 impl HostileServer {
-    fn start(script: impl Fn(&Seen, &[u8]) -> Answer + Send + Sync + 'static) -> Self {
+    fn start(script: impl Fn(&Seen) -> Answer + Send + Sync + 'static) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -157,41 +159,41 @@ async fn serve(mut stream: TcpStream, script: Script, seen: Arc<Mutex<Vec<Seen>>
             chunked = true;
         }
     }
-    let body = if chunked {
-        read_chunked(&mut stream).await
+    seen.lock().unwrap().push(request.clone());
+    let answer = script(&request);
+    if let Answer::StopReading = answer {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        return;
+    }
+    // The scripts answer by route alone; the body is read only so the client can finish
+    // sending it.
+    if chunked {
+        read_chunked(&mut stream).await;
     } else {
         let mut body = vec![0u8; length];
         if stream.read_exact(&mut body).await.is_err() {
             return;
         }
-        body
-    };
-    seen.lock().unwrap().push(request.clone());
-    let answer = script(&request, &body);
+    }
     let _ = write_answer(&mut stream, answer).await;
 }
 
-async fn read_chunked(stream: &mut TcpStream) -> Vec<u8> {
-    let mut body = Vec::new();
+async fn read_chunked(stream: &mut TcpStream) {
     loop {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while !line.ends_with(b"\r\n") {
             if stream.read_exact(&mut byte).await.is_err() {
-                return body;
+                return;
             }
             line.push(byte[0]);
         }
         let size =
             usize::from_str_radix(String::from_utf8_lossy(&line).trim(), 16).unwrap_or_default();
         let mut chunk = vec![0u8; size + 2];
-        if stream.read_exact(&mut chunk).await.is_err() {
-            return body;
+        if stream.read_exact(&mut chunk).await.is_err() || size == 0 {
+            return;
         }
-        if size == 0 {
-            return body;
-        }
-        body.extend_from_slice(&chunk[..size]);
     }
 }
 
@@ -210,6 +212,7 @@ async fn write_answer(stream: &mut TcpStream, answer: Answer) -> std::io::Result
             stream.write_all(&body).await?;
             stream.shutdown().await
         }
+        Answer::StopReading => Ok(()),
         Answer::Endless {
             status,
             prefix,
@@ -262,8 +265,13 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 /// Runs `stowix nix push` against `url`, watching its peak RSS; kills it (and fails) if it
 /// grows past [`RSS_LIMIT_KIB`] or outlives [`RUN_DEADLINE`].
 fn push_watched(url: &str, args: &[&str]) -> Run {
+    push_watched_with(url, args, &[])
+}
+
+fn push_watched_with(url: &str, args: &[&str], envs: &[(&str, &str)]) -> Run {
     let stderr_file = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = push_common::push_command(url, Some(TOKEN), args);
+    cmd.envs(envs.iter().copied());
     cmd.stdout(Stdio::null())
         .stderr(stderr_file.reopen().unwrap());
     let mut child: Child = cmd.spawn().expect("run stowix nix push");
@@ -326,13 +334,13 @@ fn store_path() -> String {
 fn endless_and_huge_answers_are_refused_with_bounded_memory() {
     let path = store_path();
     // An error body without end (chunked) to the first request.
-    let endless_error = HostileServer::start(|_, _| Answer::Endless {
+    let endless_error = HostileServer::start(|_| Answer::Endless {
         status: 500,
         prefix: br#"{"code":"internal","message":""#.to_vec(),
         chunked: true,
     });
     // A success answer declaring a terabyte, to a later request (presence).
-    let huge_presence = HostileServer::start(|seen, _| {
+    let huge_presence = HostileServer::start(|seen| {
         if seen.path.ends_with("/info") {
             info_ok()
         } else {
@@ -344,7 +352,7 @@ fn endless_and_huge_answers_are_refused_with_bounded_memory() {
         }
     });
     // The same answer chunked, so no length warns the client in advance.
-    let endless_presence = HostileServer::start(|seen, _| {
+    let endless_presence = HostileServer::start(|seen| {
         if seen.path.ends_with("/info") {
             info_ok()
         } else {
@@ -389,7 +397,7 @@ fn server_messages_reach_the_terminal_escaped() {
     let hash = common::hash_part(&path).to_owned();
 
     // 401 on the first request: the auth error prints code and message.
-    let auth = HostileServer::start(|_, _| {
+    let auth = HostileServer::start(|_| {
         json(
             401,
             serde_json::json!({"code": format!("invalid_token{ESCAPES}"), "message": ESCAPES}),
@@ -401,7 +409,7 @@ fn server_messages_reach_the_terminal_escaped() {
     assert_no_raw_controls(&run);
 
     // A repository name and scope with escapes, printed by the scope check.
-    let scope = HostileServer::start(|_, _| {
+    let scope = HostileServer::start(|_| {
         let Answer::Full { body, .. } = info_ok() else {
             unreachable!()
         };
@@ -417,7 +425,7 @@ fn server_messages_reach_the_terminal_escaped() {
 
     // A non-JSON error body (a "proxy page") full of escapes, on a 503 repeated until the
     // info request gives up.
-    let page = HostileServer::start(|_, _| Answer::Full {
+    let page = HostileServer::start(|_| Answer::Full {
         status: 503,
         content_type: "text/html",
         body: format!("<h1>{ESCAPES}</h1>").into_bytes(),
@@ -428,7 +436,7 @@ fn server_messages_reach_the_terminal_escaped() {
     assert_no_raw_controls(&run);
 
     // A publication rejection, printed per path.
-    let rejection = HostileServer::start(move |seen, _| {
+    let rejection = HostileServer::start(move |seen| {
         if seen.path.ends_with("/info") {
             info_ok()
         } else if seen.path.ends_with("/presence") {
@@ -460,7 +468,7 @@ fn upload_ids_that_are_not_stowix_ids_never_reach_a_url() {
     let hash = common::hash_part(&path).to_owned();
     for hostile in ["../../x", "a?b", "0123456789abcdef0123456789abcde/"] {
         let hash = hash.clone();
-        let server = HostileServer::start(move |seen, _| {
+        let server = HostileServer::start(move |seen| {
             if seen.path.ends_with("/info") {
                 info_ok()
             } else if seen.path.ends_with("/presence") {
@@ -520,7 +528,7 @@ fn an_unreadable_answer_to_presence_is_an_internal_failure() {
     // Exit 1 is for what the client cannot make sense of: here a presence answer that is not
     // the JSON the protocol defines.
     let path = store_path();
-    let server = HostileServer::start(|seen, _| {
+    let server = HostileServer::start(|seen| {
         if seen.path.ends_with("/info") {
             info_ok()
         } else {
@@ -539,4 +547,53 @@ fn an_unreadable_answer_to_presence_is_an_internal_failure() {
         run.stderr
     );
     assert_no_raw_controls(&run);
+}
+
+#[test]
+fn an_upload_body_the_server_stops_reading_is_abandoned_by_the_watchdog() {
+    // 16 MiB of incompressible bytes in one request: far more than loopback socket buffers
+    // hold, so the body stops moving once the server stops reading.
+    let path = common::build_random("unread", 16 << 20);
+    let hash = common::hash_part(&path).to_owned();
+    let uploads = Arc::new(Mutex::new(0u32));
+    let counter = Arc::clone(&uploads);
+    let server = HostileServer::start(move |seen| {
+        if seen.path.ends_with("/info") {
+            info_ok()
+        } else if seen.path.ends_with("/presence") {
+            json(
+                200,
+                serde_json::json!({"missing": [hash], "nar_stored": []}),
+            )
+        } else if seen.path.contains("/api/v1/nars") {
+            let mut count = counter.lock().unwrap();
+            *count += 1;
+            if *count == 1 {
+                Answer::StopReading
+            } else {
+                // The retry is refused for good, which ends the test quickly.
+                json(
+                    422,
+                    serde_json::json!({"code": "bad_request", "message": "refused"}),
+                )
+            }
+        } else {
+            json(
+                404,
+                serde_json::json!({"code": "not_found", "message": "no"}),
+            )
+        }
+    });
+    let run = push_watched_with(
+        &server.url,
+        &["--chunk-size", "33554432", &path],
+        &[("STOWIX_STALL_TIMEOUT_SECS", "2")],
+    );
+    let stderr = &run.stderr;
+    assert_eq!(*uploads.lock().unwrap(), 2, "no second attempt:\n{stderr}");
+    assert!(
+        stderr.contains("upload stalled: no progress for 2 s"),
+        "{stderr}"
+    );
+    assert_eq!(run.code, exit::PARTIAL, "{stderr}");
 }

@@ -600,3 +600,26 @@ fn metrics_listen_on_an_address_in_use_is_refused_before_any_request() {
         pushed.stderr
     );
 }
+
+#[test]
+fn a_slow_upload_that_keeps_moving_is_not_a_stall() {
+    // One request whose body takes about 3 s at the upload limit, with progress every 0.5 s,
+    // against a stall timeout (and wait for an answer) of 2 s: only silence may end a request,
+    // never its length.
+    let fx = Fixture::new();
+    let path = common::build_random("slow-moving", 512 * 1024);
+    let mut cmd = push_command(
+        &fx.url,
+        Some(&fx.token),
+        &["--verbose", "--max-upload-rate", "128K", &path],
+    );
+    cmd.env("STOWIX_STALL_TIMEOUT_SECS", "2");
+    let pushed = wait_bounded(spawn(cmd), "slow push");
+    pushed.assert_code(exit::SUCCESS);
+    assert!(
+        !pushed.stderr.contains("retrying in"),
+        "a moving upload was abandoned:\n{}",
+        pushed.stderr
+    );
+    fx.substitute(&[path]);
+}

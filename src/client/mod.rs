@@ -42,8 +42,11 @@ pub use target::{RepoUrl, Token};
 /// Establishing a TCP+TLS connection takes well under a second on any working network; ten
 /// seconds tells a black-holed address from a slow one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest silence while waiting for an answer. Completing a multi-GiB upload makes the server
-/// verify the NAR before it answers, so this is generous; a dead connection still ends.
+/// Longest wait for an answer once the request is sent (for an upload: once its body is
+/// sent, however long that took), and longest silence within an answer. Completing a
+/// multi-GiB upload makes the server verify the NAR before it answers, so this is generous; a
+/// dead connection still ends. Not reqwest's `read_timeout`: that one runs from the start of
+/// the request, so it would end a slow upload that is still moving.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// An upload body that makes no progress for this long is a stalled connection (the server or
 /// a proxy stopped reading): abort it and resume from the server's offset.
@@ -106,6 +109,8 @@ pub struct PushClient {
     retry: RetryPolicy,
     observer: Arc<dyn ClientObserver>,
     stall_timeout: Duration,
+    /// [`READ_TIMEOUT`], or the stall override.
+    answer_timeout: Duration,
 }
 
 impl PushClient {
@@ -117,15 +122,15 @@ impl PushClient {
         let http = reqwest::Client::builder()
             .user_agent(concat!("stowix/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            // The override shortens the wait for an answer as well as for body progress, so a
-            // stalled answer is detected as quickly as a stalled upload.
-            .read_timeout(stall_override.unwrap_or(READ_TIMEOUT))
             .build()
             .map_err(|err| ClientError::Unreachable {
                 url: config.repo.to_string(),
                 detail: error::describe_chain(&err),
             })?;
         let stall_timeout = stall_override.unwrap_or(DEFAULT_STALL_TIMEOUT);
+        // The override shortens the wait for an answer as well as for body progress, so a
+        // stalled answer is detected as quickly as a stalled upload.
+        let answer_timeout = stall_override.unwrap_or(READ_TIMEOUT);
         Ok(Self {
             http,
             repo: config.repo,
@@ -134,6 +139,7 @@ impl PushClient {
             retry: config.retry,
             observer: config.observer,
             stall_timeout,
+            answer_timeout,
         })
     }
 
@@ -290,7 +296,7 @@ impl PushClient {
     async fn abort_upload(&self, id: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("uploads/{id}"));
         let response = self
-            .attempt(Endpoint::UploadAbort, self.http.delete(url))
+            .attempt(Endpoint::UploadAbort, self.http.delete(url), true)
             .await?;
         drop(response);
         Ok(())
@@ -350,7 +356,7 @@ impl PushClient {
     ) -> Result<T, ClientError> {
         let mut state = policy.start();
         loop {
-            let result = match self.attempt(endpoint, build()).await {
+            let result = match self.attempt(endpoint, build(), true).await {
                 Ok(response) => self.read_json(endpoint, response, limit).await,
                 Err(err) => Err(err),
             };
@@ -374,23 +380,47 @@ impl PushClient {
     }
 
     /// One attempt: request limiter, auth, send; a non-success status becomes an error.
+    /// `timed` bounds the wait for the answer head by the answer timeout, counted from the
+    /// send; streamed uploads pass `false` and time the answer from the body's end themselves.
     async fn attempt(
         &self,
         endpoint: Endpoint,
         request: RequestBuilder,
+        timed: bool,
     ) -> Result<reqwest::Response, ClientError> {
         let waited = self.limits.request().await;
         if !waited.is_zero() {
             self.observer.rate_limited(waited);
         }
         let start = Instant::now();
-        let result = request.bearer_auth(self.token.expose()).send().await;
+        let send = request.bearer_auth(self.token.expose()).send();
+        let result = if timed {
+            match tokio::time::timeout(self.answer_timeout, send).await {
+                Ok(result) => result.map_err(SendFailure::Reqwest),
+                Err(_) => Err(SendFailure::NoAnswer),
+            }
+        } else {
+            send.await.map_err(SendFailure::Reqwest)
+        };
         self.observer.request_finished(endpoint, start.elapsed());
-        let response = result.map_err(|err| ClientError::from_reqwest(endpoint, &err))?;
+        let response = result.map_err(|err| match err {
+            SendFailure::Reqwest(err) => ClientError::from_reqwest(endpoint, &err),
+            SendFailure::NoAnswer => self.timed_out(endpoint, "no answer"),
+        })?;
         if response.status().is_success() {
             Ok(response)
         } else {
             Err(self.error_from_response(endpoint, response).await)
+        }
+    }
+
+    /// A retryable timeout of `endpoint`: `what` did not arrive within the answer timeout.
+    fn timed_out(&self, endpoint: Endpoint, what: &str) -> ClientError {
+        ClientError::Transport {
+            endpoint: endpoint.label(),
+            detail: format!("{what} within {} s", self.answer_timeout.as_secs()),
+            timeout: true,
+            tls: false,
         }
     }
 
@@ -418,11 +448,14 @@ impl PushClient {
             return Err(too_large());
         }
         let mut body = bytes::BytesMut::new();
-        while let Some(piece) = response
-            .chunk()
-            .await
-            .map_err(|err| ClientError::from_reqwest(endpoint, &err))?
-        {
+        loop {
+            let piece = tokio::time::timeout(self.answer_timeout, response.chunk())
+                .await
+                .map_err(|_| self.timed_out(endpoint, "the rest of the answer did not arrive"))?
+                .map_err(|err| ClientError::from_reqwest(endpoint, &err))?;
+            let Some(piece) = piece else {
+                break;
+            };
             if body.len() + piece.len() > limit {
                 return Err(too_large());
             }
@@ -520,29 +553,40 @@ impl PushClient {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let last = last_progress_ms.load(Ordering::Relaxed);
                 if last == BODY_DONE {
-                    // Waiting for the answer is covered by the client's read timeout.
-                    std::future::pending::<()>().await;
+                    // The body is out: from here on the server has the answer timeout.
+                    tokio::time::sleep(self.answer_timeout).await;
+                    return self.timed_out(endpoint, "no answer after the upload");
                 }
                 let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last));
                 if idle > stall_timeout {
-                    return;
+                    return ClientError::Transport {
+                        endpoint: endpoint.label(),
+                        detail: format!(
+                            "upload stalled: no progress for {} s",
+                            stall_timeout.as_secs()
+                        ),
+                        timeout: true,
+                        tls: false,
+                    };
                 }
             }
         };
         tokio::select! {
-            result = self.attempt(endpoint, request) => result,
-            () = watchdog => Err(ClientError::Transport {
-                endpoint: endpoint.label(),
-                detail: format!("upload stalled: no progress for {} s", stall_timeout.as_secs()),
-                timeout: true,
-                tls: false,
-            }),
+            result = self.attempt(endpoint, request, false) => result,
+            err = watchdog => Err(err),
         }
     }
 }
 
 /// Marks a finished body for the stall watchdog.
 const BODY_DONE: u64 = u64::MAX;
+
+/// Why an attempt got no answer head.
+enum SendFailure {
+    Reqwest(reqwest::Error),
+    /// Nothing within the answer timeout.
+    NoAnswer,
+}
 
 fn metered_body(
     body: Bytes,
