@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Stowix: Nix (the oracle every
-# test checks against) and the Rust components CI uses. Idempotent.
+# test checks against), the Prometheus Pushgateway (the push-metrics tests start a real one)
+# and the Rust components CI uses. Idempotent.
 set -euo pipefail
 if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
   echo "installing nix-bin from Debian's packages" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nix-bin >/dev/null
+fi
+if ! command -v prometheus-pushgateway >/dev/null; then
+  echo "installing prometheus-pushgateway from Debian's packages" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus-pushgateway >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo is not installed; install Rust (rustup) first" >&2

@@ -163,7 +163,8 @@ impl ClientError {
 
     pub(crate) fn from_reqwest(endpoint: Endpoint, err: &reqwest::Error) -> Self {
         let tls = is_tls(err);
-        let mut detail = describe_chain(err);
+        // A redirect's Location or a proxy's wording can end up in the chain.
+        let mut detail = escape_server_text(&describe_chain(err));
         if tls {
             detail = format!(
                 "TLS failed ({detail}); if the server speaks plain HTTP on this port, use an http:// URL, otherwise check its certificate"
@@ -238,6 +239,30 @@ fn is_timeout(err: &reqwest::Error) -> bool {
     false
 }
 
+/// Server-sent text made safe to print: control characters (C0 including newline and tab, DEL,
+/// C1 in Unicode) and bidirectional overrides become visible `\u{..}` escapes, so a hostile or
+/// broken server can neither drive the terminal (`ESC]0;`, `ESC[2J`) nor forge extra lines such as
+/// a fake `hint:`. Every text a server sends passes through here once, where the client decodes
+/// it; nothing downstream escapes again.
+pub fn escape_server_text(text: &str) -> String {
+    let needs_escape = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(needs_escape) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if needs_escape(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `Retry-After` in seconds; HTTP dates are rare from API servers and treated as absent.
 pub(crate) fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration> {
     let seconds: u64 = value?.to_str().ok()?.trim().parse().ok()?;
@@ -293,6 +318,19 @@ mod tests {
             tls: true,
         };
         assert_eq!(tls.retry_reason(), None);
+    }
+
+    #[test]
+    fn server_text_is_escaped_for_the_terminal() {
+        let hostile = "a\u{1b}]0;owned\u{7}b\u{1b}[2J\nhint: fake\u{7f}\u{9b}31m\u{202e}c\td";
+        let escaped = escape_server_text(hostile);
+        assert_eq!(
+            escaped,
+            "a\\u{1b}]0;owned\\u{7}b\\u{1b}[2J\\u{a}hint: fake\\u{7f}\\u{9b}31m\\u{202e}c\\u{9}d"
+        );
+        assert!(!escaped.chars().any(char::is_control), "{escaped:?}");
+        let plain = "no such upload; create a new one (é, ü, 日本)";
+        assert_eq!(escape_server_text(plain), plain);
     }
 
     #[test]

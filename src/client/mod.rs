@@ -11,6 +11,12 @@
 //!
 //! Everything observable (request durations, retries, wire bytes, limiter waits) is reported
 //! through [`ClientObserver`], so metric names stay in `push::metrics`.
+//!
+//! The server is not trusted to be well-behaved: every answer is read up to a limit sized to
+//! the largest legal answer (an endless body is "not a Stowix server", not an out-of-memory
+//! kill), every text it sends is escaped for the terminal where it is decoded
+//! ([`error::escape_server_text`]), and every id it sends is checked before it goes into a URL
+//! ([`session`]).
 
 pub mod error;
 pub mod limit;
@@ -36,8 +42,11 @@ pub use target::{RepoUrl, Token};
 /// Establishing a TCP+TLS connection takes well under a second on any working network; ten
 /// seconds tells a black-holed address from a slow one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest silence while waiting for an answer. Completing a multi-GiB upload makes the server
-/// verify the NAR before it answers, so this is generous; a dead connection still ends.
+/// Longest wait for an answer once the request is sent (for an upload: once its body is
+/// sent, however long that took), and longest silence within an answer. Completing a
+/// multi-GiB upload makes the server verify the NAR before it answers, so this is generous; a
+/// dead connection still ends. Not reqwest's `read_timeout`: that one runs from the start of
+/// the request, so it would end a slow upload that is still moving.
 const READ_TIMEOUT: Duration = Duration::from_secs(300);
 /// An upload body that makes no progress for this long is a stalled connection (the server or
 /// a proxy stopped reading): abort it and resume from the server's offset.
@@ -50,6 +59,19 @@ const SEND_PIECE: usize = 64 * 1024;
 /// The info request decides within seconds whether the target is reachable at all, so it
 /// retries less than the pipeline's requests.
 const INFO_MAX_RETRIES: usize = 3;
+/// Largest answer of a route whose answer does not grow with the request (info, upload state,
+/// stored NAR) and of any error answer: the largest legal one is a few hundred bytes (an error
+/// message naming a store path, or a repository's limits); 64 KiB also fits a proxy's HTML
+/// error page.
+const SMALL_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// Largest legal answer to a request of `request_bytes`. Presence answers list a subset of the
+/// queried hash parts; publication answers list each entry once, a rejection's message naming
+/// at most the entry's store path and references: both stay below the request's size, so twice
+/// that plus [`SMALL_ANSWER_LIMIT`] is generous and still bounded.
+fn answer_limit_for(request_bytes: usize) -> usize {
+    SMALL_ANSWER_LIMIT.saturating_add(request_bytes.saturating_mul(2))
+}
 
 /// Hooks for metrics and logs; the client calls them, `push` implements them.
 pub trait ClientObserver: Send + Sync {
@@ -87,6 +109,8 @@ pub struct PushClient {
     retry: RetryPolicy,
     observer: Arc<dyn ClientObserver>,
     stall_timeout: Duration,
+    /// [`READ_TIMEOUT`], or the stall override.
+    answer_timeout: Duration,
 }
 
 impl PushClient {
@@ -98,15 +122,15 @@ impl PushClient {
         let http = reqwest::Client::builder()
             .user_agent(concat!("stowix/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
-            // The override shortens the wait for an answer as well as for body progress, so a
-            // stalled answer is detected as quickly as a stalled upload.
-            .read_timeout(stall_override.unwrap_or(READ_TIMEOUT))
             .build()
             .map_err(|err| ClientError::Unreachable {
                 url: config.repo.to_string(),
                 detail: error::describe_chain(&err),
             })?;
         let stall_timeout = stall_override.unwrap_or(DEFAULT_STALL_TIMEOUT);
+        // The override shortens the wait for an answer as well as for body progress, so a
+        // stalled answer is detected as quickly as a stalled upload.
+        let answer_timeout = stall_override.unwrap_or(READ_TIMEOUT);
         Ok(Self {
             http,
             repo: config.repo,
@@ -115,6 +139,7 @@ impl PushClient {
             retry: config.retry,
             observer: config.observer,
             stall_timeout,
+            answer_timeout,
         })
     }
 
@@ -139,7 +164,7 @@ impl PushClient {
                 self.http.get(url.clone())
             })
             .await;
-        result.map_err(|err| match err {
+        let mut info = result.map_err(|err| match err {
             ClientError::Transport { detail, .. } => ClientError::Unreachable {
                 url: self.repo.to_string(),
                 detail,
@@ -167,7 +192,11 @@ impl PushClient {
                 detail: format!("{url} did not answer with repository information ({detail})"),
             },
             other => other,
-        })
+        })?;
+        // Both are printed when the token's scope is wrong.
+        info.repository = error::escape_server_text(&info.repository);
+        info.token_scope = info.token_scope.as_deref().map(error::escape_server_text);
+        Ok(info)
     }
 
     pub async fn presence(
@@ -175,8 +204,10 @@ impl PushClient {
         request: &api::PresenceRequest,
     ) -> Result<api::PresenceResponse, ClientError> {
         let url = self.url("presence");
-        self.call(Endpoint::Presence, &mut 0, || {
-            self.http.post(url.clone()).json(request)
+        let body = json_body(request)?;
+        let limit = answer_limit_for(body.len());
+        self.call_limited(&self.retry, Endpoint::Presence, limit, &mut 0, || {
+            json_request(self.http.post(url.clone()), body.clone())
         })
         .await
     }
@@ -194,7 +225,10 @@ impl PushClient {
             let request = self.http.post(url.clone()).query(params);
             let result = self.send_body(Endpoint::Nars, request, body.clone()).await;
             let result = match result {
-                Ok(response) => read_json(Endpoint::Nars, response).await,
+                Ok(response) => {
+                    self.read_json(Endpoint::Nars, response, SMALL_ANSWER_LIMIT)
+                        .await
+                }
                 Err(err) => Err(err),
             };
             match result {
@@ -242,7 +276,8 @@ impl PushClient {
             .header(api::UPLOAD_OFFSET_HEADER, offset.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
         let response = self.send_body(Endpoint::UploadPatch, request, body).await?;
-        read_json(Endpoint::UploadPatch, response).await
+        self.read_json(Endpoint::UploadPatch, response, SMALL_ANSWER_LIMIT)
+            .await
     }
 
     async fn complete_upload(
@@ -261,7 +296,7 @@ impl PushClient {
     async fn abort_upload(&self, id: &str) -> Result<(), ClientError> {
         let url = self.url(&format!("uploads/{id}"));
         let response = self
-            .attempt(Endpoint::UploadAbort, self.http.delete(url))
+            .attempt(Endpoint::UploadAbort, self.http.delete(url), true)
             .await?;
         drop(response);
         Ok(())
@@ -272,10 +307,20 @@ impl PushClient {
         request: &api::PublishRequest,
     ) -> Result<api::PublishResponse, ClientError> {
         let url = self.url("narinfos");
-        self.call(Endpoint::Narinfos, &mut 0, || {
-            self.http.post(url.clone()).json(request)
-        })
-        .await
+        let body = json_body(request)?;
+        let limit = answer_limit_for(body.len());
+        let mut answer: api::PublishResponse = self
+            .call_limited(&self.retry, Endpoint::Narinfos, limit, &mut 0, || {
+                json_request(self.http.post(url.clone()), body.clone())
+            })
+            .await?;
+        // Rejections are printed per path.
+        for rejection in &mut answer.rejected {
+            rejection.hash = error::escape_server_text(&rejection.hash);
+            rejection.code = error::escape_server_text(&rejection.code);
+            rejection.message = error::escape_server_text(&rejection.message);
+        }
+        Ok(answer)
     }
 
     async fn call<T: DeserializeOwned>(
@@ -287,7 +332,8 @@ impl PushClient {
         self.call_with(&self.retry, endpoint, retries, build).await
     }
 
-    /// A JSON request with retries; `build` makes a fresh request per attempt.
+    /// A JSON request with retries whose answer is small; `build` makes a fresh request per
+    /// attempt.
     async fn call_with<T: DeserializeOwned>(
         &self,
         policy: &RetryPolicy,
@@ -295,10 +341,23 @@ impl PushClient {
         retries: &mut u32,
         build: impl Fn() -> RequestBuilder,
     ) -> Result<T, ClientError> {
+        self.call_limited(policy, endpoint, SMALL_ANSWER_LIMIT, retries, build)
+            .await
+    }
+
+    /// A JSON request with retries whose answer may be up to `limit` bytes.
+    async fn call_limited<T: DeserializeOwned>(
+        &self,
+        policy: &RetryPolicy,
+        endpoint: Endpoint,
+        limit: usize,
+        retries: &mut u32,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T, ClientError> {
         let mut state = policy.start();
         loop {
-            let result = match self.attempt(endpoint, build()).await {
-                Ok(response) => read_json(endpoint, response).await,
+            let result = match self.attempt(endpoint, build(), true).await {
+                Ok(response) => self.read_json(endpoint, response, limit).await,
                 Err(err) => Err(err),
             };
             match result {
@@ -321,23 +380,152 @@ impl PushClient {
     }
 
     /// One attempt: request limiter, auth, send; a non-success status becomes an error.
+    /// `timed` bounds the wait for the answer head by the answer timeout, counted from the
+    /// send; streamed uploads pass `false` and time the answer from the body's end themselves.
     async fn attempt(
         &self,
         endpoint: Endpoint,
         request: RequestBuilder,
+        timed: bool,
     ) -> Result<reqwest::Response, ClientError> {
         let waited = self.limits.request().await;
         if !waited.is_zero() {
             self.observer.rate_limited(waited);
         }
         let start = Instant::now();
-        let result = request.bearer_auth(self.token.expose()).send().await;
+        let send = request.bearer_auth(self.token.expose()).send();
+        let result = if timed {
+            match tokio::time::timeout(self.answer_timeout, send).await {
+                Ok(result) => result.map_err(SendFailure::Reqwest),
+                Err(_) => Err(SendFailure::NoAnswer),
+            }
+        } else {
+            send.await.map_err(SendFailure::Reqwest)
+        };
         self.observer.request_finished(endpoint, start.elapsed());
-        let response = result.map_err(|err| ClientError::from_reqwest(endpoint, &err))?;
+        let response = result.map_err(|err| match err {
+            SendFailure::Reqwest(err) => ClientError::from_reqwest(endpoint, &err),
+            SendFailure::NoAnswer => self.timed_out(endpoint, "no answer"),
+        })?;
         if response.status().is_success() {
             Ok(response)
         } else {
-            Err(error_from_response(endpoint, response).await)
+            Err(self.error_from_response(endpoint, response).await)
+        }
+    }
+
+    /// A retryable timeout of `endpoint`: `what` did not arrive within the answer timeout.
+    fn timed_out(&self, endpoint: Endpoint, what: &str) -> ClientError {
+        ClientError::Transport {
+            endpoint: endpoint.label(),
+            detail: format!("{what} within {} s", self.answer_timeout.as_secs()),
+            timeout: true,
+            tls: false,
+        }
+    }
+
+    /// The whole body, refused as soon as it is longer than `limit`: a hostile server's endless
+    /// or huge answer costs at most `limit` bytes of memory.
+    async fn read_limited(
+        &self,
+        endpoint: Endpoint,
+        mut response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes, ClientError> {
+        let too_large = || {
+            ClientError::NotStowix {
+            url: self.repo.to_string(),
+            detail: format!(
+                "the server's answer to {} exceeded {limit} bytes, more than any Stowix server sends",
+                endpoint.label()
+            ),
+        }
+        };
+        if response
+            .content_length()
+            .is_some_and(|declared| declared > limit as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = bytes::BytesMut::new();
+        loop {
+            let piece = tokio::time::timeout(self.answer_timeout, response.chunk())
+                .await
+                .map_err(|_| self.timed_out(endpoint, "the rest of the answer did not arrive"))?
+                .map_err(|err| ClientError::from_reqwest(endpoint, &err))?;
+            let Some(piece) = piece else {
+                break;
+            };
+            if body.len() + piece.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&piece);
+        }
+        Ok(body.freeze())
+    }
+
+    async fn read_json<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<T, ClientError> {
+        let body = self.read_limited(endpoint, response, limit).await?;
+        serde_json::from_slice(&body).map_err(|err| ClientError::Decode {
+            endpoint: endpoint.label(),
+            // serde quotes unexpected values from the body.
+            detail: format!(
+                "{}; the answer began with {:?}",
+                error::escape_server_text(&err.to_string()),
+                preview(&body)
+            ),
+        })
+    }
+
+    /// The error an unsuccessful answer stands for. This is where server-sent text enters the
+    /// client: code and message are escaped here, once.
+    async fn error_from_response(
+        &self,
+        endpoint: Endpoint,
+        response: reqwest::Response,
+    ) -> ClientError {
+        let status = response.status();
+        let retry_after =
+            error::parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
+        let body = match self
+            .read_limited(endpoint, response, SMALL_ANSWER_LIMIT)
+            .await
+        {
+            Ok(body) => body,
+            Err(err) => return err,
+        };
+        let api = match serde_json::from_slice::<ApiError>(&body) {
+            Ok(api) => ApiError {
+                code: error::escape_server_text(&api.code),
+                message: error::escape_server_text(&api.message),
+                offset: api.offset,
+            },
+            Err(_) => ApiError {
+                code: format!("http_{}", status.as_u16()),
+                message: if body.is_empty() {
+                    status
+                        .canonical_reason()
+                        .unwrap_or("no reason given")
+                        .to_owned()
+                } else {
+                    preview(&body)
+                },
+                offset: None,
+            },
+        };
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return ClientError::Auth { status, api };
+        }
+        ClientError::Api {
+            endpoint: endpoint.label(),
+            status,
+            api,
+            retry_after,
         }
     }
 
@@ -365,29 +553,40 @@ impl PushClient {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let last = last_progress_ms.load(Ordering::Relaxed);
                 if last == BODY_DONE {
-                    // Waiting for the answer is covered by the client's read timeout.
-                    std::future::pending::<()>().await;
+                    // The body is out: from here on the server has the answer timeout.
+                    tokio::time::sleep(self.answer_timeout).await;
+                    return self.timed_out(endpoint, "no answer after the upload");
                 }
                 let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last));
                 if idle > stall_timeout {
-                    return;
+                    return ClientError::Transport {
+                        endpoint: endpoint.label(),
+                        detail: format!(
+                            "upload stalled: no progress for {} s",
+                            stall_timeout.as_secs()
+                        ),
+                        timeout: true,
+                        tls: false,
+                    };
                 }
             }
         };
         tokio::select! {
-            result = self.attempt(endpoint, request) => result,
-            () = watchdog => Err(ClientError::Transport {
-                endpoint: endpoint.label(),
-                detail: format!("upload stalled: no progress for {} s", stall_timeout.as_secs()),
-                timeout: true,
-                tls: false,
-            }),
+            result = self.attempt(endpoint, request, false) => result,
+            err = watchdog => Err(err),
         }
     }
 }
 
 /// Marks a finished body for the stall watchdog.
 const BODY_DONE: u64 = u64::MAX;
+
+/// Why an attempt got no answer head.
+enum SendFailure {
+    Reqwest(reqwest::Error),
+    /// Nothing within the answer timeout.
+    NoAnswer,
+}
 
 fn metered_body(
     body: Bytes,
@@ -421,53 +620,22 @@ fn metered_body(
     })
 }
 
-async fn read_json<T: DeserializeOwned>(
-    endpoint: Endpoint,
-    response: reqwest::Response,
-) -> Result<T, ClientError> {
-    let body = response
-        .bytes()
-        .await
-        .map_err(|err| ClientError::from_reqwest(endpoint, &err))?;
-    serde_json::from_slice(&body).map_err(|err| ClientError::Decode {
-        endpoint: endpoint.label(),
-        detail: format!("{err}; the answer began with {:?}", preview(&body)),
-    })
+/// A request body serialised once, so every retry resends the same bytes and its size bounds
+/// the answer.
+fn json_body<T: serde::Serialize>(value: &T) -> Result<Bytes, ClientError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|err| ClientError::Protocol(format!("cannot encode a request: {err}")))
 }
 
-async fn error_from_response(endpoint: Endpoint, response: reqwest::Response) -> ClientError {
-    let status = response.status();
-    let retry_after =
-        error::parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
-    let body = match response.bytes().await {
-        Ok(body) => body,
-        Err(err) => return ClientError::from_reqwest(endpoint, &err),
-    };
-    let api = serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
-        code: format!("http_{}", status.as_u16()),
-        message: if body.is_empty() {
-            status
-                .canonical_reason()
-                .unwrap_or("no reason given")
-                .to_owned()
-        } else {
-            preview(&body)
-        },
-        offset: None,
-    });
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return ClientError::Auth { status, api };
-    }
-    ClientError::Api {
-        endpoint: endpoint.label(),
-        status,
-        api,
-        retry_after,
-    }
+fn json_request(request: RequestBuilder, body: Bytes) -> RequestBuilder {
+    request
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
 }
 
-/// The start of a body that was not what we expected, for an error message.
+/// The start of a body that was not what we expected, for an error message, escaped.
 fn preview(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(120)]);
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    error::escape_server_text(&text.split_whitespace().collect::<Vec<_>>().join(" "))
 }

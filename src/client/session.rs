@@ -12,6 +12,10 @@
 //! The caller keeps the current chunk in memory until `send_chunk` returns, so any suffix of it
 //! can be sent again; bytes before the chunk are never needed again because the server
 //! acknowledged them.
+//!
+//! The upload id is the one value from the server that goes into URLs: it is checked against
+//! the server's id format before any use, so a hostile id (`../../x`, `a?b`) cannot send the
+//! next request elsewhere.
 
 use bytes::Bytes;
 
@@ -21,6 +25,13 @@ use crate::api::{self, codes};
 /// Consecutive answers that move the offset nowhere (or only via 409) before we give up: a
 /// server that keeps disagreeing is broken, and looping forever would hide that.
 const MAX_RESYNCS_WITHOUT_PROGRESS: u32 = 5;
+/// A Stowix upload id is 128 random bits in lowercase hex (`server::routes_api`).
+const UPLOAD_ID_LEN: usize = 32;
+
+/// Whether `id` has the shape of a Stowix upload id, and so is safe as one URL path segment.
+pub fn is_valid_upload_id(id: &str) -> bool {
+    id.len() == UPLOAD_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 pub enum OpenedUpload<'c> {
     Session(UploadSession<'c>),
@@ -48,12 +59,28 @@ impl PushClient {
         if state.already_stored {
             return Ok(OpenedUpload::AlreadyStored);
         }
+        if !is_valid_upload_id(&state.upload_id) {
+            return Err(ClientError::Protocol(format!(
+                "the server named the upload \"{}\", which is not a Stowix upload id \
+                 ({UPLOAD_ID_LEN} lowercase hex digits); refusing to put it into a URL",
+                super::error::escape_server_text(&truncated(&state.upload_id))
+            )));
+        }
         Ok(OpenedUpload::Session(UploadSession {
             client: self,
             id: state.upload_id,
             offset: state.offset,
             retries: 0,
         }))
+    }
+}
+
+/// An id for an error message: a hostile one may be up to a whole answer long.
+fn truncated(id: &str) -> String {
+    const SHOWN: usize = 80;
+    match id.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &id[..end]),
+        None => id.to_owned(),
     }
 }
 
@@ -153,5 +180,32 @@ impl UploadSession<'_> {
         if let Err(err) = self.client.abort_upload(&self.id).await {
             tracing::debug!("aborting upload {}: {err}", self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_server_shaped_upload_ids_are_accepted() {
+        assert!(is_valid_upload_id("0123456789abcdef0123456789abcdef"));
+        for hostile in [
+            "",
+            "../../x",
+            "a?b",
+            "0123456789abcdef0123456789abcde/",
+            "0123456789abcdef0123456789abcde?",
+            "0123456789abcdef0123456789abcde#",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "0123456789abcdef0123456789abcdef0",
+            "0123456789abcdef0123456789abcde",
+            "..%2F..%2F0123456789abcdef0123456",
+            "0123456789abcdef0123456789abcd\u{e9}",
+        ] {
+            assert!(!is_valid_upload_id(hostile), "{hostile:?}");
+        }
+        assert_eq!(truncated(&"a".repeat(100)).chars().count(), 81);
+        assert_eq!(truncated("short"), "short");
     }
 }
