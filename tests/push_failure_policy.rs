@@ -150,10 +150,13 @@ fn slow_closure() -> (String, Vec<String>) {
         drvs.push(Drv::new(&format!("small-{i}"), &format!("echo {i} > $out")));
     }
     let all: Vec<usize> = (0..drvs.len()).collect();
-    drvs.push(Drv::new("top", "echo $dep0 $dep5 $dep9 > $out").deps(&all));
+    // Writing every dependency's path makes each a runtime reference of the root.
+    let refs: Vec<String> = all.iter().map(|i| format!("$dep{i}")).collect();
+    drvs.push(Drv::new("top", &format!("echo {} > $out", refs.join(" "))).deps(&all));
     let built = common::build_derivations(&drvs);
     let root = built.last().unwrap().clone();
     let closure = common::closure_of(std::slice::from_ref(&root));
+    assert_eq!(closure.len(), 11, "{closure:?}");
     (root, closure)
 }
 
@@ -247,6 +250,7 @@ async fn a_token_revoked_mid_push_ends_it_within_5_s_with_one_error() {
     let received_at_revocation = fx.received_bytes().await;
     let ended = run.wait(Duration::from_secs(120));
     let pushed = &ended.pushed;
+    eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::AUTH);
     let took = ended.at - revoked_at;
     assert!(
@@ -311,6 +315,7 @@ async fn a_server_gone_for_good_ends_the_push_after_the_retry_timeout() {
 
     let ended = run.wait(Duration::from_secs(60));
     let pushed = &ended.pushed;
+    eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::UNREACHABLE);
     let took = ended.at - killed_at;
     assert!(
@@ -377,6 +382,7 @@ async fn a_server_restarted_within_the_retry_timeout_is_ridden_out() {
 
     let ended = run.wait(Duration::from_secs(180));
     let pushed = &ended.pushed;
+    eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::SUCCESS);
     assert!(
         pushed.stderr.contains("resuming"),
@@ -473,6 +479,7 @@ async fn ctrl_c_stops_within_2_s_with_the_summary_and_the_rerun_resumes() {
     let interrupted_at = Instant::now();
     let ended = run.wait(Duration::from_secs(30));
     let pushed = &ended.pushed;
+    eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::INTERRUPTED);
     let took = ended.at - interrupted_at;
     assert!(

@@ -176,10 +176,9 @@ impl fmt::Display for PathFailure {
                 f,
                 "the server holds {held} bytes of a {produced}-byte upload; the encoder output changed"
             ),
-            Self::BadLine { line, detail } => write!(f, "input line {line:?}: {detail}"),
-            Self::PathInfo { line, detail } => {
-                write!(f, "input line {line:?}: `nix path-info` failed: {detail}")
-            }
+            // Reported after the line itself.
+            Self::BadLine { detail, .. } => f.write_str(detail),
+            Self::PathInfo { detail, .. } => write!(f, "`nix path-info` failed: {detail}"),
             Self::Stranded => f.write_str("its references were never stored (internal error)"),
         }
     }
