@@ -39,8 +39,13 @@ struct Ended {
 
 impl Running {
     fn start(fx: &Fixture, args: &[&str]) -> Running {
+        Self::start_with(fx, args, &[])
+    }
+
+    fn start_with(fx: &Fixture, args: &[&str], envs: &[(&str, &str)]) -> Running {
         let mut child = push_command(&fx.url, Some(&fx.token), args)
             .env("STOWIX_CHUNK_SIZE", CHUNK.to_string())
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -306,9 +311,8 @@ const PAUSED: &str = "pausing the push";
 async fn a_server_gone_for_good_ends_the_push_after_the_retry_timeout() {
     let mut fx = Fixture::new();
     let (root, closure) = slow_closure();
-    let mut args = slow_args(&root);
-    args.extend(["--retry-timeout", "8s"]);
-    let mut run = Running::start(&fx, &args);
+    // The environment variable, where the restart test below uses the flag.
+    let mut run = Running::start_with(&fx, &slow_args(&root), &[("STOWIX_RETRY_TIMEOUT", "8")]);
     until_received(&fx, &mut run, 3.0 * CHUNK as f64).await;
     fx.server.kill();
     let killed_at = Instant::now();
