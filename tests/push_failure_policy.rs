@@ -258,6 +258,7 @@ async fn a_token_revoked_mid_push_ends_it_within_5_s_with_one_error() {
     eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::AUTH);
     let took = ended.at - revoked_at;
+    eprintln!("exited {took:?} after the revocation");
     assert!(
         took <= Duration::from_secs(5),
         "exited {took:?} after the revocation\n{}",
@@ -322,6 +323,7 @@ async fn a_server_gone_for_good_ends_the_push_after_the_retry_timeout() {
     eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::UNREACHABLE);
     let took = ended.at - killed_at;
+    eprintln!("exited {took:?} after the server was killed");
     assert!(
         took <= Duration::from_secs(8 + 10),
         "exited {took:?} after the server died\n{}",
@@ -486,6 +488,7 @@ async fn ctrl_c_stops_within_2_s_with_the_summary_and_the_rerun_resumes() {
     eprintln!("{}", pushed.stderr);
     pushed.assert_code(exit::INTERRUPTED);
     let took = ended.at - interrupted_at;
+    eprintln!("exited {took:?} after SIGINT");
     assert!(
         took <= Duration::from_secs(2),
         "exited {took:?} after SIGINT\n{}",

@@ -143,6 +143,9 @@ pub fn resolve_root(arg: &str) -> Result<StorePath, ClosureError> {
 
 /// Standard input, line by line, read on its own thread (reads block, and tokio's stdin is the
 /// same thing behind a feature this crate does not enable). The channel closes at end of input.
+/// The one thread that can outlive `push::run`: a blocked read of standard input cannot be
+/// interrupted. It holds nothing but the pipe, ends at its next line (the send fails), and dies
+/// with the process, which exits right after the run.
 fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
     let (tx, rx) = mpsc::channel(STDIN_LINES);
     std::thread::Builder::new()

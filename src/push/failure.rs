@@ -22,7 +22,7 @@ use reqwest::StatusCode;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{codes, ApiError};
+use crate::api::{codes, ApiError, RepoInfo};
 use crate::client::{ClientError, PushClient};
 
 /// Default of `--retry-timeout`: rides out a server restart or a short network outage (a
@@ -38,6 +38,9 @@ const PROBE_MAX_DELAY: Duration = Duration::from_secs(5);
 /// request that fails as if the server were gone while probes get answers is broken in its
 /// own way (a proxy cutting one route), and must not loop forever.
 const MAX_OUTAGE_ROUNDS: u32 = 5;
+/// Longest wait for one probe's answer: a server that accepts connections but does not
+/// answer within this is as good as silent.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a blocked thread looks at the gate; short against any dump or compression.
 const GATE_POLL: Duration = Duration::from_millis(50);
 
@@ -279,17 +282,38 @@ pub enum Stop {
     Path(ClientError),
 }
 
+/// A failed attempt, with the state of the gate when it began: whether the server went silent
+/// since then decides between trying again and failing the path.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: ClientError,
+    before: Gate,
+}
+
+/// What the prober found out so far.
+#[derive(Clone, Copy, Debug)]
+struct Gate {
+    /// False while the server answers nothing: stages wait.
+    online: bool,
+    /// Probes the server answered.
+    answered: u64,
+    /// Pauses begun (probes that got no answer after a working period).
+    pauses: u64,
+}
+
 /// The run-wide state every stage consults: the stop token, the first fatal failure, and the
 /// gate that is closed while the server answers nothing.
 pub struct Health {
     stop: CancellationToken,
     fatal: Mutex<Option<RunFailure>>,
-    online: watch::Sender<bool>,
+    gate: watch::Sender<Gate>,
     outage: Mutex<Option<Outage>>,
     wake_prober: Notify,
     retry_timeout: Duration,
 }
 
+/// A suspected outage: since when requests fail as if the server were gone, and the latest
+/// such failure (for the final message).
 struct Outage {
     since: Instant,
     last: String,
@@ -300,7 +324,11 @@ impl Health {
         Self {
             stop,
             fatal: Mutex::new(None),
-            online: watch::Sender::new(true),
+            gate: watch::Sender::new(Gate {
+                online: true,
+                answered: 0,
+                pauses: 0,
+            }),
             outage: Mutex::new(None),
             wake_prober: Notify::new(),
             retry_timeout,
@@ -330,31 +358,38 @@ impl Health {
     }
 
     pub fn is_paused(&self) -> bool {
-        !*self.online.borrow()
+        !self.gate.borrow().online
     }
 
-    /// The server may be gone: closes the gate and wakes the prober. Returns true when this
-    /// call started the pause (the caller reports it once).
-    pub fn suspect(&self, error: &ClientError) -> bool {
-        let started = self.online.send_if_modified(|up| std::mem::replace(up, false));
-        if started {
-            *self.outage.lock().expect("outage lock") = Some(Outage {
-                since: Instant::now(),
-                last: error.to_string(),
-            });
-            self.wake_prober.notify_one();
+    /// A request failed as if the server were gone: the prober checks at once. Cheap and
+    /// idempotent, so the client's retry loop calls it on every such failure.
+    pub fn suspect(&self, error: &ClientError) {
+        let mut outage = self.outage.lock().expect("outage lock");
+        match outage.as_mut() {
+            Some(outage) => outage.last = error.to_string(),
+            None => {
+                *outage = Some(Outage {
+                    since: Instant::now(),
+                    last: error.to_string(),
+                })
+            }
         }
-        started
+        drop(outage);
+        self.wake_prober.notify_one();
     }
 
     /// Waits until the server answers; `Err(Stop::Run)` when the run ended meanwhile.
     pub async fn online(&self) -> Result<(), Stop> {
+        self.wait_for(|gate| gate.online).await.map(|_| ())
+    }
+
+    async fn wait_for(&self, ready: impl Fn(&Gate) -> bool) -> Result<Gate, Stop> {
         if self.stop.is_cancelled() {
             return Err(Stop::Run);
         }
-        let mut online = self.online.subscribe();
+        let mut gate = self.gate.subscribe();
         tokio::select! {
-            up = online.wait_for(|up| *up) => up.map(|_| ()).map_err(|_| Stop::Run),
+            gate = gate.wait_for(|g| ready(g)) => gate.map(|g| *g).map_err(|_| Stop::Run),
             () = self.stop.cancelled() => Err(Stop::Run),
         }
     }
@@ -365,7 +400,7 @@ impl Health {
             if self.stop.is_cancelled() {
                 return false;
             }
-            if *self.online.borrow() {
+            if self.gate.borrow().online {
                 return true;
             }
             std::thread::sleep(GATE_POLL);
@@ -377,17 +412,19 @@ impl Health {
     pub async fn guarded<T>(
         &self,
         request: impl std::future::Future<Output = Result<T, ClientError>>,
-    ) -> Result<Result<T, ClientError>, Stop> {
-        self.online().await?;
+    ) -> Result<Result<T, Failed>, Stop> {
+        let before = self.wait_for(|gate| gate.online).await?;
         tokio::select! {
-            result = request => Ok(result),
+            result = request => Ok(result.map_err(|error| Failed { error, before })),
             () = self.stop.cancelled() => Err(Stop::Run),
         }
     }
 
-    /// Applies the policy to a failed request: `Ok(())` means the server answers again and
-    /// the request should be tried again.
-    pub async fn after_failure(&self, error: ClientError, rounds: &mut u32) -> Result<(), Stop> {
+    /// Applies the policy to a failed request: `Ok(())` means the server was silent and answers
+    /// again, so the request should be tried again. A request that failed as if the server were
+    /// gone while the server kept answering probes fails its path: its trouble is its own.
+    pub async fn after_failure(&self, failed: Failed, rounds: &mut u32) -> Result<(), Stop> {
+        let Failed { error, before } = failed;
         match judge(error) {
             Verdict::Fatal(failure) => {
                 self.fatal(failure);
@@ -399,15 +436,24 @@ impl Health {
                     return Err(Stop::Path(error));
                 }
                 *rounds += 1;
+                let now = *self.gate.borrow();
                 self.suspect(&error);
-                self.online().await
+                let after = self
+                    .wait_for(|gate| gate.online && gate.answered > now.answered)
+                    .await?;
+                if after.pauses > before.pauses {
+                    Ok(())
+                } else {
+                    Err(Stop::Path(error))
+                }
             }
         }
     }
 
-    /// The prober: sleeps until an outage is suspected, then probes `GET api/v1/info` with
-    /// backoff until the server answers (the gate opens) or `retry_timeout` has passed since
-    /// the outage began (a fatal failure). Ends with the run.
+    /// The prober: sleeps until an outage is suspected, then probes `GET api/v1/info` at once.
+    /// An answer clears the suspicion. No answer closes the gate (the pipeline pauses) and
+    /// probing goes on with backoff until the server answers (the gate opens) or
+    /// `retry_timeout` has passed since the first failure (a fatal failure). Ends with the run.
     pub async fn run_prober(
         self: Arc<Self>,
         client: Arc<PushClient>,
@@ -418,82 +464,95 @@ impl Health {
                 () = self.wake_prober.notified() => {}
                 () = self.stop.cancelled() => return,
             }
-            let Some(since) = self
+            let since = self
                 .outage
                 .lock()
                 .expect("outage lock")
                 .as_ref()
-                .map(|o| o.since)
-            else {
-                continue;
+                .map_or_else(Instant::now, |o| o.since);
+            if !self.probe_until_answered(&client, since, &on_change).await {
+                return;
+            }
+        }
+    }
+
+    /// One round of probing; false when the run is over.
+    async fn probe_until_answered(
+        &self,
+        client: &PushClient,
+        since: Instant,
+        on_change: &impl Fn(ProbeEvent<'_>),
+    ) -> bool {
+        let deadline = since + self.retry_timeout;
+        let mut delay = PROBE_FIRST_DELAY;
+        let mut paused = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let last = self.last_error();
+                self.fatal(RunFailure::Unreachable {
+                    waited: self.retry_timeout,
+                    last,
+                });
+                return false;
+            }
+            let probe = tokio::select! {
+                probe = tokio::time::timeout(left.min(PROBE_TIMEOUT), client.probe()) => probe,
+                () = self.stop.cancelled() => return false,
             };
-            let deadline = since + self.retry_timeout;
-            on_change(ProbeEvent::Paused {
-                reason: &self.last_error(),
-                timeout: self.retry_timeout,
-            });
-            let mut delay = PROBE_FIRST_DELAY;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let last = self.last_error();
-                    self.fatal(RunFailure::Unreachable {
-                        waited: self.retry_timeout,
-                        last,
+            match probe {
+                Ok(Ok(info)) if info.token_scope.as_deref() == Some("push") => {
+                    *self.outage.lock().expect("outage lock") = None;
+                    self.gate.send_modify(|gate| {
+                        gate.online = true;
+                        gate.answered += 1;
                     });
-                    return;
-                }
-                let probe = tokio::select! {
-                    probe = tokio::time::timeout(left, client.info()) => probe,
-                    () = self.stop.cancelled() => return,
-                };
-                match probe {
-                    Ok(Ok(info)) if info.token_scope.as_deref() == Some("push") => {
-                        *self.outage.lock().expect("outage lock") = None;
-                        self.online.send_replace(true);
+                    if paused {
                         on_change(ProbeEvent::Resumed {
                             after: since.elapsed(),
                         });
-                        break;
                     }
-                    Ok(Ok(info)) => {
-                        self.fatal(RunFailure::Auth(ClientError::Auth {
-                            status: StatusCode::FORBIDDEN,
-                            api: ApiError {
-                                code: codes::INSUFFICIENT_SCOPE.to_owned(),
-                                message: format!(
-                                    "the token has {} scope for repository {} now",
-                                    info.token_scope.as_deref().unwrap_or("no"),
-                                    info.repository
-                                ),
-                                offset: None,
-                            },
-                        }));
-                        return;
+                    return true;
+                }
+                Ok(Ok(info)) => {
+                    self.fatal(RunFailure::Auth(scope_lost(&info)));
+                    return false;
+                }
+                Ok(Err(error)) => match judge(error) {
+                    Verdict::Fatal(failure) => {
+                        self.fatal(failure);
+                        return false;
                     }
-                    Ok(Err(error)) => match judge(error) {
-                        Verdict::Fatal(failure) => {
-                            self.fatal(failure);
-                            return;
-                        }
-                        Verdict::Outage(error) | Verdict::Path(error) => {
-                            if let Some(outage) =
-                                self.outage.lock().expect("outage lock").as_mut()
-                            {
-                                outage.last = error.to_string();
-                            }
-                        }
-                    },
-                    // The deadline passed during the probe: the loop head decides.
-                    Err(_) => continue,
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                tokio::select! {
-                    () = tokio::time::sleep(delay.min(left)) => {}
-                    () = self.stop.cancelled() => return,
-                }
-                delay = (delay * 2).min(PROBE_MAX_DELAY);
+                    Verdict::Outage(error) | Verdict::Path(error) => self.note(&error.to_string()),
+                },
+                Err(_) => self.note(&format!(
+                    "GET api/v1/info got no answer within {} s",
+                    left.min(PROBE_TIMEOUT).as_secs()
+                )),
             }
+            if !paused {
+                paused = true;
+                self.gate.send_modify(|gate| {
+                    gate.online = false;
+                    gate.pauses += 1;
+                });
+                on_change(ProbeEvent::Paused {
+                    reason: &self.last_error(),
+                    timeout: self.retry_timeout,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                () = tokio::time::sleep(delay.min(left)) => {}
+                () = self.stop.cancelled() => return false,
+            }
+            delay = (delay * 2).min(PROBE_MAX_DELAY);
+        }
+    }
+
+    fn note(&self, last: &str) {
+        if let Some(outage) = self.outage.lock().expect("outage lock").as_mut() {
+            outage.last = last.to_owned();
         }
     }
 
@@ -504,6 +563,22 @@ impl Health {
             .as_ref()
             .map(|o| o.last.clone())
             .unwrap_or_default()
+    }
+}
+
+/// The token answers, but without push scope any more.
+fn scope_lost(info: &RepoInfo) -> ClientError {
+    ClientError::Auth {
+        status: StatusCode::FORBIDDEN,
+        api: ApiError {
+            code: codes::INSUFFICIENT_SCOPE.to_owned(),
+            message: format!(
+                "the token has {} scope for repository {} now",
+                info.token_scope.as_deref().unwrap_or("no"),
+                info.repository
+            ),
+            offset: None,
+        },
     }
 }
 
@@ -631,27 +706,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_gate_pauses_until_reopened_and_a_fatal_failure_releases_waiters() {
+    async fn a_fatal_failure_releases_every_waiter() {
         let health = Arc::new(Health::new(CancellationToken::new(), DEFAULT_RETRY_TIMEOUT));
-        let reset = ClientError::Transport {
-            endpoint: "upload_patch",
-            detail: "reset".into(),
-            timeout: false,
-            tls: false,
-        };
-        assert!(health.suspect(&reset));
-        assert!(!health.suspect(&reset), "one outage is reported once");
+        health.gate.send_modify(|gate| gate.online = false);
         let waiter = {
             let health = Arc::clone(&health);
             tokio::spawn(async move { health.online().await.is_err() })
         };
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
+        assert!(!waiter.is_finished(), "a closed gate holds waiters");
         health.fatal(RunFailure::Unreachable {
             waited: Duration::from_secs(1),
             last: "x".into(),
         });
         assert!(waiter.await.unwrap(), "a stopped run releases waiters with Stop::Run");
         assert!(health.take_fatal().is_some());
+        assert!(!health.online_blocking());
     }
 }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use super::failure::{Health, PathFailure, Stop};
+use super::failure::{Failed, Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{CompressedStream, Piece, PublishEvent};
@@ -238,13 +238,15 @@ async fn upload_one(
         .into());
     }
     let file_hash = Sha256Hash(hasher.finalize().into()).to_typed_nix32();
-    let result = tokio::select! {
-        result = session.complete(file_hash.clone(), position) => result,
-        () = health.stop_token().cancelled() => return Err(Outcome::Abandoned),
-    };
-    let retries = match result {
-        Ok((_, retries)) => retries,
-        Err(error) => complete_again(client, health, &request, error, file_hash, position).await?,
+    let retries = match health
+        .guarded(session.complete(file_hash.clone(), position))
+        .await
+    {
+        Ok(Ok((_, retries))) => retries,
+        Ok(Err(failed)) => {
+            complete_again(client, health, &request, failed, file_hash, position).await?
+        }
+        Err(_) => return Err(Outcome::Abandoned),
     };
     progress.uploaded(&info, position, started.elapsed(), retries);
     Ok(())
@@ -283,20 +285,20 @@ async fn complete_again(
     client: &PushClient,
     health: &Health,
     request: &CreateUpload,
-    mut error: ClientError,
+    mut failed: Failed,
     file_hash: String,
     size: u64,
 ) -> Result<u32, Outcome> {
     let mut rounds = 0;
     let mut vanished = false;
     loop {
-        if upload_vanished(&error) {
+        if upload_vanished(&failed.error) {
             if vanished {
                 return Err(PathFailure::UploadVanished.into());
             }
             vanished = true;
         } else {
-            match health.after_failure(error, &mut rounds).await {
+            match health.after_failure(failed, &mut rounds).await {
                 Ok(()) => {}
                 Err(Stop::Run) => return Err(Outcome::Abandoned),
                 Err(Stop::Path(error)) => {
@@ -313,13 +315,10 @@ async fn complete_again(
             // without storing the NAR): this stream is consumed, so a re-run uploads it.
             return Err(PathFailure::UploadVanished.into());
         }
-        let result = tokio::select! {
-            result = session.complete(file_hash.clone(), size) => result,
-            () = health.stop_token().cancelled() => return Err(Outcome::Abandoned),
-        };
-        match result {
-            Ok((_, retries)) => return Ok(retries),
-            Err(next) => error = next,
+        match health.guarded(session.complete(file_hash.clone(), size)).await {
+            Ok(Ok((_, retries))) => return Ok(retries),
+            Ok(Err(next)) => failed = next,
+            Err(_) => return Err(Outcome::Abandoned),
         }
     }
 }
