@@ -97,10 +97,7 @@ impl Running {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!(
-                    "the push did not end within {timeout:?}:\n{}",
-                    self.text()
-                );
+                panic!("the push did not end within {timeout:?}:\n{}", self.text());
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -218,13 +215,8 @@ async fn rerun_resumes(fx: &Fixture, root: &str, closure: &[String]) {
     cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
     let rerun = finished(cmd.output().unwrap());
     rerun.assert_code(exit::SUCCESS);
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        closure,
-    )
-    .await;
+    let report =
+        invariants::check(&fx.url, &fx.public_key, Some(fx.server.data_dir()), closure).await;
     assert!(report.serves_all_of(closure), "{report:?}");
     let mut missing = 0.0;
     for path in closure {
@@ -466,8 +458,8 @@ async fn bad_stdin_lines_fail_alone_and_the_rest_is_pushed() {
         "{}",
         pushed.stderr
     );
-    let report = invariants::check(&fx.url, &fx.public_key, Some(fx.server.data_dir()), &good)
-        .await;
+    let report =
+        invariants::check(&fx.url, &fx.public_key, Some(fx.server.data_dir()), &good).await;
     assert!(report.serves_all_of(&good), "{report:?}\n{}", pushed.stderr);
 }
 
@@ -534,7 +526,9 @@ async fn failures_with_one_cause_are_reported_once_with_a_count() {
     for victim in victims {
         // Same size, other bytes: only the hash can tell.
         std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let tampered = std::fs::read_to_string(victim).unwrap().replace("original", "tampered");
+        let tampered = std::fs::read_to_string(victim)
+            .unwrap()
+            .replace("original", "tampered");
         std::fs::write(victim, tampered).unwrap();
     }
     for verbose in [false, true] {

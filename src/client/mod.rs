@@ -178,8 +178,10 @@ impl PushClient {
             ..self.retry.clone()
         };
         let url = self.url("info");
-        self.call_with(&policy, Endpoint::Info, &mut 0, || self.http.get(url.clone()))
-            .await
+        self.call_with(&policy, Endpoint::Info, &mut 0, || {
+            self.http.get(url.clone())
+        })
+        .await
     }
 
     pub async fn presence(

@@ -24,9 +24,7 @@ use tokio::sync::mpsc;
 use super::failure::{Health, PathFailure};
 use super::metrics::stage;
 use super::progress::Progress;
-use super::{
-    CompressedStream, Halt, NarStream, Piece, PieceWriter, COMPRESSED_PIECES_PER_PATH,
-};
+use super::{CompressedStream, Halt, NarStream, Piece, PieceWriter, COMPRESSED_PIECES_PER_PATH};
 
 /// Dictionary size of each xz preset 0..=9 (from xz's documentation).
 const PRESET_DICT: [u32; 10] = [

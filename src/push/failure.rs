@@ -109,8 +109,9 @@ impl PathFailure {
     /// with a count. Never contains the store path.
     pub fn cause(&self) -> String {
         match self {
-            Self::Corrupt { .. } => "store path corrupt (contents differ from the Nix database)"
-                .to_owned(),
+            Self::Corrupt { .. } => {
+                "store path corrupt (contents differ from the Nix database)".to_owned()
+            }
             Self::Unreadable { .. } => "store path unreadable".to_owned(),
             Self::Compression(_) => "xz compression failed".to_owned(),
             Self::DumpStopped => "the NAR dump stopped".to_owned(),
@@ -194,7 +195,9 @@ pub enum RunFailure {
     #[error("{0}")]
     Auth(ClientError),
     /// The repository was deleted (or renamed) while the push ran.
-    #[error("the repository is gone: {0}\nhint: check --target; the repository may have been deleted")]
+    #[error(
+        "the repository is gone: {0}\nhint: check --target; the repository may have been deleted"
+    )]
     RepositoryGone(ClientError),
     /// The server answered nothing for longer than `--retry-timeout`.
     #[error("the server did not answer for {} s: {last}\nhint: check that the server runs and is reachable, then run the push again: it resumes; --retry-timeout (now {} s) sets how long to wait", waited.as_secs(), waited.as_secs())]
@@ -719,7 +722,10 @@ mod tests {
             waited: Duration::from_secs(1),
             last: "x".into(),
         });
-        assert!(waiter.await.unwrap(), "a stopped run releases waiters with Stop::Run");
+        assert!(
+            waiter.await.unwrap(),
+            "a stopped run releases waiters with Stop::Run"
+        );
         assert!(health.take_fatal().is_some());
         assert!(!health.online_blocking());
     }

@@ -224,9 +224,11 @@ pub async fn run(
 
     let prober = {
         let progress = Arc::clone(&progress);
-        tokio::spawn(Arc::clone(&health).run_prober(Arc::clone(&client), move |event| {
-            progress.probe_event(event)
-        }))
+        tokio::spawn(
+            Arc::clone(&health).run_prober(Arc::clone(&client), move |event| {
+                progress.probe_event(event)
+            }),
+        )
     };
     let closure = tokio::spawn(closure::run(
         roots,

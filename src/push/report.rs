@@ -147,7 +147,11 @@ pub fn summary_lines(s: &Snapshot) -> String {
         format!(
             "\nsummary: {} input {} rejected",
             s.rejected_lines,
-            if s.rejected_lines == 1 { "line" } else { "lines" }
+            if s.rejected_lines == 1 {
+                "line"
+            } else {
+                "lines"
+            }
         )
     } else {
         String::new()

@@ -209,7 +209,9 @@ async fn upload_one(
             if position + chunk.len() as u64 > session.offset() {
                 match sent_chunk(health, &mut session, position, &chunk).await {
                     Ok(()) => {}
-                    Err(Outcome::Failed(PathFailure::Refused { status: Some(404), .. })) => {
+                    Err(Outcome::Failed(PathFailure::Refused {
+                        status: Some(404), ..
+                    })) => {
                         return stored_by_someone_else(client, health, &request).await;
                     }
                     Err(outcome) => return Err(outcome),
@@ -315,7 +317,10 @@ async fn complete_again(
             // without storing the NAR): this stream is consumed, so a re-run uploads it.
             return Err(PathFailure::UploadVanished.into());
         }
-        match health.guarded(session.complete(file_hash.clone(), size)).await {
+        match health
+            .guarded(session.complete(file_hash.clone(), size))
+            .await
+        {
             Ok(Ok((_, retries))) => return Ok(retries),
             Ok(Err(next)) => failed = next,
             Err(_) => return Err(Outcome::Abandoned),
