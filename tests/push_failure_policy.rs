@@ -379,7 +379,11 @@ async fn a_server_restarted_within_the_retry_timeout_is_ridden_out() {
     // A real outage, longer than the client's own retries of one request (about 5 s with the
     // tests' 20 ms base delay): requests give up on their own and must wait for the server.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(!run.exited(), "the push ended during the outage:\n{}", run.text());
+    assert!(
+        !run.exited(),
+        "the push ended during the outage:\n{}",
+        run.text()
+    );
     fx.server.restart_same_port();
 
     let ended = run.wait(Duration::from_secs(180));
