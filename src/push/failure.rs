@@ -34,9 +34,8 @@ pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(120);
 const PROBE_FIRST_DELAY: Duration = Duration::from_millis(250);
 /// Longest pause between probes: a server that comes back is used again within this.
 const PROBE_MAX_DELAY: Duration = Duration::from_secs(5);
-/// Times one request may wait for the server to come back before its path fails anyway: a
-/// request that fails as if the server were gone while probes get answers is broken in its
-/// own way (a proxy cutting one route), and must not loop forever.
+/// Outages one request may wait out before its path fails anyway: a server that keeps going
+/// away just as this request is sent (a crash it triggers, say) must not loop forever.
 const MAX_OUTAGE_ROUNDS: u32 = 5;
 /// Longest wait for one probe's answer: a server that accepts connections but does not
 /// answer within this is as good as silent.
