@@ -9,6 +9,10 @@
 //! ```
 //! Memory: one chunk per job (the chunk is kept until the server acknowledged all of it, so
 //! any suffix can be resent after a broken connection).
+//!
+//! Every request runs under the failure policy ([`super::failure`]): it waits while the server
+//! is silent, is tried again once the server answers after an outage (the session resumes from
+//! the server's offset), and a fatal answer ends the run without reporting the path.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -207,7 +211,9 @@ async fn upload_one(
             hasher.update(&chunk);
             // Bytes a previous run already delivered are regenerated only for the hash.
             if position + chunk.len() as u64 > session.offset() {
-                match sent_chunk(health, &mut session, position, &chunk).await {
+                // The session resynchronises with the server's offset on every attempt, so a
+                // chunk interrupted by an outage resumes where it stopped.
+                match request!(health, "upload", session.send_chunk(position, &chunk)) {
                     Ok(()) => {}
                     Err(Outcome::Failed(PathFailure::Refused {
                         status: Some(404), ..
@@ -252,31 +258,6 @@ async fn upload_one(
     };
     progress.uploaded(&info, position, started.elapsed(), retries);
     Ok(())
-}
-
-/// Sends one chunk under the failure policy. The session resynchronises with the server's
-/// offset on every attempt, so a chunk interrupted by an outage resumes where it stopped.
-async fn sent_chunk(
-    health: &Health,
-    session: &mut crate::client::UploadSession<'_>,
-    position: u64,
-    chunk: &Bytes,
-) -> Result<(), Outcome> {
-    let mut rounds = 0;
-    loop {
-        let attempt = health.guarded(session.send_chunk(position, chunk)).await;
-        match attempt {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(error)) => match health.after_failure(error, &mut rounds).await {
-                Ok(()) => continue,
-                Err(Stop::Run) => return Err(Outcome::Abandoned),
-                Err(Stop::Path(error)) => {
-                    return Err(PathFailure::from_client("upload", error).into())
-                }
-            },
-            Err(_) => return Err(Outcome::Abandoned),
-        }
-    }
 }
 
 /// A completion that failed: the server may have stored the NAR before the answer was lost,
