@@ -25,8 +25,8 @@ use tokio::task::JoinSet;
 use super::failure::{Failed, Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
-use super::{CompressedStream, Piece, PublishEvent};
-use crate::api::{CreateUpload, NarUploadParams};
+use super::{CompressedStream, PathRef, Piece, PublishEvent};
+use crate::api::{CreateUpload, NarUploadParams, PresenceQuery, PresenceRequest};
 use crate::client::{ClientError, OpenedUpload, PushClient};
 use crate::nix::Sha256Hash;
 
@@ -220,6 +220,17 @@ async fn upload_one(
                     })) => {
                         return stored_by_someone_else(client, health, &request).await;
                     }
+                    // The server holds less than it acknowledged: while another client
+                    // completes the shared upload, its state reads as empty for a moment.
+                    Err(Outcome::Failed(failure @ PathFailure::Transfer { .. }))
+                        if matches!(
+                            &failure,
+                            PathFailure::Transfer { error, .. }
+                                if matches!(error.as_ref(), ClientError::Protocol(_))
+                        ) =>
+                    {
+                        return stored_meanwhile(client, health, &info, failure).await;
+                    }
                     Err(outcome) => return Err(outcome),
                 }
             }
@@ -336,4 +347,37 @@ async fn stored_by_someone_else(
             Err(PathFailure::UploadVanished.into())
         }
     }
+}
+
+/// Presence checks after the server reported fewer bytes than it had acknowledged: another
+/// client completing the shared upload makes it read as empty until the NAR is stored, which
+/// takes one verification (well under a second for NARs of a few MiB).
+const STORED_RECHECKS: u32 = 10;
+const STORED_RECHECK_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Asks (read-only: no upload is created or aborted) whether the NAR of `info` got stored
+/// meanwhile; the path fails with `failure` if it does not within the rechecks.
+async fn stored_meanwhile(
+    client: &PushClient,
+    health: &Health,
+    info: &PathRef,
+    failure: PathFailure,
+) -> Result<(), Outcome> {
+    let query = PresenceRequest {
+        paths: vec![PresenceQuery {
+            hash: info.path.hash_part().to_owned(),
+            nar_hash: info.nar_hash.to_typed_nix32(),
+        }],
+    };
+    for _ in 0..STORED_RECHECKS {
+        let answer = request!(health, "presence query", client.presence(&query))?;
+        if !answer.missing.iter().any(|h| h == info.path.hash_part()) {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(STORED_RECHECK_DELAY) => {}
+            () = health.stop_token().cancelled() => return Err(Outcome::Abandoned),
+        }
+    }
+    Err(failure.into())
 }
