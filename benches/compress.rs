@@ -19,7 +19,7 @@ use stowix::nix::{Sha256Hash, StorePath};
 use stowix::push::compress::{self, CompressConfig};
 use stowix::push::progress::Progress;
 use stowix::push::report::SilentReporter;
-use stowix::push::{CompressedPiece, NarPiece, NarStream, PIECE_SIZE};
+use stowix::push::{Health, NarStream, Piece, PIECE_SIZE};
 
 /// Small NARs at `nix copy`'s preset, the large one at Stowix's default: at preset 6 a NAR must
 /// exceed 48 MiB (two 24 MiB blocks) to go multithreaded, which would make each sample minutes.
@@ -70,10 +70,13 @@ fn pool(nars: &[Bytes], level: u32, threads: u32) -> u64 {
     let (nar_tx, nar_rx) = crossbeam_channel::bounded(2);
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<stowix::push::CompressedStream>(2);
     let progress = Arc::new(Progress::new(Arc::new(SilentReporter)));
-    let cancel = tokio_util::sync::CancellationToken::new();
+    let health = std::sync::Arc::new(Health::new(
+        tokio_util::sync::CancellationToken::new(),
+        std::time::Duration::from_secs(120),
+    ));
     let config = CompressConfig { level, threads };
     std::thread::scope(|scope| {
-        scope.spawn(|| compress::run(config, nar_rx, out_tx, progress, cancel));
+        scope.spawn(|| compress::run(config, nar_rx, out_tx, progress, health));
         let feeder = scope.spawn(|| {
             for (i, nar) in nars.iter().enumerate() {
                 let (tx, rx) = crossbeam_channel::bounded(4);
@@ -84,12 +87,12 @@ fn pool(nars: &[Bytes], level: u32, threads: u32) -> u64 {
                     })
                     .unwrap();
                 for start in (0..nar.len()).step_by(PIECE_SIZE) {
-                    tx.send(NarPiece::Data(
+                    tx.send(Piece::Data(
                         nar.slice(start..(start + PIECE_SIZE).min(nar.len())),
                     ))
                     .unwrap();
                 }
-                tx.send(NarPiece::End(Ok(()))).unwrap();
+                tx.send(Piece::End(Ok(()))).unwrap();
             }
             drop(nar_tx);
         });
@@ -101,8 +104,8 @@ fn pool(nars: &[Bytes], level: u32, threads: u32) -> u64 {
                     let mut bytes = 0u64;
                     while let Some(piece) = stream.pieces.recv().await {
                         match piece {
-                            CompressedPiece::Data(data) => bytes += data.len() as u64,
-                            CompressedPiece::End(result) => {
+                            Piece::Data(data) => bytes += data.len() as u64,
+                            Piece::End(result) => {
                                 result.unwrap();
                                 break;
                             }

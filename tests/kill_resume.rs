@@ -305,7 +305,12 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
     let root = built[2].clone();
     let closure = common::closure_of(std::slice::from_ref(&root));
 
-    let mut run = Running::start(&fx, &root, &["--max-upload-rate", "256KiB"]);
+    // The client gives up on a silent server after --retry-timeout (120 s by default).
+    let mut run = Running::start(
+        &fx,
+        &root,
+        &["--max-upload-rate", "256KiB", "--retry-timeout", "10s"],
+    );
     kill_when(&mut run, "middle of the large NAR", || async {
         fx.received_bytes().await >= 8.0 * CHUNK as f64
     })

@@ -14,5 +14,8 @@ pub const PARTIAL: i32 = 4;
 pub const NIX: i32 = 5;
 /// The server could not be reached, spoke TLS wrongly, or is not a Stowix server.
 pub const UNREACHABLE: i32 = 6;
+/// The server cannot store more (HTTP 507, its storage is full): nothing more can succeed
+/// until its administrator makes room; a re-run then resumes.
+pub const SERVER_FULL: i32 = 7;
 /// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.
 pub const INTERRUPTED: i32 = 130;

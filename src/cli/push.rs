@@ -52,7 +52,7 @@ impl std::fmt::Debug for SecretArg {
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Exit codes: 0 success, 2 usage, 3 auth, 4 some paths failed, 5 nix, 6 server unreachable, 130 interrupted."
+    after_help = "Exit codes: 0 success, 2 usage, 3 auth, 4 some paths or input lines failed, 5 nix, 6 server unreachable, 7 server storage full, 130 interrupted."
 )]
 pub struct PushArgs {
     /// Store paths to push with their closures: /nix/store/…, symlinks to them such as
@@ -116,6 +116,13 @@ pub struct PushArgs {
     /// No progress bar, even on a terminal: plain lines and a status line every 10 s.
     #[arg(long, env = "STOWIX_NO_PROGRESS")]
     pub no_progress: bool,
+
+    /// How long the server may answer nothing before the push gives up (exit 6): seconds, or
+    /// a duration such as 90s or 2m. Meanwhile the push pauses and resumes when the server
+    /// answers again.
+    #[arg(long, env = "STOWIX_RETRY_TIMEOUT", value_name = "DURATION",
+          default_value = "120s", value_parser = push::failure::parse_duration)]
+    pub retry_timeout: std::time::Duration,
 
     /// Bytes per upload chunk (testing and tuning; capped by the server's limits).
     #[arg(long, env = push::CHUNK_SIZE_ENV, hide = true, value_parser = parse_size)]
@@ -286,6 +293,7 @@ async fn push_async(
             threads,
         },
         chunk_size: args.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
+        retry_timeout: args.retry_timeout,
     };
     let roots = Roots {
         paths: roots,
@@ -314,13 +322,33 @@ async fn conclude(
         }
     }
     match result {
-        Ok(()) if summary.failed > 0 => fail(
-            exit::PARTIAL,
-            format!(
-                "{} of {} paths failed (see above); the others were published",
-                summary.failed, summary.closure_paths
-            ),
-        ),
+        Ok(()) if summary.failed > 0 || summary.rejected_lines > 0 => {
+            let mut what = Vec::new();
+            if summary.failed > 0 {
+                what.push(format!(
+                    "{} of {} paths failed",
+                    summary.failed, summary.closure_paths
+                ));
+            }
+            if summary.rejected_lines > 0 {
+                what.push(format!(
+                    "{} input {} rejected",
+                    summary.rejected_lines,
+                    if summary.rejected_lines == 1 {
+                        "line was"
+                    } else {
+                        "lines were"
+                    }
+                ));
+            }
+            fail(
+                exit::PARTIAL,
+                format!(
+                    "{} (see above); the others were published",
+                    what.join(" and ")
+                ),
+            )
+        }
         Ok(()) => exit::SUCCESS,
         Err(PushError::Cancelled) => exit::INTERRUPTED,
         Err(PushError::Closure(err)) => fail(
@@ -331,7 +359,7 @@ async fn conclude(
             },
             err,
         ),
-        Err(PushError::Client(err)) => fail(client_exit_code(&err), err),
+        Err(PushError::Fatal(failure)) => fail(failure.exit_code(), failure),
         Err(err @ PushError::Internal(_)) => fail(exit::FAILURE, err),
     }
 }

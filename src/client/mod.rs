@@ -199,6 +199,20 @@ impl PushClient {
         Ok(info)
     }
 
+    /// One `GET api/v1/info` without retries or error mapping: the push's prober asks again
+    /// on its own schedule while the server is silent.
+    pub async fn probe(&self) -> Result<RepoInfo, ClientError> {
+        let policy = RetryPolicy {
+            max_retries: 0,
+            ..self.retry.clone()
+        };
+        let url = self.url("info");
+        self.call_with(&policy, Endpoint::Info, &mut 0, || {
+            self.http.get(url.clone())
+        })
+        .await
+    }
+
     pub async fn presence(
         &self,
         request: &api::PresenceRequest,

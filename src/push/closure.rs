@@ -9,6 +9,11 @@
 //! start at [`STDIN_FIRST_BATCH`] lines (the first uploads start early) and double up to
 //! [`STDIN_MAX_BATCH`], because each call costs a Nix start-up (~25 ms): 10 000 piped paths
 //! take 6 calls, not 40.
+//!
+//! A `--stdin` line that is not a store path, or whose `nix path-info` fails, fails alone: it is
+//! reported (exit 4 at the end) and the other lines are pushed. A failing batch is split in
+//! halves until the failing lines are isolated, so k bad lines among n cost O(k log n) calls.
+//! Command-line arguments are checked before anything is sent and fail the run (exit 2 or 5).
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
@@ -18,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::failure::PathFailure;
 use super::progress::Progress;
 use super::PathRef;
 use crate::nix::path_info::{parse_path_info_json, PathInfo};
@@ -137,6 +143,9 @@ pub fn resolve_root(arg: &str) -> Result<StorePath, ClosureError> {
 
 /// Standard input, line by line, read on its own thread (reads block, and tokio's stdin is the
 /// same thing behind a feature this crate does not enable). The channel closes at end of input.
+/// The one thread that can outlive `push::run`: a blocked read of standard input cannot be
+/// interrupted. It holds nothing but the pipe, ends at its next line (the send fails), and dies
+/// with the process, which exits right after the run.
 fn stdin_lines() -> mpsc::Receiver<std::io::Result<String>> {
     let (tx, rx) = mpsc::channel(STDIN_LINES);
     std::thread::Builder::new()
@@ -187,7 +196,14 @@ pub async fn run(
 ) -> Result<(), ClosureError> {
     let mut seen = HashSet::new();
     if !roots.paths.is_empty() {
-        let batch = resolve_closure(&roots.paths, &mut seen).await?;
+        let resolved = tokio::select! {
+            resolved = path_info(&roots.paths) => resolved?,
+            () = cancel.cancelled() => return Ok(()),
+        };
+        if let Some(path) = resolved.invalid.into_iter().next() {
+            return Err(ClosureError::NotInStore { path });
+        }
+        let batch = fresh(resolved.valid, &mut seen);
         if !send(batch, &output, &progress, &cancel).await {
             return Ok(());
         }
@@ -213,7 +229,13 @@ pub async fn run(
                     Some(Ok(Some(line))) => {
                         let line = line.trim();
                         if !line.is_empty() {
-                            pending.push(resolve_root(line)?);
+                            match resolve_root(line) {
+                                Ok(path) => pending.push((line.to_owned(), path)),
+                                Err(err) => progress.rejected_line(&PathFailure::BadLine {
+                                    line: line.to_owned(),
+                                    detail: err.to_string(),
+                                }),
+                            }
                         }
                         (false, false)
                     }
@@ -223,7 +245,11 @@ pub async fn run(
                     None => (false, true),
                 };
                 if !pending.is_empty() && (eof || quiet || pending.len() >= batch_size) {
-                    let batch = resolve_closure(&pending, &mut seen).await?;
+                    let valid = tokio::select! {
+                        valid = resolve_lines(&pending, &progress) => valid?,
+                        () = cancel.cancelled() => return Ok(()),
+                    };
+                    let batch = fresh(valid, &mut seen);
                     pending.clear();
                     batch_size = (batch_size * 2).min(STDIN_MAX_BATCH);
                     if !send(batch, &output, &progress, &cancel).await {
@@ -255,12 +281,15 @@ async fn send(
     }
 }
 
-/// One `nix path-info --recursive` over `roots`; returns the paths not seen before, largest
-/// NAR first so the longest uploads start first and the run does not end on one big NAR.
-async fn resolve_closure(
-    roots: &[StorePath],
-    seen: &mut HashSet<StorePath>,
-) -> Result<Vec<PathRef>, ClosureError> {
+/// What one `nix path-info --recursive` call found.
+struct Resolved {
+    valid: Vec<PathInfo>,
+    /// Roots Nix reported as not valid (not built, or garbage-collected).
+    invalid: Vec<String>,
+}
+
+/// One `nix path-info --recursive` over `roots`.
+async fn path_info(roots: &[StorePath]) -> Result<Resolved, ClosureError> {
     let mut command = tokio::process::Command::new("nix");
     command
         .args(["path-info", "--recursive", "--json"])
@@ -294,11 +323,58 @@ async fn resolve_closure(
     }
     let parsed =
         parse_path_info_json(&output.stdout).map_err(|err| ClosureError::Parse(err.to_string()))?;
-    if let Some(path) = parsed.invalid.into_iter().next() {
-        return Err(ClosureError::NotInStore { path });
-    }
-    let mut fresh: Vec<PathInfo> = parsed
-        .valid
+    Ok(Resolved {
+        valid: parsed.valid,
+        invalid: parsed.invalid,
+    })
+}
+
+/// The closures of `lines` (stdin lines and their store paths). A line whose `nix path-info`
+/// fails is reported and left out; halves are retried so one bad line cannot sink a batch.
+/// Errors that no line causes (Nix missing, unparsable output) end the run.
+fn resolve_lines<'a>(
+    lines: &'a [(String, StorePath)],
+    progress: &'a Progress,
+) -> futures_util::future::BoxFuture<'a, Result<Vec<PathInfo>, ClosureError>> {
+    Box::pin(async move {
+        let roots: Vec<StorePath> = lines.iter().map(|(_, path)| path.clone()).collect();
+        match path_info(&roots).await {
+            Ok(resolved) => {
+                for (line, path) in lines {
+                    if resolved.invalid.contains(&path.to_absolute()) {
+                        progress.rejected_line(&PathFailure::PathInfo {
+                            line: line.clone(),
+                            detail: ClosureError::NotInStore {
+                                path: path.to_absolute(),
+                            }
+                            .to_string(),
+                        });
+                    }
+                }
+                Ok(resolved.valid)
+            }
+            Err(err @ (ClosureError::NotInStore { .. } | ClosureError::NixFailed { .. })) => {
+                if let [(line, _)] = lines {
+                    progress.rejected_line(&PathFailure::PathInfo {
+                        line: line.clone(),
+                        detail: err.to_string(),
+                    });
+                    return Ok(Vec::new());
+                }
+                let (left, right) = lines.split_at(lines.len() / 2);
+                let mut valid = resolve_lines(left, progress).await?;
+                valid.extend(resolve_lines(right, progress).await?);
+                Ok(valid)
+            }
+            Err(err) => Err(err),
+        }
+    })
+}
+
+/// The paths not seen before, largest NAR first so the longest uploads start first and the
+/// run does not end on one big NAR.
+fn fresh(valid: Vec<PathInfo>, seen: &mut HashSet<StorePath>) -> Vec<PathRef> {
+    let mut fresh: Vec<PathInfo> = valid
         .into_iter()
         .filter(|info| seen.insert(info.path.clone()))
         .collect();
@@ -307,7 +383,7 @@ async fn resolve_closure(
             .cmp(&a.nar_size)
             .then_with(|| a.path.cmp(&b.path))
     });
-    Ok(fresh.into_iter().map(Arc::new).collect())
+    fresh.into_iter().map(Arc::new).collect()
 }
 
 /// Nix 2.x: `error: path '/nix/store/…' is not valid`.

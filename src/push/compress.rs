@@ -20,13 +20,11 @@ use std::time::{Duration, Instant};
 use liblzma::stream::{Check, Filters, LzmaOptions, MtStreamBuilder, Stream};
 use liblzma::write::XzEncoder;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
+use super::failure::{Health, PathFailure};
 use super::metrics::stage;
 use super::progress::Progress;
-use super::{
-    CompressedPiece, CompressedStream, NarPiece, NarStream, PieceWriter, COMPRESSED_PIECES_PER_PATH,
-};
+use super::{CompressedStream, Halt, NarStream, Piece, PieceWriter, COMPRESSED_PIECES_PER_PATH};
 
 /// Dictionary size of each xz preset 0..=9 (from xz's documentation).
 const PRESET_DICT: [u32; 10] = [
@@ -134,18 +132,19 @@ pub fn run(
     input: crossbeam_channel::Receiver<NarStream>,
     output: mpsc::Sender<CompressedStream>,
     progress: Arc<Progress>,
-    cancel: CancellationToken,
+    health: Arc<Health>,
 ) {
     let large_lane = Mutex::new(());
     std::thread::scope(|scope| {
         for index in 0..config.threads.max(1) {
-            let (input, output, progress, cancel, large_lane) = (
+            let (input, output, progress, health, large_lane) = (
                 input.clone(),
                 output.clone(),
                 &progress,
-                &cancel,
+                &health,
                 &large_lane,
             );
+            let cancel = health.stop_token();
             std::thread::Builder::new()
                 .name(format!("stowix-xz-{index}"))
                 .spawn_scoped(scope, move || {
@@ -157,7 +156,7 @@ pub fn run(
                         let plan = EncoderPlan::for_nar(stream.info.nar_size, config.level);
                         let _lane = matches!(plan, EncoderPlan::Multi { .. })
                             .then(|| large_lane.lock().expect("large lane"));
-                        if !compress_one(stream, plan, config.threads, &output, progress, cancel) {
+                        if !compress_one(stream, plan, config.threads, &output, progress, health) {
                             return;
                         }
                     }
@@ -174,8 +173,9 @@ fn compress_one(
     threads: u32,
     output: &mpsc::Sender<CompressedStream>,
     progress: &Progress,
-    cancel: &CancellationToken,
+    health: &Health,
 ) -> bool {
+    let cancel = health.stop_token();
     let (tx, rx) = mpsc::channel(COMPRESSED_PIECES_PER_PATH);
     progress.queue_depth(stage::UPLOAD, output.max_capacity() - output.capacity());
     if output
@@ -188,38 +188,46 @@ fn compress_one(
     {
         return false;
     }
+    // Compressing for a server that answers nothing only piles up work: wait for it. Checked
+    // after the hand-over, which may have blocked for long.
+    if !health.online_blocking() {
+        return false;
+    }
+    progress.started(stage::COMPRESS, &stream.info);
     let started = Instant::now();
     let mut blocked = Duration::ZERO;
     let mut compressed_size = 0u64;
-    let result = (|| -> Result<(), Option<String>> {
-        let encoder_stream = plan
-            .stream(threads)
-            .map_err(|err| Some(format!("cannot start the xz encoder: {err}")))?;
+    let result = (|| -> Result<(), Halt> {
+        let encoder_stream = plan.stream(threads).map_err(|err| {
+            Halt::Failed(PathFailure::Compression(format!(
+                "cannot start the encoder: {err}"
+            )))
+        })?;
         let writer = PieceWriter::new(|piece| {
             if cancel.is_cancelled() {
                 return Err(std::io::ErrorKind::Interrupted.into());
             }
             compressed_size += piece.len() as u64;
             let send_started = Instant::now();
-            let sent = tx.blocking_send(CompressedPiece::Data(piece));
+            let sent = tx.blocking_send(Piece::Data(piece));
             blocked += send_started.elapsed();
             sent.map_err(|_| std::io::ErrorKind::BrokenPipe.into())
         });
         let mut encoder = XzEncoder::new_stream(writer, encoder_stream);
         let gone = |err: std::io::Error| match err.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted => None,
-            _ => Some(format!("xz compression failed: {err}")),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted => Halt::Gone,
+            _ => Halt::Failed(PathFailure::Compression(err.to_string())),
         };
         loop {
             match stream.pieces.recv() {
-                Ok(NarPiece::Data(data)) => encoder.write_all(&data).map_err(gone)?,
-                Ok(NarPiece::End(Ok(()))) => break,
-                Ok(NarPiece::End(Err(reason))) => return Err(Some(reason)),
+                Ok(Piece::Data(data)) => encoder.write_all(&data).map_err(gone)?,
+                Ok(Piece::End(Ok(()))) => break,
+                Ok(Piece::End(Err(failure))) => return Err(Halt::Failed(failure)),
                 Err(_) => {
                     return Err(if cancel.is_cancelled() {
-                        None
+                        Halt::Gone
                     } else {
-                        Some("the NAR dump stopped unexpectedly".to_owned())
+                        Halt::Failed(PathFailure::DumpStopped)
                     })
                 }
             }
@@ -233,12 +241,12 @@ fn compress_one(
     match result {
         Ok(()) => {
             progress.compressed(&stream.info, compressed_size, elapsed);
-            let _ = tx.blocking_send(CompressedPiece::End(Ok(())));
+            let _ = tx.blocking_send(Piece::End(Ok(())));
         }
-        Err(Some(reason)) => {
-            let _ = tx.blocking_send(CompressedPiece::End(Err(reason)));
+        Err(Halt::Failed(failure)) => {
+            let _ = tx.blocking_send(Piece::End(Err(failure)));
         }
-        Err(None) => {}
+        Err(Halt::Gone) => {}
     }
     true
 }

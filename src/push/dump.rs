@@ -3,21 +3,22 @@
 //!
 //! ```text
 //!   dump queue ──► worker: dump_path(store path) ──► 256 KiB pieces ──► NarStream ──► compress
-//!                              └─ narHash/narSize ≠ path-info ──► End(Err(corrupt)) (never uploaded as valid)
+//!                              └─ narHash/narSize ≠ path-info ──► End(Err(Corrupt)) (never uploaded as valid)
 //! ```
 //! A worker blocks while its NAR's piece channel is full: that is the backpressure that keeps
-//! memory at [`super::NAR_PIECES_PER_PATH`] pieces per worker, whatever the NAR size.
+//! memory at [`super::NAR_PIECES_PER_PATH`] pieces per worker, whatever the NAR size. It starts
+//! no new path while the server is unreachable (the health gate is closed).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
+use super::failure::{Health, PathFailure};
 use super::metrics::stage;
 use super::progress::Progress;
-use super::{NarPiece, NarStream, PathRef, PieceWriter, NAR_PIECES_PER_PATH};
+use super::{Halt, NarStream, PathRef, Piece, PieceWriter, NAR_PIECES_PER_PATH};
 use crate::nix::nar::{dump_path, NarError};
 
 /// Runs `workers` dump threads until the input closes or the pipeline is cancelled.
@@ -26,16 +27,16 @@ pub fn run(
     input: mpsc::Receiver<PathRef>,
     output: crossbeam_channel::Sender<NarStream>,
     progress: Arc<Progress>,
-    cancel: CancellationToken,
+    health: Arc<Health>,
 ) {
     // One receiver shared by the pool: whichever worker is free takes the next path.
     let input = Mutex::new(input);
     std::thread::scope(|scope| {
         for index in 0..workers.max(1) {
-            let (input, output, progress, cancel) = (&input, output.clone(), &progress, &cancel);
+            let (input, output, progress, health) = (&input, output.clone(), &progress, &health);
             std::thread::Builder::new()
                 .name(format!("stowix-dump-{index}"))
-                .spawn_scoped(scope, move || worker(input, &output, progress, cancel))
+                .spawn_scoped(scope, move || worker(input, &output, progress, health))
                 .expect("spawning a dump thread");
         }
     });
@@ -45,8 +46,9 @@ fn worker(
     input: &Mutex<mpsc::Receiver<PathRef>>,
     output: &crossbeam_channel::Sender<NarStream>,
     progress: &Progress,
-    cancel: &CancellationToken,
+    health: &Health,
 ) {
+    let cancel = health.stop_token();
     loop {
         let next = {
             let mut input = input.lock().expect("dump queue lock");
@@ -54,9 +56,6 @@ fn worker(
             input.blocking_recv()
         };
         let Some(info) = next else { return };
-        if cancel.is_cancelled() {
-            return;
-        }
         let (pieces_tx, pieces_rx) = crossbeam_channel::bounded(NAR_PIECES_PER_PATH);
         progress.queue_depth(stage::COMPRESS, output.len());
         if output
@@ -68,6 +67,12 @@ fn worker(
         {
             return; // compression stopped
         }
+        // Dumping for a server that answers nothing only piles up work: wait for it. Checked
+        // after the hand-over, which may have blocked for long.
+        if !health.online_blocking() {
+            return;
+        }
+        progress.started(stage::DUMP, &info);
         let started = Instant::now();
         let mut blocked = Duration::ZERO;
         let verdict = {
@@ -77,7 +82,7 @@ fn worker(
                 }
                 let len = piece.len() as u64;
                 let send_started = Instant::now();
-                let sent = pieces_tx.send(NarPiece::Data(piece));
+                let sent = pieces_tx.send(Piece::Data(piece));
                 blocked += send_started.elapsed();
                 progress.nar_bytes_read(len);
                 sent.map_err(|_| std::io::ErrorKind::BrokenPipe.into())
@@ -87,51 +92,56 @@ fn worker(
         progress.busy(stage::DUMP, started.elapsed().saturating_sub(blocked));
         match verdict {
             Ok(()) => {
-                let _ = pieces_tx.send(NarPiece::End(Ok(())));
+                let _ = pieces_tx.send(Piece::End(Ok(())));
             }
-            // Downstream gave up on this path (already stored, cancelled): nothing to report.
-            Err(None) => {}
-            Err(Some(reason)) => {
-                let _ = pieces_tx.send(NarPiece::End(Err(reason)));
+            Err(Halt::Gone) => {}
+            Err(Halt::Failed(failure)) => {
+                let _ = pieces_tx.send(Piece::End(Err(failure)));
             }
         }
     }
 }
 
-/// Dumps the path and compares the result with path-info. `Err(None)`: the receiver is gone.
-fn dump_verified<F>(info: &PathRef, mut writer: PieceWriter<F>) -> Result<(), Option<String>>
+/// Dumps the path and compares the result with path-info.
+fn dump_verified<F>(info: &PathRef, mut writer: PieceWriter<F>) -> Result<(), Halt>
 where
     F: FnMut(bytes::Bytes) -> std::io::Result<()>,
 {
     let path = info.path.to_absolute();
-    let summary = match dump_path(Path::new(&path), &mut writer) {
-        Ok(summary) => summary,
-        Err(NarError::Write(err))
-            if matches!(
-                err.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted
-            ) =>
-        {
-            return Err(None)
-        }
-        Err(err) => return Err(Some(format!("cannot read {path}: {err}"))),
-    };
-    if let Err(err) = writer.flush_piece() {
-        return if matches!(
+    let gone = |err: &std::io::Error| {
+        matches!(
             err.kind(),
             std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted
-        ) {
-            Err(None)
+        )
+    };
+    let summary = match dump_path(Path::new(&path), &mut writer) {
+        Ok(summary) => summary,
+        Err(NarError::Write(err)) if gone(&err) => return Err(Halt::Gone),
+        Err(err) => {
+            return Err(Halt::Failed(PathFailure::Unreadable {
+                path,
+                detail: err.to_string(),
+            }))
+        }
+    };
+    if let Err(err) = writer.flush_piece() {
+        return Err(if gone(&err) {
+            Halt::Gone
         } else {
-            Err(Some(format!("writing the NAR of {path}: {err}")))
-        };
+            Halt::Failed(PathFailure::Unreadable {
+                path,
+                detail: format!("writing its NAR: {err}"),
+            })
+        });
     }
     if summary.nar_hash != info.nar_hash || summary.nar_size != info.nar_size {
-        return Err(Some(format!(
-            "store path {path} is corrupt: its contents have narHash {} and narSize {}, but the Nix \
-             database records {} and {}\nhint: run `nix-store --verify --check-contents --repair`",
-            summary.nar_hash, summary.nar_size, info.nar_hash, info.nar_size
-        )));
+        return Err(Halt::Failed(PathFailure::Corrupt {
+            path,
+            nar_hash: summary.nar_hash.to_string(),
+            nar_size: summary.nar_size,
+            expected_hash: info.nar_hash.to_string(),
+            expected_size: info.nar_size,
+        }));
     }
     Ok(())
 }

@@ -15,13 +15,18 @@
 //! `COMPRESSED_PIECES_PER_PATH × PIECE_SIZE` (1 MiB) and one encoder, plus one chunk per upload
 //! job (`--jobs × chunk size`).
 //!
-//! Cancellation: the token stops the async stages; each dropped receiver makes the upstream
-//! thread's next send fail, so the threads stop too. Unfinished uploads stay on the server and
-//! the next run resumes them.
+//! Failures: each path's failure is a typed [`PathFailure`] from dump to publication; one
+//! policy ([`failure::judge`]) decides whether a failed request fails its path, pauses the
+//! pipeline while the server is silent, or ends the run ([`RunFailure`]).
+//!
+//! Cancellation: the stop token (a fatal failure or Ctrl-C) stops the async stages at once;
+//! each dropped receiver makes the upstream thread's next send fail, so the threads stop too.
+//! Unfinished uploads stay on the server and the next run resumes them.
 
 pub mod closure;
 pub mod compress;
 pub mod dump;
+pub mod failure;
 pub mod metrics;
 pub mod presence;
 pub mod progress;
@@ -37,10 +42,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::RepoInfo;
-use crate::client::{ClientError, PushClient};
+use crate::client::PushClient;
 use crate::nix::path_info::PathInfo;
 pub use closure::{ClosureError, Roots};
 pub use compress::CompressConfig;
+pub use failure::{Health, PathFailure, RunFailure};
 pub use progress::{Progress, Snapshot};
 
 pub type PathRef = Arc<PathInfo>;
@@ -80,31 +86,29 @@ pub struct PushConfig {
     pub jobs: usize,
     pub compression: CompressConfig,
     pub chunk_size: u64,
+    /// How long the server may answer nothing before the run fails (`--retry-timeout`).
+    pub retry_timeout: std::time::Duration,
 }
 
 /// A NAR being dumped, handed to compression.
 pub struct NarStream {
     pub info: PathRef,
-    pub pieces: crossbeam_channel::Receiver<NarPiece>,
+    pub pieces: crossbeam_channel::Receiver<Piece>,
 }
 
-pub enum NarPiece {
+/// What travels per path from dump to compression and from compression to upload.
+pub enum Piece {
     Data(Bytes),
-    /// `Ok` only after the NAR matched path-info's narHash and narSize.
-    End(Result<(), String>),
+    /// `Ok` only after the NAR matched path-info's narHash and narSize (and, after
+    /// compression, was fully compressed).
+    End(Result<(), PathFailure>),
 }
 
 /// A NAR being compressed, handed to upload.
 pub struct CompressedStream {
     pub info: PathRef,
     pub plan: compress::EncoderPlan,
-    pub pieces: mpsc::Receiver<CompressedPiece>,
-}
-
-pub enum CompressedPiece {
-    Data(Bytes),
-    /// `Ok` only if the NAR was verified and fully compressed.
-    End(Result<(), String>),
+    pub pieces: mpsc::Receiver<Piece>,
 }
 
 pub enum PublishEvent {
@@ -117,16 +121,24 @@ pub enum PublishEvent {
     },
     Failed {
         info: PathRef,
-        reason: String,
+        failure: PathFailure,
     },
+}
+
+/// Why a path's stream ended early in dump or compression.
+pub enum Halt {
+    /// Downstream gave up on the path (the run stopped): nothing to report.
+    Gone,
+    Failed(PathFailure),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
     #[error(transparent)]
     Closure(#[from] ClosureError),
+    /// Nothing more could succeed; see [`failure::judge`].
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Fatal(#[from] RunFailure),
     #[error("interrupted")]
     Cancelled,
     #[error("internal error: {0}")]
@@ -179,7 +191,8 @@ impl<F: FnMut(Bytes) -> std::io::Result<()>> Write for PieceWriter<F> {
 }
 
 /// Runs the whole pipeline for `roots` against the repository described by `info`.
-/// Per-path failures are counted in `progress`; only run-wide failures are errors.
+/// Per-path failures are counted in `progress`; only run-wide failures are errors. Every stage,
+/// thread and helper task has ended when this returns, whatever the outcome.
 pub async fn run(
     client: Arc<PushClient>,
     info: &RepoInfo,
@@ -203,10 +216,20 @@ pub async fn run(
     let (compressed_tx, compressed_rx) = mpsc::channel(COMPRESSED_STREAMS);
     let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_EVENTS);
 
-    // A fatal error in one stage stops the others through this child token; the caller's token
-    // (Ctrl-C) cancels it too.
+    // A fatal failure in any stage stops the others through this child token; the caller's
+    // token (Ctrl-C) cancels it too.
     let stop = cancel.child_token();
+    let health = Arc::new(Health::new(stop.clone(), config.retry_timeout));
+    progress.watch(Arc::clone(&health));
 
+    let prober = {
+        let progress = Arc::clone(&progress);
+        tokio::spawn(
+            Arc::clone(&health).run_prober(Arc::clone(&client), move |event| {
+                progress.probe_event(event)
+            }),
+        )
+    };
     let closure = tokio::spawn(closure::run(
         roots,
         closure_tx,
@@ -220,18 +243,18 @@ pub async fn run(
         dump_tx,
         publish_tx.clone(),
         Arc::clone(&progress),
-        stop.clone(),
+        Arc::clone(&health),
     ));
     let workers = config.compression.threads as usize;
     let dump = {
-        let (progress, stop) = (Arc::clone(&progress), stop.clone());
-        tokio::task::spawn_blocking(move || dump::run(workers, dump_rx, nar_tx, progress, stop))
+        let (progress, health) = (Arc::clone(&progress), Arc::clone(&health));
+        tokio::task::spawn_blocking(move || dump::run(workers, dump_rx, nar_tx, progress, health))
     };
     let compress = {
-        let (progress, stop) = (Arc::clone(&progress), stop.clone());
+        let (progress, health) = (Arc::clone(&progress), Arc::clone(&health));
         let compression = config.compression;
         tokio::task::spawn_blocking(move || {
-            compress::run(compression, nar_rx, compressed_tx, progress, stop)
+            compress::run(compression, nar_rx, compressed_tx, progress, health)
         })
     };
     let upload = tokio::spawn(upload::run(
@@ -243,41 +266,54 @@ pub async fn run(
         compressed_rx,
         publish_tx,
         Arc::clone(&progress),
-        stop.clone(),
+        Arc::clone(&health),
     ));
     let publish = tokio::spawn(publish::run(
         client,
         publish_batch,
         publish_rx,
         Arc::clone(&progress),
-        stop.clone(),
+        Arc::clone(&health),
     ));
-
     let ticker = {
-        let progress = Arc::clone(&progress);
+        let (progress, stop) = (Arc::clone(&progress), stop.clone());
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
-                interval.tick().await;
-                progress.tick();
+                tokio::select! {
+                    _ = interval.tick() => progress.tick(),
+                    () = stop.cancelled() => return,
+                }
             }
         })
     };
 
+    // Every stage is joined, in pipeline order, whatever happens to the others: an error or
+    // a panic stops the rest first, so no join waits on a stage that still has work.
     let mut first_error: Option<PushError> = None;
-    if let Err(err) = joined(closure.await)? {
+    let mut note = |result: Result<Result<(), PushError>, tokio::task::JoinError>| {
+        let error = match result {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err,
+            Err(err) => PushError::Internal(format!("a pipeline stage failed: {err}")),
+        };
         stop.cancel();
-        first_error.get_or_insert(err.into());
+        first_error.get_or_insert(error);
+    };
+    note(closure.await.map(|r| r.map_err(PushError::from)));
+    note(presence.await.map(Ok));
+    note(dump.await.map(Ok));
+    note(compress.await.map(Ok));
+    note(upload.await.map(Ok));
+    note(publish.await.map(Ok));
+    // The helpers end with the stop token; the caller's token is not touched.
+    stop.cancel();
+    note(ticker.await.map(Ok));
+    note(prober.await.map(Ok));
+
+    if let Some(failure) = health.take_fatal() {
+        return Err(PushError::Fatal(failure));
     }
-    if let Err(err) = joined(presence.await)? {
-        stop.cancel();
-        first_error.get_or_insert(err.into());
-    }
-    joined(dump.await)?;
-    joined(compress.await)?;
-    joined(upload.await)?;
-    joined(publish.await)?;
-    ticker.abort();
     if let Some(err) = first_error {
         return Err(err);
     }
@@ -285,11 +321,6 @@ pub async fn run(
         return Err(PushError::Cancelled);
     }
     Ok(())
-}
-
-/// A stage task that panicked is an internal error, not a per-path failure.
-fn joined<T>(result: Result<T, tokio::task::JoinError>) -> Result<T, PushError> {
-    result.map_err(|err| PushError::Internal(format!("a pipeline stage failed: {err}")))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //!      └─ neither ──────► publish as present (counts as published for its dependents)
 //! ```
 //! Answers are consumed in query order, so the largest-first order of the closure survives.
+//! A query that fails under the failure policy fails the paths it asked about.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,13 +16,13 @@ use std::time::Instant;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
+use super::failure::{Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{PathRef, PublishEvent};
 use crate::api::{PresenceQuery, PresenceRequest};
-use crate::client::{ClientError, PushClient};
+use crate::client::PushClient;
 
 /// Queries in flight: hides the round trip of one query behind the others without flooding
 /// the server (each query is already up to thousands of paths).
@@ -37,8 +38,9 @@ pub async fn run(
     to_dump: mpsc::Sender<PathRef>,
     to_publish: mpsc::Sender<PublishEvent>,
     progress: Arc<Progress>,
-    cancel: CancellationToken,
-) -> Result<(), ClientError> {
+    health: Arc<Health>,
+) {
+    let cancel = health.stop_token().clone();
     let batch_size = batch_size.max(1);
     let closure_batches = futures_util::stream::unfold(input, |mut input| async move {
         let batch = input.recv().await?;
@@ -51,7 +53,7 @@ pub async fn run(
             futures_util::stream::iter(chunks)
         })
         .map(|paths| {
-            let client = Arc::clone(&client);
+            let (client, health) = (Arc::clone(&client), Arc::clone(&health));
             async move {
                 let request = PresenceRequest {
                     paths: paths
@@ -63,7 +65,17 @@ pub async fn run(
                         .collect(),
                 };
                 let started = Instant::now();
-                let answer = client.presence(&request).await;
+                let mut rounds = 0;
+                let answer = loop {
+                    match health.guarded(client.presence(&request)).await {
+                        Ok(Ok(answer)) => break Ok(answer),
+                        Ok(Err(error)) => match health.after_failure(error, &mut rounds).await {
+                            Ok(()) => continue,
+                            Err(stop) => break Err(stop),
+                        },
+                        Err(stop) => break Err(stop),
+                    }
+                };
                 (paths, answer, started.elapsed())
             }
         })
@@ -72,13 +84,29 @@ pub async fn run(
     loop {
         let next = tokio::select! {
             next = queries.next() => next,
-            () = cancel.cancelled() => return Ok(()),
+            () = cancel.cancelled() => return,
         };
         let Some((paths, answer, elapsed)) = next else {
-            return Ok(());
+            return;
         };
         progress.busy(stage::PRESENCE, elapsed);
-        let answer = answer?;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(Stop::Run) => return,
+            Err(Stop::Path(error)) => {
+                let failure = PathFailure::from_client("presence query", error);
+                for info in paths {
+                    let event = PublishEvent::Failed {
+                        info,
+                        failure: failure.clone(),
+                    };
+                    if to_publish.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
         let missing: HashSet<&str> = answer.missing.iter().map(String::as_str).collect();
         let nar_stored: HashSet<&str> = answer.nar_stored.iter().map(String::as_str).collect();
         for info in paths {
@@ -100,7 +128,7 @@ pub async fn run(
             };
             if !sent {
                 // Downstream stopped (cancelled or failed): nothing more to route.
-                return Ok(());
+                return;
             }
         }
     }

@@ -3,11 +3,12 @@
 //! names themselves.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 
+use super::failure::{self, Health, PathFailure, ProbeEvent};
 use super::metrics::{self as m, outcome};
 use super::report::{PathEvent, Reporter};
 use crate::client::{ClientError, ClientObserver, Endpoint, RetryReason};
@@ -30,6 +31,7 @@ struct Tally {
     published: AtomicU64,
     published_after_upload: AtomicU64,
     failed: AtomicU64,
+    rejected_lines: AtomicU64,
     retries: AtomicU64,
 }
 
@@ -53,6 +55,8 @@ pub struct Snapshot {
     pub published: u64,
     pub published_after_upload: u64,
     pub failed: u64,
+    /// `--stdin` lines that were not store paths or whose `nix path-info` failed.
+    pub rejected_lines: u64,
     pub retries: u64,
 }
 
@@ -67,6 +71,10 @@ pub struct Progress {
     reporter: Arc<dyn Reporter>,
     tally: Tally,
     started: Instant,
+    /// Causes of failures in order of first appearance, with how many shared each.
+    causes: Mutex<Vec<(String, u64)>>,
+    /// The run's health, once the pipeline runs: retries that hint at an outage pause it.
+    health: OnceLock<Arc<Health>>,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -79,6 +87,27 @@ impl Progress {
             reporter,
             tally: Tally::default(),
             started: Instant::now(),
+            causes: Mutex::new(Vec::new()),
+            health: OnceLock::new(),
+        }
+    }
+
+    /// Connects the client's retry reports to the run's health (see [`failure`]).
+    pub fn watch(&self, health: Arc<Health>) {
+        let _ = self.health.set(health);
+    }
+
+    /// Reports the prober's pauses and resumptions.
+    pub fn probe_event(&self, event: ProbeEvent<'_>) {
+        match event {
+            ProbeEvent::Paused { reason, timeout } => self.reporter.warn(&format!(
+                "the server does not answer ({reason}); pausing the push and retrying for up to {} s",
+                timeout.as_secs()
+            )),
+            ProbeEvent::Resumed { after } => self.reporter.warn(&format!(
+                "the server answers again after {:.1} s; resuming",
+                after.as_secs_f64()
+            )),
         }
     }
 
@@ -100,6 +129,7 @@ impl Progress {
             published: get(&t.published),
             published_after_upload: get(&t.published_after_upload),
             failed: get(&t.failed),
+            rejected_lines: get(&t.rejected_lines),
             retries: get(&t.retries),
         }
     }
@@ -110,6 +140,14 @@ impl Progress {
     }
 
     pub fn finish(&self) -> Snapshot {
+        for (cause, count) in self.causes.lock().expect("causes lock").iter() {
+            if *count > 1 {
+                self.reporter.path(PathEvent::FailedAlike {
+                    more: count - 1,
+                    cause,
+                });
+            }
+        }
         let snapshot = self.snapshot();
         self.reporter.finish(&snapshot);
         snapshot
@@ -179,10 +217,56 @@ impl Progress {
             .path(PathEvent::Published { path: &info.path });
     }
 
-    pub fn failed(&self, path: &StorePath, reason: &str) {
+    pub fn failed(&self, path: &StorePath, failure: &PathFailure) {
         add(&self.tally.failed, 1);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::FAILED).increment(1);
-        self.reporter.path(PathEvent::Failed { path, reason });
+        self.report_failure(&path.to_absolute(), failure);
+    }
+
+    /// A `--stdin` line that could not be pushed; the rest of the input goes on. Each is
+    /// printed: unlike a path of a closure, every line is something the user wrote and must fix.
+    pub fn rejected_line(&self, failure: &PathFailure) {
+        add(&self.tally.rejected_lines, 1);
+        let line = match failure {
+            PathFailure::BadLine { line, .. } | PathFailure::PathInfo { line, .. } => line.as_str(),
+            _ => "",
+        };
+        self.reporter.path(PathEvent::Failed {
+            subject: line,
+            reason: &failure.to_string(),
+        });
+    }
+
+    /// The first failure of each cause is printed in full; the others are only counted.
+    fn report_failure(&self, subject: &str, failure: &PathFailure) {
+        let cause = failure.cause();
+        let first = {
+            let mut causes = self.causes.lock().expect("causes lock");
+            match causes.iter_mut().find(|(known, _)| *known == cause) {
+                Some((_, count)) => {
+                    *count += 1;
+                    false
+                }
+                None => {
+                    causes.push((cause, 1));
+                    true
+                }
+            }
+        };
+        if first {
+            self.reporter.path(PathEvent::Failed {
+                subject,
+                reason: &failure.to_string(),
+            });
+        }
+    }
+
+    /// A dump or compression of `info` begins.
+    pub fn started(&self, stage: &'static str, info: &PathInfo) {
+        self.reporter.path(PathEvent::Started {
+            stage,
+            path: &info.path,
+        });
     }
 
     pub fn queue_depth(&self, stage: &'static str, depth: usize) {
@@ -211,6 +295,16 @@ impl ClientObserver for Progress {
     ) {
         add(&self.tally.retries, 1);
         counter!(m::RETRIES_TOTAL, "reason" => reason.label()).increment(1);
+        if let Some(health) = self.health.get() {
+            if failure::is_outage(err) {
+                // The prober reports the pause once; a line per retrying request would repeat
+                // the same news for every request in flight.
+                health.suspect(err);
+            }
+            if health.is_paused() || health.is_stopped() {
+                return;
+            }
+        }
         self.reporter
             .retrying(endpoint.label(), &err.to_string(), delay);
     }

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
+use super::failure::{Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{PathRef, PublishEvent};
@@ -46,10 +46,9 @@ pub struct Ledger {
 }
 
 /// What the stage must report after a ledger step.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Verdicts {
-    /// (path, reason)
-    pub failed: Vec<(PathRef, String)>,
+    pub failed: Vec<(PathRef, PathFailure)>,
 }
 
 fn hash_of(info: &PathRef) -> String {
@@ -82,7 +81,7 @@ impl Ledger {
                 .find(|r| r.hash_part() == bad)
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            return self.fail(info, format!("reference {name} failed"));
+            return self.fail(info, PathFailure::ReferenceFailed { reference: name });
         }
         let missing: Vec<&String> = references
             .iter()
@@ -103,7 +102,7 @@ impl Ledger {
     }
 
     /// The path failed before publication (dump, compression, upload, or the server refused it).
-    pub fn fail(&mut self, info: PathRef, reason: String) -> Verdicts {
+    pub fn fail(&mut self, info: PathRef, reason: PathFailure) -> Verdicts {
         let mut verdicts = Verdicts::default();
         let mut work = vec![(info, reason)];
         while let Some((info, reason)) = work.pop() {
@@ -128,7 +127,12 @@ impl Ledger {
                 .cloned()
                 .collect();
             for dependent in doomed {
-                work.push((dependent, format!("reference {} failed", info.path)));
+                work.push((
+                    dependent,
+                    PathFailure::ReferenceFailed {
+                        reference: info.path.to_absolute(),
+                    },
+                ));
             }
             verdicts.failed.push((info, reason));
         }
@@ -212,8 +216,9 @@ pub async fn run(
     max_batch: usize,
     mut input: mpsc::Receiver<PublishEvent>,
     progress: Arc<Progress>,
-    cancel: CancellationToken,
+    health: Arc<Health>,
 ) {
+    let cancel = health.stop_token().clone();
     let max_batch = max_batch.max(1);
     let mut ledger = Ledger::default();
     let mut first_ready: Option<Instant> = None;
@@ -244,7 +249,7 @@ pub async fn run(
                     ledger.present(&info)
                 }
                 PublishEvent::Stored { info, uploaded } => ledger.stored(info, uploaded),
-                PublishEvent::Failed { info, reason } => ledger.fail(info, reason),
+                PublishEvent::Failed { info, failure } => ledger.fail(info, failure),
             };
             report(&progress, verdicts);
             if ledger.batch_len() > 0 && first_ready.is_none() {
@@ -263,17 +268,32 @@ pub async fn run(
         let request = PublishRequest {
             narinfos: batch.iter().map(entry).collect(),
         };
-        let answer = client.publish(&request).await;
+        let mut rounds = 0;
+        let answer = loop {
+            match health.guarded(client.publish(&request)).await {
+                Ok(Ok(answer)) => break Ok(answer),
+                Ok(Err(error)) => match health.after_failure(error, &mut rounds).await {
+                    Ok(()) => continue,
+                    Err(stop) => break Err(stop),
+                },
+                Err(stop) => break Err(stop),
+            }
+        };
         progress.busy(stage::PUBLISH, started.elapsed());
         match answer {
             Ok(answer) => {
-                let rejected: HashMap<&str, String> = answer
+                let rejected: HashMap<&str, PathFailure> = answer
                     .rejected
                     .iter()
                     .map(|r| {
                         (
                             r.hash.as_str(),
-                            format!("the server refused it ({}): {}", r.code, r.message),
+                            PathFailure::Refused {
+                                step: "publication",
+                                status: None,
+                                code: r.code.clone(),
+                                message: r.message.clone(),
+                            },
                         )
                     })
                     .collect();
@@ -288,20 +308,20 @@ pub async fn run(
                     }
                 }
             }
-            Err(err) => {
+            // The run is over: nothing in the batch was published, nor failed.
+            Err(Stop::Run) => return,
+            Err(Stop::Path(error)) => {
+                let failure = PathFailure::from_client("publication", error);
                 for info in batch {
                     ledger.unpublish(info.path.hash_part());
-                    let verdicts = ledger.fail(info, format!("publication failed: {err}"));
+                    let verdicts = ledger.fail(info, failure.clone());
                     report(&progress, verdicts);
                 }
             }
         }
     }
     for info in ledger.stranded() {
-        progress.failed(
-            &info.path,
-            "its references were never stored (internal error)",
-        );
+        progress.failed(&info.path, &PathFailure::Stranded);
     }
 }
 
@@ -313,8 +333,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 fn report(progress: &Progress, verdicts: Verdicts) {
-    for (info, reason) in verdicts.failed {
-        progress.failed(&info.path, &reason);
+    for (info, failure) in verdicts.failed {
+        progress.failed(&info.path, &failure);
     }
 }
 
@@ -374,7 +394,7 @@ mod tests {
         ledger.stored(Arc::clone(&mid), true);
         assert_eq!(ledger.batch_len(), 3);
         // The server rejects base: mid and top, batched behind it, must not go up.
-        let verdicts = ledger.fail(Arc::clone(&base), "rejected".into());
+        let verdicts = ledger.fail(Arc::clone(&base), PathFailure::Stranded);
         let mut failed: Vec<&str> = verdicts.failed.iter().map(|(p, _)| p.path.name()).collect();
         failed.sort_unstable();
         assert_eq!(failed, ["base", "mid", "top"]);
@@ -382,7 +402,7 @@ mod tests {
         let verdicts = ledger.stored(late, true);
         assert_eq!(verdicts.failed.len(), 1);
         assert!(
-            verdicts.failed[0].1.contains("reference"),
+            matches!(verdicts.failed[0].1, PathFailure::ReferenceFailed { .. }),
             "{}",
             verdicts.failed[0].1
         );

@@ -5,7 +5,9 @@
 //!                                                           ├─ LineReporter: plain lines + status every 10 s (CI)
 //!                                                           └─ SilentReporter (library use, tests)
 //! ```
-//! `--verbose` adds one line per path per event to either of the first two.
+//! `--verbose` adds one line per path per event to either of the first two. A failure is
+//! printed in full the first time its cause appears; later ones with the same cause are
+//! counted and reported once, with the count, before the summary (see `Progress::failed`).
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -19,6 +21,12 @@ use super::progress::Snapshot;
 use crate::nix::StorePath;
 
 pub enum PathEvent<'a> {
+    /// A dump or compression began (`--verbose`: shows what a stage did while the server was
+    /// unreachable).
+    Started {
+        stage: &'static str,
+        path: &'a StorePath,
+    },
     Present {
         path: &'a StorePath,
     },
@@ -37,9 +45,15 @@ pub enum PathEvent<'a> {
     Published {
         path: &'a StorePath,
     },
+    /// The first failure with its cause; `subject` is the store path or the input line.
     Failed {
-        path: &'a StorePath,
+        subject: &'a str,
         reason: &'a str,
+    },
+    /// Failures after the first with the same cause, reported once at the end.
+    FailedAlike {
+        more: u64,
+        cause: &'a str,
     },
 }
 
@@ -57,8 +71,13 @@ pub trait Reporter: Send + Sync {
 /// The line for a path event, or `None` for events only `--verbose` shows.
 fn event_line(event: &PathEvent<'_>, verbose: bool) -> Option<String> {
     match *event {
-        PathEvent::Failed { path, reason } => Some(format!("failed: {path}: {reason}")),
+        PathEvent::Failed { subject, reason } => Some(format!("failed: {subject}: {reason}")),
+        PathEvent::FailedAlike { more, cause } => Some(format!(
+            "failed: {more} more {} with the same cause: {cause}",
+            if more == 1 { "path" } else { "paths" }
+        )),
         _ if !verbose => None,
+        PathEvent::Started { stage, path } => Some(format!("{stage} started: {path}")),
         PathEvent::Present { path } => Some(format!("already present: {path}")),
         PathEvent::Compressed {
             path,
@@ -124,8 +143,21 @@ pub fn summary_lines(s: &Snapshot) -> String {
     } else {
         String::new()
     };
+    let rejected = if s.rejected_lines > 0 {
+        format!(
+            "\nsummary: {} input {} rejected",
+            s.rejected_lines,
+            if s.rejected_lines == 1 {
+                "line"
+            } else {
+                "lines"
+            }
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed\n\
+        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed{rejected}\n\
          summary: NAR {} -> {} compressed{ratio}; sent {} in {} ({}), {} retries",
         s.closure_paths,
         s.present,

@@ -139,10 +139,14 @@ impl TestServer {
     }
 
     fn spawn(&mut self) {
+        self.spawn_on("127.0.0.1:0");
+    }
+
+    fn spawn_on(&mut self, listen: &str) {
         let mut cmd = Command::new(stowix_bin());
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(&self.data_dir);
         if let Some(config) = &self.config {
@@ -341,6 +345,15 @@ impl TestServer {
         self.kill();
         let _ = writeln!(self.log.lock().unwrap(), "=== restart ===");
         self.spawn();
+    }
+
+    /// Like [`TestServer::restart`], on the same port: a client that was talking to the old
+    /// process can reach the new one (a server restart as an operator would do it).
+    pub fn restart_same_port(&mut self) {
+        let addr = self.addr();
+        self.kill();
+        let _ = writeln!(self.log.lock().unwrap(), "=== restart on {addr} ===");
+        self.spawn_on(&addr);
     }
 
     /// Current value of a metric from `/metrics`. `query` is a name (the sum over all its
