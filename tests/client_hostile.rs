@@ -492,7 +492,7 @@ fn upload_ids_that_are_not_stowix_ids_never_reach_a_url() {
         // Whether a protocol error stops the whole run or only this path is the failure
         // policy's call; it is never a success, and the id never becomes a URL.
         assert!(
-            run.code == exit::PARTIAL || run.code == exit::FAILURE,
+            run.code == exit::PARTIAL,
             "{hostile}: exit {}\n{}",
             run.code,
             run.stderr
@@ -524,9 +524,10 @@ fn upload_ids_that_are_not_stowix_ids_never_reach_a_url() {
 }
 
 #[test]
-fn an_unreadable_answer_to_presence_is_an_internal_failure() {
-    // Exit 1 is for what the client cannot make sense of: here a presence answer that is not
-    // the JSON the protocol defines.
+fn an_unreadable_answer_to_presence_fails_its_paths_with_the_answer_escaped() {
+    // A presence answer that is not the JSON the protocol defines fails the paths it was for
+    // (the failure policy: only credentials, a vanished repository or server, and a server that
+    // is not Stowix end the run), and the answer it quotes reaches the terminal escaped.
     let path = store_path();
     let server = HostileServer::start(|seen| {
         if seen.path.ends_with("/info") {
@@ -540,12 +541,29 @@ fn an_unreadable_answer_to_presence_is_an_internal_failure() {
         }
     });
     let run = push_watched(&server.url, &[&path]);
-    assert_eq!(run.code, exit::FAILURE, "{}", run.stderr);
+    assert_eq!(run.code, exit::PARTIAL, "{}", run.stderr);
     assert!(
         run.stderr.contains("presence answer could not be read"),
         "{}",
         run.stderr
     );
+    assert_no_raw_controls(&run);
+}
+
+#[test]
+fn an_unexpected_answer_to_info_is_an_internal_failure() {
+    // Exit 1 is for what the client cannot make sense of: a repository that answers `info`
+    // with a well-formed error the protocol never gives there (not 401/403/404/5xx).
+    let path = store_path();
+    let server = HostileServer::start(|_| {
+        json(
+            409,
+            serde_json::json!({"code": "offset_mismatch", "message": format!("odd {ESCAPES}")}),
+        )
+    });
+    let run = push_watched(&server.url, &[&path]);
+    assert_eq!(run.code, exit::FAILURE, "{}", run.stderr);
+    assert!(run.stderr.contains("409"), "{}", run.stderr);
     assert_no_raw_controls(&run);
 }
 

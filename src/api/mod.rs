@@ -63,6 +63,8 @@ pub mod codes {
     pub const DECOMPRESSION_LIMIT: &str = "decompression_limit";
     /// A token or repository already holds its maximum of unfinished chunked uploads.
     pub const TOO_MANY_UPLOAD_SESSIONS: &str = "too_many_upload_sessions";
+    /// The server's disk is full (HTTP 507): nothing more can be stored until space is freed.
+    pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
     pub const INTERNAL: &str = "internal";
 }
 

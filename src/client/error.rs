@@ -136,6 +136,8 @@ impl ClientError {
             Self::Api { status, .. } => match *status {
                 StatusCode::REQUEST_TIMEOUT => Some(RetryReason::RequestTimeout),
                 StatusCode::TOO_MANY_REQUESTS => Some(RetryReason::TooManyRequests),
+                // A full disk stays full: retrying only resends the bytes that did not fit.
+                StatusCode::INSUFFICIENT_STORAGE => None,
                 s if s.is_server_error() => Some(RetryReason::ServerError),
                 _ => None,
             },

@@ -205,7 +205,9 @@ fn compress_one(
         })?;
         let writer = PieceWriter::new(|piece| {
             if cancel.is_cancelled() {
-                return Err(std::io::ErrorKind::Interrupted.into());
+                // Not `Interrupted`: `write_all` retries that kind forever, and a cancelled
+                // run must stop this stream, not spin on it.
+                return Err(std::io::ErrorKind::BrokenPipe.into());
             }
             compressed_size += piece.len() as u64;
             let send_started = Instant::now();
@@ -215,7 +217,7 @@ fn compress_one(
         });
         let mut encoder = XzEncoder::new_stream(writer, encoder_stream);
         let gone = |err: std::io::Error| match err.kind() {
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted => Halt::Gone,
+            std::io::ErrorKind::BrokenPipe => Halt::Gone,
             _ => Halt::Failed(PathFailure::Compression(err.to_string())),
         };
         loop {

@@ -78,7 +78,9 @@ fn worker(
         let verdict = {
             let writer = PieceWriter::new(|piece| {
                 if cancel.is_cancelled() {
-                    return Err(std::io::ErrorKind::Interrupted.into());
+                    // Not `Interrupted`: `write_all` retries that kind forever, and a cancelled
+                    // run must stop this stream, not spin on it.
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
                 }
                 let len = piece.len() as u64;
                 let send_started = Instant::now();
@@ -108,12 +110,7 @@ where
     F: FnMut(bytes::Bytes) -> std::io::Result<()>,
 {
     let path = info.path.to_absolute();
-    let gone = |err: &std::io::Error| {
-        matches!(
-            err.kind(),
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::Interrupted
-        )
-    };
+    let gone = |err: &std::io::Error| err.kind() == std::io::ErrorKind::BrokenPipe;
     let summary = match dump_path(Path::new(&path), &mut writer) {
         Ok(summary) => summary,
         Err(NarError::Write(err)) if gone(&err) => return Err(Halt::Gone),

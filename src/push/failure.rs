@@ -246,7 +246,9 @@ pub fn judge(error: ClientError) -> Verdict {
         }
         ClientError::Api {
             status, ref api, ..
-        } if status == StatusCode::INSUFFICIENT_STORAGE || api.code == INSUFFICIENT_STORAGE => {
+        } if status == StatusCode::INSUFFICIENT_STORAGE
+            || api.code == codes::INSUFFICIENT_STORAGE =>
+        {
             Verdict::Fatal(RunFailure::StorageFull(error))
         }
         error if is_outage(&error) => Verdict::Outage(error),
@@ -271,9 +273,6 @@ pub fn is_outage(error: &ClientError) -> bool {
         _ => false,
     }
 }
-
-/// The code a server out of space answers with (with HTTP 507), should it name one.
-const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
 
 /// How a request about one path ended when it did not succeed.
 #[derive(Debug)]

@@ -57,14 +57,41 @@ impl ServerError {
     }
 }
 
+impl ServerError {
+    /// The data directory's disk (or quota) is full: a condition of the whole server that no
+    /// client retry can fix, so clients must be told apart from a 500 and stop their run
+    /// (`stowix nix push` exits 7); a re-run after space is freed resumes.
+    pub fn storage_full(detail: impl std::fmt::Display) -> Self {
+        tracing::error!("storage full: {detail}");
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            codes::INSUFFICIENT_STORAGE,
+            "the server's storage is full; its administrator must free space, then a re-run resumes",
+        )
+    }
+}
+
+/// ENOSPC and EDQUOT: the only I/O errors a client should read as "nothing more fits".
+fn is_storage_full(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::StorageFull
+        || err.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 impl From<std::io::Error> for ServerError {
     fn from(err: std::io::Error) -> Self {
+        if is_storage_full(&err) {
+            return ServerError::storage_full(format!("I/O: {err}"));
+        }
         ServerError::internal(format!("I/O: {err}"))
     }
 }
 
 impl From<rusqlite::Error> for ServerError {
     fn from(err: rusqlite::Error) -> Self {
+        if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            return ServerError::storage_full(format!("SQLite: {err}"));
+        }
         ServerError::internal(format!("SQLite: {err}"))
     }
 }

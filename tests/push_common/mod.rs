@@ -124,3 +124,43 @@ pub fn finished(output: Output) -> Pushed {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// [`push_with`], but a push still running after `limit` is killed and fails the test: for
+/// tests whose point is that the push stops (a hang must not hang the suite).
+pub fn push_within(
+    target: &str,
+    token: Option<&str>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> Pushed {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut cmd = push_command(target, token, args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"));
+    let mut child = cmd.spawn().expect("run stowix nix push");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for stowix nix push") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "stowix nix push was still running after {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Pushed {
+        code: status.code().unwrap_or(-1),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
