@@ -365,6 +365,19 @@ fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
     );
     gateway.clear();
 
+    // Fatal before the pipeline starts: the token was revoked before the push, so `info`
+    // itself is refused. The job still shows up on the dashboard.
+    proxy.set_rules(vec![]);
+    let (_, top) = common::build_pair();
+    let mut args = gateway_arg.to_vec();
+    args.push(&top);
+    push_common::push_with(&target, Some(&revoked), &args, &[]).assert_code(exit::AUTH);
+    assert_eq!(
+        gateway.value("stowix_push_http_request_duration_seconds_count{endpoint=\"info\"}"),
+        1.0
+    );
+    gateway.clear();
+
     // Interrupted: SIGINT while a rate-limited upload runs.
     proxy.set_rules(vec![]);
     let big = common::build_random("interrupted", 2 << 20);

@@ -248,27 +248,39 @@ async fn push_async(
         Ok(client) => Arc::new(client),
         Err(err) => return fail(exit::FAILURE, err),
     };
+    let gateway = args.metrics_push_gateway.as_deref();
 
     let info = match client.info().await {
         Ok(info) => info,
-        Err(err) => return fail(client_exit_code(&err), err),
+        Err(err) => {
+            return fail_after_metrics(&metrics, gateway, &progress, client_exit_code(&err), err)
+                .await
+        }
     };
     match info.token_scope.as_deref() {
         Some("push") => {}
         Some(scope) => {
-            return fail(
+            return fail_after_metrics(
+                &metrics,
+                gateway,
+                &progress,
                 exit::AUTH,
                 format!(
                     "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
                     info.repository
                 ),
             )
+            .await
         }
         None => {
-            return fail(
+            return fail_after_metrics(
+                &metrics,
+                gateway,
+                &progress,
                 exit::AUTH,
                 format!("the server did not accept the token for repository {}\nhint: check the token and --target", info.repository),
             )
+            .await
         }
     }
 
@@ -362,6 +374,23 @@ async fn conclude(
         Err(PushError::Fatal(failure)) => fail(failure.exit_code(), failure),
         Err(err @ PushError::Internal(_)) => fail(exit::FAILURE, err),
     }
+}
+
+/// A run that ends before the pipeline starts (the repository refused the token, say) still
+/// pushes its metrics, so a dashboard sees every failed job, not only those that got going.
+async fn fail_after_metrics(
+    metrics: &Metrics,
+    gateway: Option<&str>,
+    progress: &Progress,
+    code: i32,
+    message: impl std::fmt::Display,
+) -> i32 {
+    if let Some(gateway) = gateway {
+        if let Err(err) = metrics.push(gateway).await {
+            progress.warn(&format!("cannot push metrics to {gateway}: {err}"));
+        }
+    }
+    fail(code, message)
 }
 
 fn client_exit_code(err: &ClientError) -> i32 {
