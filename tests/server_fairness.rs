@@ -389,3 +389,58 @@ async fn metrics_on_their_own_address_leave_the_public_one() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn a_token_for_several_repositories_cannot_take_every_slot() {
+    // Repository shares alone would let a token for two repositories hold 2 × 4 = all slots:
+    // the token's own share stops it at 2.
+    let server = TestServer::start_with_config(
+        "max_concurrent_uploads = 4\nmax_concurrent_uploads_per_repo = 4\n\
+         max_concurrent_uploads_per_token = 2\nupload_idle_timeout_secs = 120\n",
+    );
+    let (a, b, c) = (unique_name("a"), unique_name("b"), unique_name("c"));
+    for name in [&a, &b, &c] {
+        server.create_repo(name, false);
+    }
+    let wide = server
+        .admin(&[
+            "token", "create", "--repo", &a, "--repo", &b, "--scope", "push",
+        ])
+        .trim()
+        .to_string();
+    let other_token = server.create_token(&c, "push");
+
+    let mut uploads = Vec::new();
+    for (i, repo) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let url = server.repo_url(repo);
+        let path = LocalPath::load(&build_random(&format!("wide{i}"), 60_000));
+        let (file, _) = path.xz_upload();
+        let id = create_upload(&url, &wide, &xz_create_upload(&path))
+            .await
+            .upload_id;
+        uploads.push((url, id, file));
+    }
+    let fair = LocalPath::load(&build_random("fair-c", 2_000));
+
+    let mut stalled = Vec::new();
+    let mut refused = Vec::new();
+    for (url, id, file) in &uploads {
+        let mut stream = start_partial_patch(url, &wide, id, 0, file.len(), &file[..100]).await;
+        match answer_within(&mut stream, Duration::from_millis(500)).await {
+            Some(answer) => refused.push(answer),
+            None => stalled.push(stream),
+        }
+    }
+    assert_eq!(stalled.len(), 2, "the token held more than its share");
+    for answer in &refused {
+        assert!(
+            answer.starts_with("HTTP/1.1 503") && answer.contains("token"),
+            "{answer}"
+        );
+    }
+    // A third repository's upload goes through while the token holds its two.
+    let (file, params) = fair.xz_upload();
+    let resp = post_nar(&server.repo_url(&c), &other_token, &params, file).await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    drop(stalled);
+}

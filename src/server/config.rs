@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// Uploads one repository may have in flight: the rest of `max_concurrent_uploads` stays
     /// free for the others.
     pub max_concurrent_uploads_per_repo: usize,
+    /// Uploads one token may have in flight, whichever repositories it covers: a token for
+    /// several repositories cannot take every slot either.
+    pub max_concurrent_uploads_per_token: usize,
     /// Most hash parts in a presence query without a token.
     pub anonymous_presence_batch: usize,
     /// Serve `/metrics` here instead of on `listen`.
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             min_body_bytes_per_sec: 4096,
             body_rate_grace_secs: 10,
             max_concurrent_uploads_per_repo: 32,
+            max_concurrent_uploads_per_token: 32,
             anonymous_presence_batch: 1000,
             metrics_listen: None,
             metadata_readers: 4,
@@ -163,6 +167,10 @@ mod tests {
         assert_eq!(
             parsed.max_concurrent_uploads_per_repo,
             defaults.max_concurrent_uploads_per_repo
+        );
+        assert_eq!(
+            parsed.max_concurrent_uploads_per_token,
+            defaults.max_concurrent_uploads_per_token
         );
         assert_eq!(
             parsed.anonymous_presence_batch,

@@ -85,9 +85,11 @@ pub type SharedState = Arc<AppState>;
 /// An upload in flight: a server-wide slot and one of its repository's share.
 pub struct UploadSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _repo_share: RepoShare,
+    _shares: Vec<RepoShare>,
 }
 
+/// One upload counted against a repository's (`repo/NAME`) or a token's (`token/ID`) share of
+/// the upload slots; released on drop.
 struct RepoShare {
     counts: Arc<Mutex<HashMap<String, usize>>>,
     repo: String,
@@ -163,27 +165,44 @@ impl AppState {
     /// One of the `max_concurrent_uploads` slots, and one of the repository's
     /// `max_concurrent_uploads_per_repo`, for as long as the returned slot lives. The repository
     /// share keeps one repository's pushes (and so one token's) from taking every slot.
-    pub fn upload_slot(&self, repo: &str) -> ServerResult<UploadSlot> {
-        let per_repo = self.config.max_concurrent_uploads_per_repo.max(1);
+    /// An upload slot, if the server, the repository and the token each have one free: neither
+    /// one repository nor one token (which may cover several repositories) can take them all.
+    pub fn upload_slot(&self, repo: &str, token_id: Option<&str>) -> ServerResult<UploadSlot> {
+        let mut wanted = vec![(
+            format!("repo/{repo}"),
+            self.config.max_concurrent_uploads_per_repo.max(1),
+            format!("repository '{repo}'"),
+        )];
+        if let Some(id) = token_id {
+            wanted.push((
+                format!("token/{id}"),
+                self.config.max_concurrent_uploads_per_token.max(1),
+                format!("token {id}"),
+            ));
+        }
+        let mut shares = Vec::with_capacity(wanted.len());
         {
             let mut counts = self.repo_uploads.lock().unwrap_or_else(|p| p.into_inner());
-            let count = counts.entry(repo.to_string()).or_insert(0);
-            if *count >= per_repo {
-                return Err(ServerError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::TOO_MANY_UPLOADS,
-                    format!(
-                        "repository '{repo}' has its maximum of {per_repo} uploads in flight; retry shortly"
-                    ),
-                )
-                .with_retry_after(1));
+            for (key, limit, who) in &wanted {
+                if counts.get(key).copied().unwrap_or(0) >= *limit {
+                    return Err(ServerError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        codes::TOO_MANY_UPLOADS,
+                        format!(
+                            "{who} has its maximum of {limit} uploads in flight; retry shortly"
+                        ),
+                    )
+                    .with_retry_after(1));
+                }
             }
-            *count += 1;
+            for (key, _, _) in wanted {
+                *counts.entry(key.clone()).or_insert(0) += 1;
+                shares.push(RepoShare {
+                    counts: Arc::clone(&self.repo_uploads),
+                    repo: key,
+                });
+            }
         }
-        let repo_share = RepoShare {
-            counts: Arc::clone(&self.repo_uploads),
-            repo: repo.to_string(),
-        };
         let permit = Arc::clone(&self.upload_slots)
             .try_acquire_owned()
             .map_err(|_| {
@@ -199,7 +218,7 @@ impl AppState {
             })?;
         Ok(UploadSlot {
             _permit: permit,
-            _repo_share: repo_share,
+            _shares: shares,
         })
     }
 
@@ -325,6 +344,8 @@ pub struct Authorized<const PUSH: bool, const STRICT: bool> {
     pub repo: RepoRecord,
     /// The token's scope when a valid token was presented.
     pub scope: Option<Scope>,
+    /// The id of the token presented, when one was.
+    pub token_id: Option<String>,
 }
 
 /// Push API writes and `nix copy --to` PUTs.
@@ -367,7 +388,17 @@ impl<const PUSH: bool, const STRICT: bool> FromRequestParts<SharedState>
         let (repo, scope) = state
             .access(&repo_name, &parts.headers, peer, needed, STRICT)
             .await?;
-        Ok(Authorized { repo, scope })
+        // The extractor already accepted the token, so it parses; its id keys the token's
+        // share of the upload slots.
+        let token_id = auth::presented_token(&parts.headers)
+            .ok()
+            .flatten()
+            .and_then(|token| auth::parse_token(&token).map(|parsed| parsed.id.to_string()));
+        Ok(Authorized {
+            repo,
+            scope,
+            token_id,
+        })
     }
 }
 

@@ -87,7 +87,7 @@ fn check_compression(compression: &str) -> ServerResult<()> {
 
 pub async fn info(
     State(state): State<SharedState>,
-    Authorized { repo, scope }: ApiReadAccess,
+    Authorized { repo, scope, .. }: ApiReadAccess,
 ) -> ServerResult<Json<RepoInfo>> {
     let key = SecretKey::parse(&repo.secret_key)
         .map_err(|err| ServerError::internal(format!("repository {} key: {err}", repo.name)))?;
@@ -199,7 +199,7 @@ fn stored_answer(record: &super::metadata::NarRecord, newly_stored: bool) -> Nar
 /// Small NARs in one request: the body is the whole compressed file.
 pub async fn upload_whole(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: PushAccess,
+    Authorized { repo, token_id, .. }: PushAccess,
     uri: Uri,
     body: Body,
 ) -> ServerResult<Response> {
@@ -242,6 +242,7 @@ pub async fn upload_whole(
     let result = upload::receive_verify_store(
         &state,
         &repo.name,
+        token_id.as_deref(),
         body,
         params.file_size + 1,
         &params.compression,
@@ -416,7 +417,7 @@ pub async fn upload_state(
 
 pub async fn upload_chunk(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: PushAccess,
+    Authorized { repo, token_id, .. }: PushAccess,
     Path((_, id)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -437,7 +438,7 @@ pub async fn upload_chunk(
         )
     })?;
     let record = find_upload(&state, &repo.name, &id).await?;
-    let _slot = state.upload_slot(&repo.name)?;
+    let _slot = state.upload_slot(&repo.name, token_id.as_deref())?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     // Completion may have finished (and removed the upload) while this request waited.
@@ -519,7 +520,7 @@ async fn discard_upload(state: &SharedState, id: &str) -> ServerResult<()> {
 
 pub async fn complete_upload(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: PushAccess,
+    Authorized { repo, token_id, .. }: PushAccess,
     Path((_, id)): Path<(String, String)>,
     body: Body,
 ) -> ServerResult<Response> {
@@ -527,7 +528,7 @@ pub async fn complete_upload(
     let file_hash = parse_nar_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
     // Verification reads and decompresses the whole file: it counts as an upload in flight.
-    let _slot = state.upload_slot(&repo.name)?;
+    let _slot = state.upload_slot(&repo.name, token_id.as_deref())?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;

@@ -217,7 +217,7 @@ pub async fn get_nar(
 
 pub async fn put_nar(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: PushAccess,
+    Authorized { repo, token_id, .. }: PushAccess,
     Path((_, file)): Path<(String, String)>,
     body: Body,
 ) -> ServerResult<Response> {
@@ -240,6 +240,7 @@ pub async fn put_nar(
     let result = upload::receive_verify_store(
         &state,
         &repo.name,
+        token_id.as_deref(),
         body,
         limit,
         compression,

@@ -215,13 +215,14 @@ pub struct Expected {
 pub async fn receive_verify_store(
     state: &AppState,
     repo: &str,
+    token_id: Option<&str>,
     body: Body,
     limit: u64,
     compression: &str,
     expected: Expected,
     too_large: impl FnOnce() -> ServerError,
 ) -> ServerResult<(NarRecord, bool)> {
-    let _slot = state.upload_slot(repo)?;
+    let _slot = state.upload_slot(repo, token_id)?;
     let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
     let mut file = tokio::fs::File::from_std(staged.reopen()?);
     match receive_into(body, &mut file, limit, BodyPace::new(&state.config)).await {
