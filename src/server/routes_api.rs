@@ -241,8 +241,10 @@ pub async fn upload_whole(
     let file_size = params.file_size;
     let result = upload::receive_verify_store(
         &state,
-        &repo.name,
-        token_id.as_deref(),
+        upload::Uploader {
+            repo: &repo.name,
+            token_id: token_id.as_deref(),
+        },
         body,
         params.file_size + 1,
         &params.compression,

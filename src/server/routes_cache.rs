@@ -239,8 +239,10 @@ pub async fn put_nar(
     let limit = state.config.max_single_upload_bytes;
     let result = upload::receive_verify_store(
         &state,
-        &repo.name,
-        token_id.as_deref(),
+        upload::Uploader {
+            repo: &repo.name,
+            token_id: token_id.as_deref(),
+        },
         body,
         limit,
         compression,

@@ -210,19 +210,25 @@ pub struct Expected {
     pub nar_size: Option<u64>,
 }
 
+/// Who an upload is for: the repository, and the token whose share of the slots it takes.
+#[derive(Clone, Copy)]
+pub struct Uploader<'a> {
+    pub repo: &'a str,
+    pub token_id: Option<&'a str>,
+}
+
 /// Single-request uploads: receives `body` (at most `limit` bytes; more answers `too_large()`)
 /// into a temporary file that is deleted whatever happens, then verifies and stores it.
 pub async fn receive_verify_store(
     state: &AppState,
-    repo: &str,
-    token_id: Option<&str>,
+    uploader: Uploader<'_>,
     body: Body,
     limit: u64,
     compression: &str,
     expected: Expected,
     too_large: impl FnOnce() -> ServerError,
 ) -> ServerResult<(NarRecord, bool)> {
-    let _slot = state.upload_slot(repo, token_id)?;
+    let _slot = state.upload_slot(uploader.repo, uploader.token_id)?;
     let staged = tempfile::NamedTempFile::new_in(&state.tmp_dir)?;
     let mut file = tokio::fs::File::from_std(staged.reopen()?);
     match receive_into(body, &mut file, limit, BodyPace::new(&state.config)).await {
@@ -232,7 +238,7 @@ pub async fn receive_verify_store(
     drop(file);
     let (staged_file, staged_path) = staged.into_parts();
     drop(staged_file);
-    let result = verify_and_store(state, repo, &staged_path, compression, expected).await;
+    let result = verify_and_store(state, uploader.repo, &staged_path, compression, expected).await;
     // On success the file was moved into storage and this finds nothing to delete.
     let _ = staged_path.close();
     result
