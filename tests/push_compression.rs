@@ -121,10 +121,14 @@ async fn zstd_nars_larger_than_the_chunk_size_go_up_in_chunks() {
 async fn killed_zstd_push_resumes_with_other_thread_counts() {
     const CHUNK: u64 = 256 * 1024;
     let fx = Fixture::new();
-    // 6 MiB of random bytes at level 1: the multithreaded plan (2 MiB jobs), about as large
-    // compressed, 24 chunks.
+    // 8 MiB of the host's programs at level 1: the multithreaded plan (2 MiB jobs), ~3 MiB
+    // compressed, a dozen chunks. Real code, so how the NAR is cut into jobs shows in the
+    // output (random bytes would give the same raw blocks whatever the cut).
     let mut built = common::build_derivations(&[
-        common::Drv::new("big", "/usr/bin/head -c 6291456 /dev/urandom > $out"),
+        common::Drv::new(
+            "big",
+            "/bin/cat /usr/bin/* 2>/dev/null | /usr/bin/head -c 8388608 > $out",
+        ),
         common::Drv::new("needs-big", "echo $dep0 > $out").deps(&[0]),
     ]);
     let top = built.pop().unwrap();
@@ -174,6 +178,7 @@ async fn killed_zstd_push_resumes_with_other_thread_counts() {
         .unwrap()
         .parse()
         .unwrap();
+    println!("received {before} bytes before the kill, {after} in all, for a {file_size}-byte file");
     assert!(
         after - before < file_size - 2.0 * CHUNK as f64,
         "the re-run started over (first run: {before} bytes, in all {after}, file {file_size})\n{}",
