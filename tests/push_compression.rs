@@ -43,7 +43,10 @@ async fn assert_stored_as(
             Some(file.len().to_string().as_str())
         );
         let nar = common::nix_store_dump(std::path::Path::new(path));
-        assert!(decode(&file) == nar, "{path}: the {compression} file is not its NAR");
+        assert!(
+            decode(&file) == nar,
+            "{path}: the {compression} file is not its NAR"
+        );
     }
 }
 
@@ -137,7 +140,13 @@ async fn killed_zstd_push_resumes_with_other_thread_counts() {
     let zstd = ["--compression", "zstd", "--compression-level", "1"];
 
     let mut args = zstd.to_vec();
-    args.extend(["--compression-threads", "2", "--max-upload-rate", "512KiB", &top]);
+    args.extend([
+        "--compression-threads",
+        "2",
+        "--max-upload-rate",
+        "512KiB",
+        &top,
+    ]);
     let mut child = push_command(&fx.url, Some(&fx.token), &args)
         .env("STOWIX_CHUNK_SIZE", &chunk)
         .stdout(std::process::Stdio::null())
@@ -178,7 +187,9 @@ async fn killed_zstd_push_resumes_with_other_thread_counts() {
         .unwrap()
         .parse()
         .unwrap();
-    println!("received {before} bytes before the kill, {after} in all, for a {file_size}-byte file");
+    println!(
+        "received {before} bytes before the kill, {after} in all, for a {file_size}-byte file"
+    );
     assert!(
         after - before < file_size - 2.0 * CHUNK as f64,
         "the re-run started over (first run: {before} bytes, in all {after}, file {file_size})\n{}",
@@ -199,10 +210,22 @@ async fn killed_zstd_push_resumes_with_other_thread_counts() {
 fn out_of_range_levels_and_unknown_methods_are_usage_errors() {
     let cases: [(&[&str], &str); 6] = [
         (&["--compression-level", "10"], "0 to 9"),
-        (&["--compression", "zstd", "--compression-level", "20"], "1 to 19"),
-        (&["--compression", "zstd", "--compression-level", "0"], "1 to 19"),
-        (&["--compression", "zstd", "--compression-level", "-3"], "1 to 19"),
-        (&["--compression", "none", "--compression-level", "3"], "takes no level"),
+        (
+            &["--compression", "zstd", "--compression-level", "20"],
+            "1 to 19",
+        ),
+        (
+            &["--compression", "zstd", "--compression-level", "0"],
+            "1 to 19",
+        ),
+        (
+            &["--compression", "zstd", "--compression-level", "-3"],
+            "1 to 19",
+        ),
+        (
+            &["--compression", "none", "--compression-level", "3"],
+            "takes no level",
+        ),
         (&["--compression", "lz4"], "xz, zstd or none"),
     ];
     for (args, expected) in cases {
