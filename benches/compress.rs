@@ -74,7 +74,11 @@ fn pool(nars: &[Bytes], level: u32, threads: u32) -> u64 {
         tokio_util::sync::CancellationToken::new(),
         std::time::Duration::from_secs(120),
     ));
-    let config = CompressConfig { level, threads };
+    let config = CompressConfig {
+        method: compress::Compression::Xz,
+        level: level as i32,
+        threads,
+    };
     std::thread::scope(|scope| {
         scope.spawn(|| compress::run(config, nar_rx, out_tx, progress, health));
         let feeder = scope.spawn(|| {

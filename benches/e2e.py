@@ -220,7 +220,12 @@ def push_stowix(stowix, server, repo, token, roots, level, work):
     env = dict(os.environ, STOWIX_TARGET=f"{server.url}/{repo}", STOWIX_TOKEN=token)
     cmd = [stowix, "nix", "push", "--no-progress"]
     if level is not None:
-        cmd += ["--compression-level", str(level)]
+        # "zstd:3" is a method and its level, "6" an xz preset.
+        method, _, number = str(level).rpartition(":")
+        if method:
+            cmd += ["--compression", method]
+        if number != "default":
+            cmd += ["--compression-level", number]
     if len(roots) > 200:
         listing = work / f"roots-{repo}.txt"
         listing.write_text("\n".join(roots) + "\n")
@@ -277,7 +282,7 @@ def main():
     parser.add_argument("--corpora", default="realistic,small,huge", help="comma-separated: realistic, small, huge")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--huge-reps", type=int, default=1)
-    parser.add_argument("--levels", default="6,default", help="stowix xz presets to run; 'default' = no flag")
+    parser.add_argument("--levels", default="6,default", help="stowix xz presets to run ('default' = no flag), or method:level such as zstd:3")
     parser.add_argument("--huge-levels", default="6,default", help="stowix presets for the huge corpus")
     parser.add_argument("--nix-level", type=int, default=6)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -332,7 +337,7 @@ def main():
                     if name == "nix copy":
                         r = push_nix_copy(server, repo, token, roots, args.nix_level, work)
                     else:
-                        r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else int(lvl), work)
+                        r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else lvl, work)
                     r["sent"] = server.received_bytes() - before
                     r["stored"] = server.stored_bytes(repo)
                     check_substitution(server, repo, key, closure, work)
@@ -351,7 +356,7 @@ def main():
                         if name == "nix copy":
                             r = push_nix_copy(server, repo, token, roots, args.nix_level, work)
                         else:
-                            r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else int(lvl), work)
+                            r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else lvl, work)
                         warm[name].append(r)
                     log(f"{corpus} warm {name}: median {median([r['wall'] for r in warm[name]]):.2f} s")
             baseline = {}

@@ -24,6 +24,65 @@ pub const API_PREFIX: &str = "api/v1";
 /// Header carrying the byte offset a PATCH chunk starts at (and, in answers, the offset now held).
 pub const UPLOAD_OFFSET_HEADER: &str = "Upload-Offset";
 
+/// How a NAR file is compressed: the narinfo's `Compression` field, the upload's `compression`,
+/// and the file suffix Nix expects. The one list of what client and server support.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Compression {
+    Xz,
+    Zstd,
+    None,
+}
+
+impl Compression {
+    pub const ALL: [Self; 3] = [Self::Xz, Self::Zstd, Self::None];
+    /// For messages that list the choices.
+    pub const CHOICES: &'static str = "xz, zstd or none";
+
+    /// The name in narinfos and in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Xz => "xz",
+            Self::Zstd => "zstd",
+            Self::None => "none",
+        }
+    }
+
+    /// The suffix of the NAR file's name, as Nix writes it.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Xz => ".nar.xz",
+            Self::Zstd => ".nar.zst",
+            Self::None => ".nar",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The one-line refusal of an unsupported name.
+    pub fn unsupported(name: &str) -> String {
+        format!(
+            "compression {name:?} is not supported: use {}",
+            Self::CHOICES
+        )
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::from_name(name).ok_or_else(|| Self::unsupported(name))
+    }
+}
+
 /// Every error answer: a stable machine-readable `code` and a message for humans.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ApiError {

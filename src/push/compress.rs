@@ -1,19 +1,20 @@
-//! Stage 4: xz compression on a pool of plain threads.
+//! Stage 4: compression (xz, zstd or none) on a pool of plain threads.
 //!
 //! ```text
-//!   NarStream ──► worker ──► plan by nar_size ─┬─ small: one thread, dictionary sized to the NAR
-//!                                              └─ large: liblzma multithreaded encoder, all cores
-//!             ──► xz stream ──► 256 KiB pieces ──► CompressedStream ──► upload
+//!   NarStream ──► worker ──► plan by method and nar_size ─┬─ small: one thread each
+//!                                                         └─ large: multithreaded encoder, all cores
+//!             ──► compressed stream ──► 256 KiB pieces ──► CompressedStream ──► upload
 //! ```
 //! Small NARs are spread across workers (one each); a large NAR takes the single "large lane"
-//! and fans its xz blocks out over every compression thread, so one huge NAR still uses all
-//! cores while memory stays at one multithreaded encoder.
+//! and fans its xz blocks or zstd jobs out over every compression thread, so one huge NAR still
+//! uses all cores while memory stays at one multithreaded encoder.
 //!
 //! Output is a pure function of (NAR bytes, [`EncoderPlan`]): a restarted client regenerates
 //! byte-identical output and can resume an upload where the server's offset says. The plan's
 //! descriptor travels in `CreateUpload.encoder` so only identical streams are resumed.
 
 use std::io::Write;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use super::failure::{Health, PathFailure};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{CompressedStream, Halt, NarStream, Piece, PieceWriter, COMPRESSED_PIECES_PER_PATH};
+pub use crate::api::Compression;
 
 /// Dictionary size of each xz preset 0..=9 (from xz's documentation).
 const PRESET_DICT: [u32; 10] = [
@@ -50,27 +52,61 @@ const MIN_DICT: u32 = 4096;
 /// Like xz: blocks of three dictionaries, at least 1 MiB, so each block compresses about as
 /// well as a single stream would while blocks still spread over threads.
 const MIN_BLOCK: u64 = 1 << 20;
-/// A NAR goes to the multithreaded encoder when it spans more than this many blocks; below
-/// that, splitting buys little parallelism and costs ratio.
+/// A NAR goes to the multithreaded encoder when it spans more than this many blocks (xz) or
+/// jobs (zstd); below that, splitting buys little parallelism and costs ratio.
 const MT_MIN_BLOCKS: u64 = 2;
 /// Memory the multithreaded encoder may use; above it liblzma runs fewer threads (the output
 /// stays identical, only slower). Bounds a 64-core machine at preset 9.
 const MT_MEMLIMIT: u64 = 2 << 30;
 
+/// xz presets; 0 is fastest, 9 smallest.
+pub const XZ_LEVELS: RangeInclusive<i32> = 0..=9;
+/// zstd levels without `--ultra`: above 19 the window grows past 8 MiB, which costs every
+/// substituter that much more memory for a few percent.
+pub const ZSTD_LEVELS: RangeInclusive<i32> = 1..=19;
+/// Default zstd level: zstd's own, ~10x faster than xz preset 2 for ~12% more bytes on a
+/// closure of real binaries (issue 13).
+pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
+/// zstd window log of each level 1..=19 for inputs above 256 KiB (libzstd's `clevels.h`).
+const ZSTD_WINDOW_LOG: [u32; 19] = [
+    19, 20, 21, 21, 21, 21, 21, 21, 22, 22, 22, 22, 22, 22, 22, 22, 23, 23, 23,
+];
+/// zstd NARs up to this size are buffered whole and compressed knowing their size, so zstd
+/// sizes its tables to the NAR instead of to the level's window (most store paths are small).
+const ZSTD_WHOLE_MAX: u64 = 1 << 20;
+
+/// The levels `method` accepts; `None` when it takes no level.
+pub fn levels(method: Compression) -> Option<RangeInclusive<i32>> {
+    match method {
+        Compression::Xz => Some(XZ_LEVELS),
+        Compression::Zstd => Some(ZSTD_LEVELS),
+        Compression::None => None,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompressConfig {
-    /// xz preset 0..=9.
-    pub level: u32,
+    pub method: Compression,
+    /// Within [`levels`] of `method` (ignored for `none`).
+    pub level: i32,
     pub threads: u32,
 }
 
 /// How one NAR is encoded; everything that influences the output bytes is in here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EncoderPlan {
-    /// Single-threaded, one xz block, LZMA2 with this dictionary.
+    /// xz, single-threaded, one block, LZMA2 with this dictionary.
     Single { level: u32, dict: u32 },
-    /// Multithreaded, independent blocks of `block` bytes.
+    /// xz, multithreaded, independent blocks of `block` bytes.
     Multi { level: u32, block: u64 },
+    /// zstd, the whole NAR in one call, with its size in the frame header.
+    ZstdWhole { level: i32 },
+    /// zstd, streamed on one thread.
+    ZstdStream { level: i32 },
+    /// zstd, multithreaded, jobs of `job` bytes.
+    ZstdMulti { level: i32, job: u32 },
+    /// Stored as is.
+    None,
 }
 
 impl EncoderPlan {
@@ -88,12 +124,48 @@ impl EncoderPlan {
         Self::Single { level, dict }
     }
 
-    /// Goes into `CreateUpload.encoder`.
+    pub fn new(method: Compression, nar_size: u64, level: i32) -> Self {
+        match method {
+            Compression::Xz => Self::for_nar(nar_size, level.clamp(0, 9) as u32),
+            Compression::Zstd => {
+                let level = level.clamp(*ZSTD_LEVELS.start(), *ZSTD_LEVELS.end());
+                // libzstd's default job: four windows, so each job compresses about as well as
+                // one stream would.
+                let job = 4u32 << ZSTD_WINDOW_LOG[level as usize - 1];
+                if nar_size > MT_MIN_BLOCKS * u64::from(job) {
+                    Self::ZstdMulti { level, job }
+                } else if nar_size <= ZSTD_WHOLE_MAX {
+                    Self::ZstdWhole { level }
+                } else {
+                    Self::ZstdStream { level }
+                }
+            }
+            Compression::None => Self::None,
+        }
+    }
+
+    pub fn compression(&self) -> Compression {
+        match self {
+            Self::Single { .. } | Self::Multi { .. } => Compression::Xz,
+            Self::ZstdWhole { .. } | Self::ZstdStream { .. } | Self::ZstdMulti { .. } => {
+                Compression::Zstd
+            }
+            Self::None => Compression::None,
+        }
+    }
+
+    /// Goes into `CreateUpload.encoder`. zstd's output changes between library versions more
+    /// often than liblzma's, so its version is part of the identity.
     pub fn descriptor(&self) -> String {
         let bcj = if X86_BCJ { "-x86" } else { "" };
+        let zstd = zstd::zstd_safe::version_number();
         match self {
             Self::Single { level, dict } => format!("xz{bcj}-p{level}-d{dict}-crc64"),
             Self::Multi { level, block } => format!("xz-mt{bcj}-p{level}-b{block}-crc64"),
+            Self::ZstdWhole { level } => format!("zstd{zstd}-l{level}-whole-xxh64"),
+            Self::ZstdStream { level } => format!("zstd{zstd}-l{level}-xxh64"),
+            Self::ZstdMulti { level, job } => format!("zstd{zstd}-mt-l{level}-j{job}-xxh64"),
+            Self::None => "none".to_owned(),
         }
     }
 
@@ -110,18 +182,95 @@ impl EncoderPlan {
         Ok(filters)
     }
 
-    fn stream(&self, threads: u32) -> Result<Stream, liblzma::stream::Error> {
-        match *self {
-            Self::Single { level, dict } => {
-                Stream::new_stream_encoder(&Self::filters(level, Some(dict))?, Check::Crc64)
+    /// An encoder writing to `out`.
+    pub fn encoder<W: Write>(&self, threads: u32, out: W) -> std::io::Result<Encoder<W>> {
+        let xz = |stream: Result<Stream, liblzma::stream::Error>| {
+            stream.map_err(|err| std::io::Error::other(format!("cannot start the encoder: {err}")))
+        };
+        Ok(match *self {
+            Self::Single { level, dict } => Encoder::Xz(XzEncoder::new_stream(
+                out,
+                xz(Stream::new_stream_encoder(
+                    &Self::filters(level, Some(dict)).map_err(std::io::Error::other)?,
+                    Check::Crc64,
+                ))?,
+            )),
+            Self::Multi { level, block } => Encoder::Xz(XzEncoder::new_stream(
+                out,
+                xz(MtStreamBuilder::new()
+                    .filters(Self::filters(level, None).map_err(std::io::Error::other)?)
+                    .block_size(block)
+                    .threads(threads.max(1))
+                    .memlimit_threading(MT_MEMLIMIT)
+                    .check(Check::Crc64)
+                    .encoder())?,
+            )),
+            Self::ZstdWhole { level } => Encoder::ZstdWhole {
+                level,
+                nar: Vec::new(),
+                out,
+            },
+            Self::ZstdStream { level } => Encoder::Zstd(zstd_encoder(out, level, None)?),
+            Self::ZstdMulti { level, job } => {
+                let mut encoder = zstd_encoder(out, level, None)?;
+                encoder.multithread(threads.max(1))?;
+                encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(job))?;
+                Encoder::Zstd(encoder)
             }
-            Self::Multi { level, block } => MtStreamBuilder::new()
-                .filters(Self::filters(level, None)?)
-                .block_size(block)
-                .threads(threads.max(1))
-                .memlimit_threading(MT_MEMLIMIT)
-                .check(Check::Crc64)
-                .encoder(),
+            Self::None => Encoder::Plain(out),
+        })
+    }
+}
+
+fn zstd_encoder<W: Write>(
+    out: W,
+    level: i32,
+    size: Option<u64>,
+) -> std::io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
+    // What xz's crc64 is to xz: a plain `zstd -d` or a substituter detects a damaged file.
+    encoder.include_checksum(true)?;
+    encoder.set_pledged_src_size(size)?;
+    Ok(encoder)
+}
+
+/// One NAR's encoder. Never flushed midway: a zstd flush would end a block early and make the
+/// output depend on how the input was cut.
+pub enum Encoder<W: Write> {
+    Xz(XzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    /// Buffered until the end (at most [`ZSTD_WHOLE_MAX`]), then compressed in one call.
+    ZstdWhole {
+        level: i32,
+        nar: Vec<u8>,
+        out: W,
+    },
+    Plain(W),
+}
+
+impl<W: Write> Encoder<W> {
+    pub fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Xz(encoder) => encoder.write_all(data),
+            Self::Zstd(encoder) => encoder.write_all(data),
+            Self::ZstdWhole { nar, .. } => {
+                nar.extend_from_slice(data);
+                Ok(())
+            }
+            Self::Plain(out) => out.write_all(data),
+        }
+    }
+
+    pub fn finish(self) -> std::io::Result<W> {
+        match self {
+            Self::Xz(encoder) => encoder.finish(),
+            Self::Zstd(encoder) => encoder.finish(),
+            Self::ZstdWhole { level, nar, out } => {
+                let mut encoder = zstd_encoder(out, level, Some(nar.len() as u64))?;
+                encoder.write_all(&nar)?;
+                encoder.finish()
+            }
+            Self::Plain(out) => Ok(out),
         }
     }
 }
@@ -146,16 +295,20 @@ pub fn run(
             );
             let cancel = health.stop_token();
             std::thread::Builder::new()
-                .name(format!("stowix-xz-{index}"))
+                .name(format!("stowix-compress-{index}"))
                 .spawn_scoped(scope, move || {
                     while let Ok(stream) = input.recv() {
                         progress.queue_depth(stage::COMPRESS, input.len());
                         if cancel.is_cancelled() {
                             return;
                         }
-                        let plan = EncoderPlan::for_nar(stream.info.nar_size, config.level);
-                        let _lane = matches!(plan, EncoderPlan::Multi { .. })
-                            .then(|| large_lane.lock().expect("large lane"));
+                        let plan =
+                            EncoderPlan::new(config.method, stream.info.nar_size, config.level);
+                        let _lane = matches!(
+                            plan,
+                            EncoderPlan::Multi { .. } | EncoderPlan::ZstdMulti { .. }
+                        )
+                        .then(|| large_lane.lock().expect("large lane"));
                         if !compress_one(stream, plan, config.threads, &output, progress, health) {
                             return;
                         }
@@ -198,11 +351,6 @@ fn compress_one(
     let mut blocked = Duration::ZERO;
     let mut compressed_size = 0u64;
     let result = (|| -> Result<(), Halt> {
-        let encoder_stream = plan.stream(threads).map_err(|err| {
-            Halt::Failed(PathFailure::Compression(format!(
-                "cannot start the encoder: {err}"
-            )))
-        })?;
         let writer = PieceWriter::new(|piece| {
             if cancel.is_cancelled() {
                 // Not `Interrupted`: `write_all` retries that kind forever, and a cancelled
@@ -215,7 +363,9 @@ fn compress_one(
             blocked += send_started.elapsed();
             sent.map_err(|_| std::io::ErrorKind::BrokenPipe.into())
         });
-        let mut encoder = XzEncoder::new_stream(writer, encoder_stream);
+        let mut encoder = plan
+            .encoder(threads, writer)
+            .map_err(|err| Halt::Failed(PathFailure::Compression(err.to_string())))?;
         let gone = |err: std::io::Error| match err.kind() {
             std::io::ErrorKind::BrokenPipe => Halt::Gone,
             _ => Halt::Failed(PathFailure::Compression(err.to_string())),
@@ -297,8 +447,12 @@ mod tests {
     }
 
     fn compress(plan: EncoderPlan, threads: u32, data: &[u8]) -> Vec<u8> {
-        let mut encoder = XzEncoder::new_stream(Vec::new(), plan.stream(threads).unwrap());
-        for piece in data.chunks(100_000) {
+        compress_cut(plan, threads, data, 100_000)
+    }
+
+    fn compress_cut(plan: EncoderPlan, threads: u32, data: &[u8], cut: usize) -> Vec<u8> {
+        let mut encoder = plan.encoder(threads, Vec::new()).unwrap();
+        for piece in data.chunks(cut) {
             encoder.write_all(piece).unwrap();
         }
         encoder.finish().unwrap()
@@ -329,5 +483,107 @@ mod tests {
             compress(small, 1, &data[..4000]),
             compress(small, 4, &data[..4000])
         );
+    }
+
+    fn sample(len: u32) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i * 7 % 251) as u8 ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    fn unzstd(data: &[u8]) -> Vec<u8> {
+        zstd::stream::decode_all(data).unwrap()
+    }
+
+    #[test]
+    fn zstd_plans_follow_the_nar_size() {
+        assert_eq!(
+            EncoderPlan::new(Compression::Zstd, 1000, 3),
+            EncoderPlan::ZstdWhole { level: 3 }
+        );
+        assert_eq!(
+            EncoderPlan::new(Compression::Zstd, 2 << 20, 3),
+            EncoderPlan::ZstdStream { level: 3 }
+        );
+        assert_eq!(
+            EncoderPlan::new(Compression::Zstd, 17 << 20, 3),
+            EncoderPlan::ZstdMulti {
+                level: 3,
+                job: 8 << 20
+            }
+        );
+        assert_eq!(
+            EncoderPlan::new(Compression::Zstd, 17 << 20, 19),
+            EncoderPlan::ZstdStream { level: 19 }
+        );
+        assert_eq!(
+            EncoderPlan::new(Compression::None, 17 << 20, 0),
+            EncoderPlan::None
+        );
+        assert_eq!(
+            EncoderPlan::new(Compression::Xz, 100, 6),
+            EncoderPlan::for_nar(100, 6)
+        );
+        // A resume must never continue another encoder's bytes.
+        let descriptors: std::collections::HashSet<String> = [
+            EncoderPlan::ZstdWhole { level: 3 },
+            EncoderPlan::ZstdStream { level: 3 },
+            EncoderPlan::ZstdStream { level: 4 },
+            EncoderPlan::ZstdMulti {
+                level: 3,
+                job: 8 << 20,
+            },
+            EncoderPlan::None,
+            EncoderPlan::for_nar(100, 3),
+        ]
+        .iter()
+        .map(EncoderPlan::descriptor)
+        .collect();
+        assert_eq!(descriptors.len(), 6);
+        for plan in [EncoderPlan::ZstdWhole { level: 3 }, EncoderPlan::None] {
+            assert_ne!(plan.compression(), Compression::Xz);
+        }
+    }
+
+    /// Every zstd plan decodes back to the NAR, and its bytes depend only on the plan: not on
+    /// the threads, nor on how the input was cut (a resumed upload regenerates them).
+    #[test]
+    fn zstd_round_trips_and_is_deterministic() {
+        let data = sample(5_000_000);
+        let small = &data[..300_000];
+        let whole = EncoderPlan::ZstdWhole { level: 3 };
+        let a = compress_cut(whole, 1, small, 1000);
+        assert_eq!(a, compress_cut(whole, 4, small, 65536));
+        assert_eq!(unzstd(&a), small);
+        assert!(a.len() < small.len() / 4, "{} bytes", a.len());
+
+        let stream = EncoderPlan::ZstdStream { level: 3 };
+        let a = compress_cut(stream, 1, &data, 1000);
+        assert_eq!(a, compress_cut(stream, 1, &data, 256 << 10));
+        assert_eq!(unzstd(&a), data);
+
+        // Level 1: jobs of 2 MiB, so 5 MB spans three jobs.
+        let multi = EncoderPlan::new(Compression::Zstd, data.len() as u64, 1);
+        assert_eq!(
+            multi,
+            EncoderPlan::ZstdMulti {
+                level: 1,
+                job: 2 << 20
+            }
+        );
+        let one = compress_cut(multi, 1, &data, 256 << 10);
+        assert_eq!(one, compress_cut(multi, 3, &data, 100_000));
+        assert_eq!(one, compress_cut(multi, 2, &data, 7777));
+        assert_eq!(unzstd(&one), data);
+    }
+
+    #[test]
+    fn zstd_detects_a_damaged_file_and_none_stores_the_nar() {
+        let data = sample(200_000);
+        let mut file = compress(EncoderPlan::ZstdWhole { level: 3 }, 1, &data);
+        let middle = file.len() / 2;
+        file[middle] ^= 0x40;
+        assert!(zstd::stream::decode_all(&file[..]).is_err());
+        assert_eq!(compress(EncoderPlan::None, 1, &data), data);
     }
 }

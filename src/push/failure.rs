@@ -56,7 +56,7 @@ pub enum PathFailure {
     },
     /// Reading the store path failed.
     Unreadable { path: String, detail: String },
-    /// The xz encoder failed.
+    /// The encoder failed.
     Compression(String),
     /// The dump of the NAR ended without a verdict (its thread stopped).
     DumpStopped,
@@ -112,7 +112,7 @@ impl PathFailure {
                 "store path corrupt (contents differ from the Nix database)".to_owned()
             }
             Self::Unreadable { .. } => "store path unreadable".to_owned(),
-            Self::Compression(_) => "xz compression failed".to_owned(),
+            Self::Compression(_) => "compression failed".to_owned(),
             Self::DumpStopped => "the NAR dump stopped".to_owned(),
             Self::Transfer { step, error } => match error.as_ref() {
                 ClientError::Api { status, api, .. } => {
@@ -162,7 +162,7 @@ impl fmt::Display for PathFailure {
                  hint: run `nix-store --verify --check-contents --repair`"
             ),
             Self::Unreadable { path, detail } => write!(f, "cannot read {path}: {detail}"),
-            Self::Compression(detail) => write!(f, "xz compression failed: {detail}"),
+            Self::Compression(detail) => write!(f, "compression failed: {detail}"),
             Self::DumpStopped => f.write_str("the NAR dump stopped unexpectedly"),
             Self::Transfer { step, error } => write!(f, "{step} failed: {error}"),
             Self::Refused {

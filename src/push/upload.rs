@@ -30,9 +30,6 @@ use crate::api::{CreateUpload, NarUploadParams, PresenceQuery, PresenceRequest};
 use crate::client::{ClientError, OpenedUpload, PushClient};
 use crate::nix::Sha256Hash;
 
-/// Compression label of everything this client uploads.
-const COMPRESSION: &str = "xz";
-
 #[derive(Clone, Copy, Debug)]
 pub struct UploadConfig {
     pub jobs: usize,
@@ -182,7 +179,7 @@ async fn upload_one(
         let params = NarUploadParams {
             nar_hash,
             nar_size: info.nar_size,
-            compression: COMPRESSION.to_owned(),
+            compression: plan.compression().name().to_owned(),
             file_hash: Sha256Hash(Sha256::digest(&body).into()).to_typed_nix32(),
             file_size: body.len() as u64,
         };
@@ -194,7 +191,7 @@ async fn upload_one(
     let request = CreateUpload {
         nar_hash,
         nar_size: info.nar_size,
-        compression: COMPRESSION.to_owned(),
+        compression: plan.compression().name().to_owned(),
         encoder: plan.descriptor(),
     };
     let mut session = match request!(health, "upload", client.open_upload(&request))? {

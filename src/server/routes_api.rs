@@ -80,7 +80,7 @@ fn check_compression(compression: &str) -> ServerResult<()> {
         .ok_or_else(|| {
             ServerError::unprocessable(
                 codes::UNSUPPORTED_COMPRESSION,
-                format!("compression {compression:?} is not supported: use xz, zstd or none"),
+                crate::api::Compression::unsupported(compression),
             )
         })
 }

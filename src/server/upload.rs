@@ -256,7 +256,7 @@ pub async fn verify_and_store(
     let suffix = verify::compression_suffix(compression).ok_or_else(|| {
         ServerError::unprocessable(
             codes::UNSUPPORTED_COMPRESSION,
-            format!("compression {compression:?} is not supported: use xz, zstd or none"),
+            crate::api::Compression::unsupported(compression),
         )
     })?;
     let path = staged.to_path_buf();

@@ -18,27 +18,21 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use crate::api::Compression;
 use crate::nix::nar::{self, NarSummary};
 use crate::nix::Sha256Hash;
 
 /// The compressions a repository accepts, with the file suffix Nix gives each.
 pub fn compression_suffix(compression: &str) -> Option<&'static str> {
-    match compression {
-        "xz" => Some(".nar.xz"),
-        "zstd" => Some(".nar.zst"),
-        "none" => Some(".nar"),
-        _ => None,
-    }
+    Compression::from_name(compression).map(Compression::suffix)
 }
 
 /// The compression a NAR file name implies (`<nix32>.nar.xz` -> `xz`) and its nix32 part.
 pub fn parse_nar_file_name(name: &str) -> Option<(&str, &'static str)> {
-    for (suffix, compression) in [(".nar.xz", "xz"), (".nar.zst", "zstd"), (".nar", "none")] {
-        if let Some(stem) = name.strip_suffix(suffix) {
-            return Some((stem, compression));
-        }
-    }
-    None
+    Compression::ALL.into_iter().find_map(|compression| {
+        name.strip_suffix(compression.suffix())
+            .map(|stem| (stem, compression.name()))
+    })
 }
 
 /// Memory the xz decoder may use. The largest dictionary any xz preset uses is 64 MiB (xz -9,
@@ -70,7 +64,7 @@ pub struct Verified {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("compression {0:?} is not supported (use xz, zstd or none)")]
+    #[error("{}", Compression::unsupported(.0))]
     UnsupportedCompression(String),
     #[error("the file is not valid {compression} data: {detail}")]
     Decompress { compression: String, detail: String },
