@@ -9,124 +9,27 @@ mod invariants;
 mod push_common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader};
-use std::os::unix::process::ExitStatusExt as _;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use push_common::{finished, push_command, Fixture, Pushed};
+use push_common::{finished, push_command, BackgroundPush, Fixture};
 use stowix::cli::exit;
 
 const CHUNK: u64 = 64 * 1024;
-const SIGKILL: i32 = 9;
 const PRESENCE: &str = "stowix_server_http_requests_total{route=\"/{repo}/api/v1/presence\"}";
 const PUBLISHED: &str = "stowix_server_narinfos_published_total";
 
-/// A push running in the background whose stderr lines are collected as they come.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Running {
-    fn start(fx: &Fixture, root: &str, extra: &[&str]) -> Running {
-        let mut args = vec!["--verbose"];
-        args.extend_from_slice(extra);
-        args.push(root);
-        let mut child = push_command(&fx.url, Some(&fx.token), &args)
-            .env("STOWIX_CHUNK_SIZE", CHUNK.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stowix nix push");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Running {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
-
-    /// SIGKILL, then everything it printed. Panics unless the push was still running and
-    /// died of the signal: a kill that lands after the push ended on its own tests nothing.
-    fn kill(mut self, what: &str) -> String {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            if let Some(reader) = self.reader.take() {
-                reader.join().unwrap();
-            }
-            panic!(
-                "{what}: the push had already ended ({status}) when it was to be killed:\n{}",
-                self.text()
-            );
-        }
-        self.child.kill().expect("send SIGKILL");
-        let status = self.child.wait().unwrap();
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        assert_eq!(
-            status.signal(),
-            Some(SIGKILL),
-            "{what}: the push ended with {status}, not by the kill:\n{}",
-            self.text()
-        );
-        self.text()
-    }
-
-    /// SIGKILL without checks, for a push that failed a test already.
-    fn abandon(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-        self.text()
-    }
-
-    /// Waits for the process to exit by itself (up to `timeout`).
-    fn wait(mut self, timeout: Duration) -> Pushed {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let text = self.abandon();
-                panic!("the push did not end within {timeout:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        Pushed {
-            code: status.code().unwrap_or(-1),
-            stdout: String::new(),
-            stderr: self.text(),
-        }
-    }
+/// A background push of `root` with `--verbose` and small chunks.
+fn start_push(fx: &Fixture, root: &str, extra: &[&str]) -> BackgroundPush {
+    let mut args = vec!["--verbose"];
+    args.extend_from_slice(extra);
+    args.push(root);
+    let mut cmd = push_command(&fx.url, Some(&fx.token), &args);
+    cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
+    BackgroundPush::spawn(cmd)
 }
 
 /// Polls `cond` until it holds; panics if `run` ends first or after 60 s.
-async fn kill_when<F, Fut>(run: &mut Running, what: &str, mut cond: F)
+async fn kill_when<F, Fut>(run: &mut BackgroundPush, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -233,7 +136,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
     // 1. During publication: as soon as this run publishes its first path (a small one; the
     // large NAR has many seconds of upload left at the rate limit).
     let published_before = fx.server.metric(PUBLISHED).await;
-    let mut run = Running::start(&fx, &root, &slow);
+    let mut run = start_push(&fx, &root, &slow);
     kill_when(&mut run, "first path published", || async {
         fx.server.metric(PUBLISHED).await > published_before
     })
@@ -245,7 +148,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
     // 2. Right after the presence answer: dump and compression of the large NAR under way.
     let held = stored_nar_hashes(&fx);
     let presence_before = fx.server.metric(PRESENCE).await;
-    let mut run = Running::start(&fx, &root, &slow);
+    let mut run = start_push(&fx, &root, &slow);
     kill_when(&mut run, "after presence", || async {
         fx.server.metric(PRESENCE).await > presence_before
     })
@@ -258,7 +161,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
     // 3. In the middle of the large NAR's chunks.
     let held = stored_nar_hashes(&fx);
     let start = fx.received_bytes().await;
-    let mut run = Running::start(&fx, &root, &slow);
+    let mut run = start_push(&fx, &root, &slow);
     kill_when(&mut run, "middle of the large NAR", || async {
         fx.received_bytes().await >= start + 8.0 * CHUNK as f64
     })
@@ -306,7 +209,7 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
     let closure = common::closure_of(std::slice::from_ref(&root));
 
     // The client gives up on a silent server after --retry-timeout (120 s by default).
-    let mut run = Running::start(
+    let mut run = start_push(
         &fx,
         &root,
         &["--max-upload-rate", "256KiB", "--retry-timeout", "10s"],
@@ -317,7 +220,7 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
     .await;
     fx.server.kill();
     // The client cannot reach the dead server: it must end, with an error, by itself.
-    let failed = run.wait(Duration::from_secs(90));
+    let failed = run.wait(Duration::from_secs(90)).pushed;
     assert!(
         failed.code != exit::SUCCESS && (1..=6).contains(&failed.code),
         "exit {} after the server died:\n{}",
@@ -401,7 +304,7 @@ async fn client_killed_at_random_moments_then_the_rerun_completes() {
     let kills = 3;
     for kill in 0..kills {
         let held = stored_nar_hashes(&fx);
-        let run = Running::start(&fx, &root, &slow);
+        let run = start_push(&fx, &root, &slow);
         let delay = Duration::from_millis(rng.gen_range(0..4000));
         tokio::time::sleep(delay).await;
         let what = format!("kill {kill} after {delay:?} (seed {seed})");

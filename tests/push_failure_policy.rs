@@ -9,122 +9,34 @@ mod common;
 mod invariants;
 mod push_common;
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Drv;
-use push_common::{finished, push_command, Fixture, Pushed};
+use push_common::{finished, push_command, BackgroundPush, Fixture};
 use stowix::cli::exit;
 
 const CHUNK: u64 = 64 * 1024;
 /// Upload jobs of the interrupted pushes: each may have one NAR in flight.
 const JOBS: u64 = 2;
 
-/// A push running in the background whose stderr lines are collected as they come.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+fn start(fx: &Fixture, args: &[&str]) -> BackgroundPush {
+    start_with(fx, args, &[])
 }
 
-/// How a background push ended, and when.
-struct Ended {
-    pushed: Pushed,
-    at: Instant,
-}
-
-impl Running {
-    fn start(fx: &Fixture, args: &[&str]) -> Running {
-        Self::start_with(fx, args, &[])
-    }
-
-    fn start_with(fx: &Fixture, args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let mut child = push_command(&fx.url, Some(&fx.token), args)
-            .env("STOWIX_CHUNK_SIZE", CHUNK.to_string())
-            .envs(envs.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn stowix nix push");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Running {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_some()
-    }
-
-    /// Waits (polling every 10 ms) until `cond` holds for the output so far.
-    async fn wait_for_line(&mut self, what: &str, cond: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.lines.lock().unwrap().iter().any(|l| cond(l)) {
-            assert!(
-                !self.exited() && Instant::now() < deadline,
-                "no {what} line:\n{}",
-                self.text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Waits for the process to exit by itself (up to `timeout`).
-    fn wait(mut self, timeout: Duration) -> Ended {
-        let deadline = Instant::now() + timeout;
-        let (status, at) = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break (status, Instant::now());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("the push did not end within {timeout:?}:\n{}", self.text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        Ended {
-            pushed: Pushed {
-                code: status.code().unwrap_or(-1),
-                stdout: String::new(),
-                stderr: self.text(),
-            },
-            at,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_with(fx: &Fixture, args: &[&str], envs: &[(&str, &str)]) -> BackgroundPush {
+    let mut cmd = push_command(&fx.url, Some(&fx.token), args);
+    cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string())
+        .envs(envs.iter().copied());
+    BackgroundPush::spawn(cmd)
 }
 
 /// Waits until the server has received at least `bytes` upload bytes; panics if the push
 /// ends first.
-async fn until_received(fx: &Fixture, run: &mut Running, bytes: f64) {
+async fn until_received(fx: &Fixture, run: &mut BackgroundPush, bytes: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while fx.received_bytes().await < bytes {
         assert!(
@@ -238,7 +150,7 @@ async fn rerun_resumes(fx: &Fixture, root: &str, closure: &[String]) {
 async fn a_token_revoked_mid_push_ends_it_within_5_s_with_one_error() {
     let fx = Fixture::new();
     let (root, closure) = slow_closure();
-    let mut run = Running::start(&fx, &slow_args(&root));
+    let mut run = start(&fx, &slow_args(&root));
     until_received(&fx, &mut run, 2.0 * CHUNK as f64).await;
 
     let id = common::token_id(&fx.token).unwrap().to_string();
@@ -305,7 +217,7 @@ async fn a_server_gone_for_good_ends_the_push_after_the_retry_timeout() {
     let mut fx = Fixture::new();
     let (root, closure) = slow_closure();
     // The environment variable, where the restart test below uses the flag.
-    let mut run = Running::start_with(&fx, &slow_args(&root), &[("STOWIX_RETRY_TIMEOUT", "8")]);
+    let mut run = start_with(&fx, &slow_args(&root), &[("STOWIX_RETRY_TIMEOUT", "8")]);
     until_received(&fx, &mut run, 3.0 * CHUNK as f64).await;
     fx.server.kill();
     let killed_at = Instant::now();
@@ -370,7 +282,7 @@ async fn a_server_restarted_within_the_retry_timeout_is_ridden_out() {
     let (root, closure) = slow_closure();
     let mut args = slow_args(&root);
     args.extend(["--retry-timeout", "90s"]);
-    let mut run = Running::start(&fx, &args);
+    let mut run = start(&fx, &args);
     until_received(&fx, &mut run, 3.0 * CHUNK as f64).await;
     let before_kill = fx.received_bytes().await;
     fx.server.kill();
@@ -475,10 +387,10 @@ async fn bad_stdin_lines_fail_alone_and_the_rest_is_pushed() {
 async fn ctrl_c_stops_within_2_s_with_the_summary_and_the_rerun_resumes() {
     let fx = Fixture::new();
     let (root, closure) = slow_closure();
-    let mut run = Running::start(&fx, &slow_args(&root));
+    let mut run = start(&fx, &slow_args(&root));
     until_received(&fx, &mut run, 3.0 * CHUNK as f64).await;
     let status = Command::new("kill")
-        .args(["-INT", &run.child.id().to_string()])
+        .args(["-INT", &run.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());

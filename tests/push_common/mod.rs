@@ -164,3 +164,137 @@ pub fn push_within(
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
     }
 }
+
+/// How a background push ended, and when (measured as it was seen to exit).
+pub struct Ended {
+    pub pushed: Pushed,
+    pub at: std::time::Instant,
+}
+
+/// A push running in the background whose stderr lines are collected as they come, killed on
+/// drop: for tests that act while a push runs (kill it, revoke its token, stop the server).
+pub struct BackgroundPush {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundPush {
+    pub fn spawn(mut cmd: Command) -> Self {
+        use std::io::BufRead as _;
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn stowix nix push");
+        let stderr = child.stderr.take().expect("child stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        BackgroundPush {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed so far.
+    pub fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
+    }
+
+    /// Waits (polling every 10 ms, up to 60 s) until a line satisfies `cond`; panics if the
+    /// push ends first.
+    pub async fn wait_for_line(&mut self, what: &str, cond: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.lines.lock().unwrap().iter().any(|l| cond(l)) {
+            assert!(
+                !self.exited() && std::time::Instant::now() < deadline,
+                "no {what} line:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL, then everything it printed. Panics unless the push was still running and
+    /// died of the signal: a kill that lands after the push ended on its own tests nothing.
+    pub fn kill(mut self, what: &str) -> String {
+        use std::os::unix::process::ExitStatusExt as _;
+        if let Some(status) = self.child.try_wait().unwrap() {
+            self.join_reader();
+            panic!(
+                "{what}: the push had already ended ({status}) when it was to be killed:\n{}",
+                self.text()
+            );
+        }
+        self.child.kill().expect("send SIGKILL");
+        let status = self.child.wait().unwrap();
+        self.join_reader();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{what}: the push ended with {status}, not by the kill:\n{}",
+            self.text()
+        );
+        self.text()
+    }
+
+    /// SIGKILL without checks, for a push that failed a test already.
+    pub fn abandon(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.join_reader();
+        self.text()
+    }
+
+    /// Waits for the process to exit by itself; past `timeout` it is killed and the test fails.
+    pub fn wait(mut self, timeout: std::time::Duration) -> Ended {
+        let deadline = std::time::Instant::now() + timeout;
+        let (status, at) = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break (status, std::time::Instant::now());
+            }
+            if std::time::Instant::now() > deadline {
+                let text = self.abandon();
+                panic!("the push did not end within {timeout:?}:\n{text}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        self.join_reader();
+        Ended {
+            pushed: Pushed {
+                code: status.code().unwrap_or(-1),
+                stdout: String::new(),
+                stderr: self.text(),
+            },
+            at,
+        }
+    }
+
+    fn join_reader(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for BackgroundPush {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
