@@ -128,8 +128,6 @@ pub trait Metadata: Send + Sync {
     fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>>;
     /// For each `(hash part, nar hash)`, in order.
     fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>>;
-    /// Which of `hashes` have a published narinfo.
-    fn published_among(&self, repo: &str, hashes: &[String]) -> MetaResult<Vec<bool>>;
     /// Publishes all of `narinfos` in one transaction; already published ones are left alone.
     /// Returns, per entry, whether it was newly published.
     fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>>;
@@ -139,15 +137,7 @@ pub trait Metadata: Send + Sync {
     /// False when a NAR with that URL was already recorded.
     fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool>;
 
-    fn find_upload(
-        &self,
-        repo: &str,
-        nar_hash: &str,
-        compression: &str,
-        encoder: &str,
-    ) -> MetaResult<Option<UploadRecord>>;
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>>;
-    fn create_upload(&self, upload: &UploadRecord) -> MetaResult<()>;
     fn delete_upload(&self, id: &str) -> MetaResult<()>;
     fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>>;
 
@@ -501,16 +491,6 @@ impl Metadata for SqliteMetadata {
         Ok(answers)
     }
 
-    fn published_among(&self, repo: &str, hashes: &[String]) -> MetaResult<Vec<bool>> {
-        let conn = self.reader();
-        let mut stmt =
-            conn.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
-        hashes
-            .iter()
-            .map(|hash| stmt.exists(params![repo, hash]))
-            .collect()
-    }
-
     fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -573,23 +553,6 @@ impl Metadata for SqliteMetadata {
         Ok(inserted == 1)
     }
 
-    fn find_upload(
-        &self,
-        repo: &str,
-        nar_hash: &str,
-        compression: &str,
-        encoder: &str,
-    ) -> MetaResult<Option<UploadRecord>> {
-        self.reader()
-            .prepare_cached(&format!(
-                "SELECT {UPLOAD_COLUMNS} FROM uploads
-                 WHERE repo = ?1 AND nar_hash = ?2 AND compression = ?3 AND encoder = ?4
-                 ORDER BY created_at LIMIT 1"
-            ))?
-            .query_row([repo, nar_hash, compression, encoder], upload_from_row)
-            .optional()
-    }
-
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
         self.reader()
             .prepare_cached(&format!(
@@ -597,22 +560,6 @@ impl Metadata for SqliteMetadata {
             ))?
             .query_row([id], upload_from_row)
             .optional()
-    }
-
-    fn create_upload(&self, upload: &UploadRecord) -> MetaResult<()> {
-        self.conn().execute(
-            &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-            params![
-                upload.id,
-                upload.repo,
-                upload.nar_hash,
-                upload.nar_size as i64,
-                upload.compression,
-                upload.encoder,
-                upload.created_at
-            ],
-        )?;
-        Ok(())
     }
 
     fn delete_upload(&self, id: &str) -> MetaResult<()> {
@@ -775,7 +722,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // The unique index refuses a second row for the key, whoever inserts it.
-        assert!(meta.create_upload(&upload("c", "n1")).is_err());
+        let duplicate = meta.conn().execute(
+            &format!(
+                "INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES ('c', 'r', 'n1', 1, 'xz', 'e', 0)"
+            ),
+            [],
+        );
+        assert!(duplicate.is_err());
         meta.open_upload(&upload("d", "n2"), "t", CAPS).unwrap();
         assert!(matches!(
             meta.open_upload(&upload("e", "n3"), "t", CAPS).unwrap(),
