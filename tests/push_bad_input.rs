@@ -15,21 +15,6 @@ use std::sync::Arc;
 use push_common::{finished, push_command, push_with, Fixture, Pushed};
 use stowix::cli::exit;
 
-/// Deletes store paths (dependents first) when the test ends, whatever happened.
-struct DeleteOnDrop(Vec<String>);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444));
-        }
-        let _ = Command::new("nix-store")
-            .arg("--delete")
-            .args(&self.0)
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_store_path_fails_alone_with_a_repair_hint() {
     let fx = Fixture::new();
@@ -39,7 +24,7 @@ async fn a_corrupt_store_path_fails_alone_with_a_repair_hint() {
         common::Drv::new("bystander", "echo fine > $out"),
     ]);
     let (victim, dependent, bystander) = (built[0].clone(), built[1].clone(), built[2].clone());
-    let _cleanup = DeleteOnDrop(vec![dependent.clone(), victim.clone()]);
+    let _cleanup = common::DeleteOnDrop(vec![dependent.clone(), victim.clone()]);
     // Same size, other bytes: only the hash can tell.
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&victim, "tampered-contents\n").unwrap();
@@ -133,7 +118,7 @@ async fn an_unreadable_file_fails_its_path_naming_the_file() {
     ]);
     let (victim, bystander) = (built[0].clone(), built[1].clone());
     let secret = format!("{victim}/secret");
-    let _cleanup = DeleteOnDrop(vec![victim.clone()]);
+    let _cleanup = common::DeleteOnDrop(vec![victim.clone()]);
     // Mode 000 does not change the NAR (only the executable bit is recorded): the path is
     // valid, just unreadable to a process without CAP_DAC_OVERRIDE.
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();

@@ -417,21 +417,6 @@ async fn ctrl_c_stops_within_2_s_with_the_summary_and_the_rerun_resumes() {
     rerun_resumes(&fx, &root, &closure).await;
 }
 
-/// Deletes store paths (dependents first) when the test ends, whatever happened.
-struct DeleteOnDrop(Vec<String>);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444));
-        }
-        let _ = Command::new("nix-store")
-            .arg("--delete")
-            .args(&self.0)
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_with_one_cause_are_reported_once_with_a_count() {
     let fx = Fixture::new();
@@ -442,7 +427,7 @@ async fn failures_with_one_cause_are_reported_once_with_a_count() {
         Drv::new("bystander", "echo fine > $out"),
     ]);
     let victims = &built[..3];
-    let _cleanup = DeleteOnDrop(victims.to_vec());
+    let _cleanup = common::DeleteOnDrop(victims.to_vec());
     for victim in victims {
         // Same size, other bytes: only the hash can tell.
         std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o644)).unwrap();

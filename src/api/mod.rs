@@ -94,6 +94,15 @@ pub struct ApiError {
 }
 
 /// Stable error codes.
+/// Length of an upload id: 32 lowercase hex digits (128 random bits).
+pub const UPLOAD_ID_LEN: usize = 32;
+
+/// Whether `id` has the shape of a Stowix upload id, and so is safe as one URL path segment and
+/// one file name: the server checks what clients send, the client what servers answer.
+pub fn is_valid_upload_id(id: &str) -> bool {
+    id.len() == UPLOAD_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 pub mod codes {
     pub const MISSING_TOKEN: &str = "missing_token";
     pub const MALFORMED_TOKEN: &str = "malformed_token";

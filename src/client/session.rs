@@ -26,12 +26,7 @@ use crate::api::{self, codes};
 /// server that keeps disagreeing is broken, and looping forever would hide that.
 const MAX_RESYNCS_WITHOUT_PROGRESS: u32 = 5;
 /// A Stowix upload id is 128 random bits in lowercase hex (`server::routes_api`).
-const UPLOAD_ID_LEN: usize = 32;
-
-/// Whether `id` has the shape of a Stowix upload id, and so is safe as one URL path segment.
-pub fn is_valid_upload_id(id: &str) -> bool {
-    id.len() == UPLOAD_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+pub use crate::api::{is_valid_upload_id, UPLOAD_ID_LEN};
 
 pub enum OpenedUpload<'c> {
     Session(UploadSession<'c>),

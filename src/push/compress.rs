@@ -64,8 +64,8 @@ pub const XZ_LEVELS: RangeInclusive<i32> = 0..=9;
 /// zstd levels without `--ultra`: above 19 the window grows past 8 MiB, which costs every
 /// substituter that much more memory for a few percent.
 pub const ZSTD_LEVELS: RangeInclusive<i32> = 1..=19;
-/// Default zstd level: zstd's own, ~10x faster than xz preset 2 for ~12% more bytes on a
-/// closure of real binaries (issue 13).
+/// Default zstd level: zstd's own; pushed a closure of real binaries ~11x faster than xz
+/// preset 2 for ~17% more bytes (docs/benchmarks.md, Run C).
 pub const ZSTD_DEFAULT_LEVEL: i32 = 3;
 /// zstd window log of each level 1..=19 for inputs above 256 KiB (libzstd's `clevels.h`).
 const ZSTD_WINDOW_LOG: [u32; 19] = [

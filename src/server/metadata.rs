@@ -648,7 +648,7 @@ impl Metadata for SqliteMetadata {
         repo: &str,
         hashes: &[String],
     ) -> MetaResult<Vec<Option<String>>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt =
             conn.prepare_cached("SELECT store_path FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
         hashes

@@ -162,9 +162,6 @@ impl AppState {
         Arc::clone(locks.entry(id.to_string()).or_default())
     }
 
-    /// One of the `max_concurrent_uploads` slots, and one of the repository's
-    /// `max_concurrent_uploads_per_repo`, for as long as the returned slot lives. The repository
-    /// share keeps one repository's pushes (and so one token's) from taking every slot.
     /// An upload slot, if the server, the repository and the token each have one free: neither
     /// one repository nor one token (which may cover several repositories) can take them all.
     pub fn upload_slot(&self, repo: &str, token_id: Option<&str>) -> ServerResult<UploadSlot> {

@@ -14,7 +14,7 @@ use super::error::{ServerError, ServerResult};
 use super::metadata::{now_unix, OpenedUpload, Presence, SessionCaps, UploadRecord};
 use super::publish::{self, Candidate};
 use super::upload::{self, Expected};
-use super::{auth, verify, ApiReadAccess, Authorized, PushAccess, SharedState};
+use super::{verify, ApiReadAccess, Authorized, PushAccess, SharedState};
 use crate::api::{
     codes, CompleteUpload, CreateUpload, NarStored, NarUploadParams, PresenceRequest,
     PresenceResponse, PublishRequest, PublishResponse, RepoInfo, ServerLimits, UploadState,
@@ -268,13 +268,6 @@ fn new_upload_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn is_valid_upload_id(id: &str) -> bool {
-    id.len() == 32
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 fn upload_path(state: &SharedState, id: &str) -> std::path::PathBuf {
     state.uploads_dir.join(format!("{id}.part"))
 }
@@ -294,7 +287,7 @@ async fn find_upload(state: &SharedState, repo: &str, id: &str) -> ServerResult<
             "no unfinished upload {id:?} in this repository; create a new one"
         ))
     };
-    if !is_valid_upload_id(id) {
+    if !crate::api::is_valid_upload_id(id) {
         return Err(not_found());
     }
     let lookup = id.to_string();
@@ -313,8 +306,7 @@ fn state_response(status: StatusCode, state: UploadState) -> Response {
 
 pub async fn create_upload(
     State(state): State<SharedState>,
-    Authorized { repo, .. }: PushAccess,
-    headers: HeaderMap,
+    Authorized { repo, token_id, .. }: PushAccess,
     body: Body,
 ) -> ServerResult<Response> {
     let request: CreateUpload = read_json(&state, body).await?;
@@ -352,12 +344,8 @@ pub async fn create_upload(
         encoder: request.encoder,
         created_at: now_unix(),
     };
-    // The id of the token, to count its sessions; the extractor has already checked it.
-    let token_id = auth::presented_token(&headers)?
-        .as_deref()
-        .and_then(auth::parse_token)
-        .map(|token| token.id.to_string())
-        .unwrap_or_default();
+    // The token's id counts its sessions; a push route always has one.
+    let token_id = token_id.unwrap_or_default();
     let caps = SessionCaps {
         per_token: state.config.max_upload_sessions_per_token,
         per_repo: state.config.max_upload_sessions_per_repo,

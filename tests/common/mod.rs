@@ -1443,3 +1443,20 @@ impl TestServer {
         .await
     }
 }
+
+/// Deletes store paths (dependents first) when a test ends, whatever happened: for tests that
+/// corrupt a store path on purpose, so the damage never outlives them.
+pub struct DeleteOnDrop(pub Vec<String>);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        for path in &self.0 {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o444));
+        }
+        let _ = Command::new("nix-store")
+            .arg("--delete")
+            .args(&self.0)
+            .output();
+    }
+}
