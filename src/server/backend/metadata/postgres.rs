@@ -161,7 +161,7 @@ pub struct PostgresMetadata {
 impl std::fmt::Debug for PostgresMetadata {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresMetadata")
-            .field("database", &self.pool.target)
+            .field("database", &self.pool.target.shown)
             .finish()
     }
 }
