@@ -30,42 +30,47 @@ struct Backend {
     meta: Arc<dyn Metadata>,
     config: ServerConfig,
     kind: Kind,
+    _dir: tempfile::TempDir,
 }
 
 enum Kind {
-    Sqlite {
-        _dir: tempfile::TempDir,
-        path: std::path::PathBuf,
-    },
+    Sqlite(std::path::PathBuf),
     Postgres(TestDatabase),
+}
+
+/// Settings naming `database`, with a data dir of their own.
+fn config_for(dir: &tempfile::TempDir, database: String) -> ServerConfig {
+    ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        database: Some(database),
+        ..ServerConfig::default()
+    }
 }
 
 impl Backend {
     fn sqlite() -> Backend {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("stowix.db");
-        let mut config = ServerConfig::default();
-        config.data_dir = dir.path().to_path_buf();
-        config.database = Some(format!("sqlite://{}", path.display()));
+        let config = config_for(&dir, format!("sqlite://{}", path.display()));
         let meta = open(&config).expect("open the SQLite backend");
         Backend {
             meta,
             config,
-            kind: Kind::Sqlite { _dir: dir, path },
+            kind: Kind::Sqlite(path),
+            _dir: dir,
         }
     }
 
     fn postgres() -> Backend {
         let db = TestDatabase::create();
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = ServerConfig::default();
-        config.data_dir = dir.keep();
-        config.database = Some(db.url().to_string());
+        let config = config_for(&dir, db.url().to_string());
         let meta = open(&config).expect("open the PostgreSQL backend");
         Backend {
             meta,
             config,
             kind: Kind::Postgres(db),
+            _dir: dir,
         }
     }
 
@@ -77,7 +82,7 @@ impl Backend {
     /// Writes `version` where the backend keeps its schema version, as a newer binary would.
     fn set_schema_version(&self, version: i64) {
         match &self.kind {
-            Kind::Sqlite { path, .. } => {
+            Kind::Sqlite(path) => {
                 let conn = rusqlite::Connection::open(path).expect("open the SQLite file");
                 conn.pragma_update(None, "user_version", version)
                     .expect("set user_version");
@@ -679,10 +684,7 @@ fn postgres_recovers_from_lost_connections() {
 fn postgres_replicas_starting_together_migrate_once() {
     let db = TestDatabase::create();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.database = Some(db.url().to_string());
-    let config = Arc::new(config);
+    let config = Arc::new(config_for(&dir, db.url().to_string()));
     let opened = race(4, move |_| open(&config).map(|m| m.schema_version().unwrap()));
     for result in opened {
         assert_eq!(result.unwrap(), 2);
@@ -701,11 +703,10 @@ fn postgres_unreachable_is_unavailable_with_the_address() {
         listener.local_addr().unwrap().port()
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.database = Some(format!(
-        "postgres://stowix:hunter2@127.0.0.1:{port}/stowix?connect_timeout=2"
-    ));
+    let config = config_for(
+        &dir,
+        format!("postgres://stowix:hunter2@127.0.0.1:{port}/stowix?connect_timeout=2"),
+    );
     match open(&config) {
         Err(MetaError::Unavailable(message)) => {
             assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
@@ -722,9 +723,7 @@ fn postgres_missing_database_is_a_configuration_error() {
     let mut url = url::Url::parse(&pg_support::admin_url()).unwrap();
     url.set_path("/stowix_no_such_database");
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ServerConfig::default();
-    config.data_dir = dir.path().to_path_buf();
-    config.database = Some(url.to_string());
+    let config = config_for(&dir, url.to_string());
     match open(&config) {
         Err(MetaError::Other(message)) => {
             assert!(message.contains("stowix_no_such_database"), "{message}")

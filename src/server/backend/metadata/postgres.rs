@@ -842,8 +842,6 @@ impl Drop for AdvisoryLockHolder {
 // ---------------------------------------------------------------------------------------------
 // Rows.
 
-const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
-
 fn nar_from_row(row: &tokio_postgres::Row) -> NarRecord {
     NarRecord {
         url: row.get(0),
@@ -1321,9 +1319,10 @@ impl Metadata for PostgresMetadata {
             let lock = c
                 .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
                 .await?;
-            let total = c
+            let recorded = c
                 .prepare(
-                    "SELECT COALESCE(SUM(size), 0)::BIGINT FROM upload_parts WHERE upload_id = $1",
+                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
+                     WHERE upload_id = $1",
                 )
                 .await?;
             let insert = c
@@ -1333,7 +1332,7 @@ impl Metadata for PostgresMetadata {
                 )
                 .await?;
             let touch = c
-                .prepare("UPDATE uploads SET updated_at = $2 WHERE id = $1")
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
                 .await?;
             let tx = c.client.transaction().await?;
             // The row lock serialises appends to one upload across replicas; the sum is read
@@ -1341,8 +1340,10 @@ impl Metadata for PostgresMetadata {
             if tx.query_opt(&lock, &[&id]).await?.is_none() {
                 return Ok(false);
             }
-            let recorded: i64 = tx.query_one(&total, &[&id]).await?.get(0);
-            if recorded != to_i64(offset) {
+            let row = tx.query_one(&recorded, &[&id]).await?;
+            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
+            // Numbers are consecutive, so the part list is exactly what assembles the object.
+            if held != to_i64(offset) || i64::from(part.number) != parts + 1 {
                 return Ok(false);
             }
             let inserted = tx
@@ -1387,7 +1388,7 @@ impl Metadata for PostgresMetadata {
     fn touch_upload(&self, id: &str, at: i64) -> MetaResult<()> {
         self.call(false, async |c| {
             let statement = c
-                .prepare("UPDATE uploads SET updated_at = $2 WHERE id = $1")
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
                 .await?;
             c.client.execute(&statement, &[&id, &at]).await?;
             Ok(())
