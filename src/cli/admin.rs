@@ -8,8 +8,8 @@ use clap::Subcommand;
 use super::exit;
 use crate::nix::signing::SecretKey;
 use crate::server::auth::generate_token;
-use crate::server::is_valid_repo_name;
 use crate::server::config::ServerConfig;
+use crate::server::is_valid_repo_name;
 use crate::server::metadata::{now_unix, MetaError, Metadata, RepoRecord, Scope};
 
 #[derive(clap::Args, Debug)]
@@ -130,13 +130,8 @@ type AdminResult = Result<(), (i32, String, Option<String>)>;
 
 fn db(config: &ServerConfig, command: DbCommand) -> AdminResult {
     let database = crate::server::backend::database_label(config);
-    let failed = |err: MetaError| {
-        (
-            exit::FAILURE,
-            format!("metadata database {database}: {err}"),
-            None,
-        )
-    };
+    // The error names the database already (path, or host:port/db).
+    let failed = |err: MetaError| (exit::FAILURE, err.to_string(), None);
     match command {
         DbCommand::Status => {
             let status = crate::server::backend::schema_status(config).map_err(failed)?;
