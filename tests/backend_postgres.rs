@@ -14,6 +14,9 @@ mod pg_support;
 mod push_common;
 
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::TestServer;
 use pg_support::TestDatabase;
@@ -142,4 +145,67 @@ fn admin_db_migrate_and_status_on_postgres() {
     assert!(!serve.status.success());
     let stderr = String::from_utf8_lossy(&serve.stderr);
     assert!(stderr.contains("999"), "{stderr}");
+}
+
+#[test]
+fn a_push_survives_the_database_dropping_every_connection() {
+    common::require_nix();
+    let db = TestDatabase::create();
+    let server = TestServer::start_with_config(&format!("database = \"{}\"\n", db.url()));
+    let data_dir = server.data_dir().to_path_buf();
+    let repo = common::unique_name("pgloss");
+    let public_key = admin_ok(&db, &data_dir, &["repo", "create", &repo])
+        .trim()
+        .to_string();
+    let token = admin_ok(
+        &db,
+        &data_dir,
+        &["token", "create", "--repo", &repo, "--scope", "push"],
+    )
+    .trim()
+    .to_string();
+    let closure = common::realistic_closure();
+    let small_root = closure.last().unwrap().clone();
+    // Incompressible, in 64 KiB chunks: dozens of metadata calls per upload.
+    let big = common::build_random("pgloss-big", 3 << 20);
+    let roots = [small_root, big];
+
+    // What a database restart or failover does to the replica: every connection closed
+    // under it, again and again, while the push runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let stop = Arc::clone(&stop);
+        let name = db.name().to_string();
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) {
+                pg_support::query(
+                    &pg_support::admin_url(),
+                    &format!(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = '{name}' AND application_name = 'stowix'"
+                    ),
+                )
+                .expect("terminate the server's connections");
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            rounds
+        })
+    };
+    let url = server.repo_url(&repo);
+    let pushed = push_common::push_with(
+        &url,
+        Some(&token),
+        &["--jobs", "4", &roots[0], &roots[1]],
+        &[("STOWIX_CHUNK_SIZE", "65536")],
+    );
+    stop.store(true, Ordering::Relaxed);
+    let rounds = killer.join().unwrap();
+    pushed.assert_code(exit::SUCCESS);
+    assert!(rounds >= 3, "connections were dropped only {rounds} times");
+    let expected = common::closure_of(&roots).len() as u64;
+    assert_eq!(count(&db, "narinfos"), expected);
+    common::nix_copy_from(&url, &public_key, &roots, None)
+        .unwrap_or_else(|err| panic!("nix copy --from failed: {err}"));
 }
