@@ -132,6 +132,7 @@ fn repo(name: &str, private: bool, priority: u32) -> RepoRecord {
         private,
         secret_key: format!("{name}-1:c2VjcmV0"),
         priority,
+        upstream_keys: vec![format!("up-{name}-1:a2V5"), "cache.nixos.org-1:b2s=".into()],
     }
 }
 
@@ -207,7 +208,19 @@ fn repositories_and_tokens(b: &Backend) {
     assert!(!zeta.private, "the first creation stays");
     assert_eq!(zeta.priority, 40);
     assert_eq!(zeta.secret_key, "zeta-1:c2VjcmV0");
+    assert_eq!(
+        zeta.upstream_keys,
+        ["up-zeta-1:a2V5", "cache.nixos.org-1:b2s="],
+        "in order"
+    );
     assert!(m.repo("nope").unwrap().is_none());
+    assert!(m.set_upstream_keys("zeta", &[]).unwrap());
+    assert!(m.repo("zeta").unwrap().unwrap().upstream_keys.is_empty());
+    assert!(m
+        .set_upstream_keys("Alpha", &["k-1:eA==".to_string()])
+        .unwrap());
+    assert_eq!(m.repos().unwrap()[0].upstream_keys, ["k-1:eA=="]);
+    assert!(!m.set_upstream_keys("nope", &[]).unwrap());
     let names: Vec<String> = m.repos().unwrap().into_iter().map(|r| r.name).collect();
     // Byte order, whatever the database's locale: "A" < "z".
     assert_eq!(names, ["Alpha", "zeta"]);
@@ -653,7 +666,7 @@ fn singleton_is_exclusive_across_handles(b: &Backend) {
 
 fn a_newer_schema_is_refused(b: &Backend) {
     let version = b.meta.schema_version().unwrap();
-    assert!(version >= 2, "schema version {version}");
+    assert!(version >= 3, "schema version {version}");
     // Opening again is idempotent.
     assert_eq!(b.reopen().unwrap().schema_version().unwrap(), version);
     b.set_schema_version(999);
@@ -719,7 +732,10 @@ fn postgres_replicas_starting_together_migrate_once() {
         open(&config).map(|m| m.schema_version().unwrap())
     });
     for result in opened {
-        assert_eq!(result.unwrap(), 2);
+        assert_eq!(
+            result.unwrap(),
+            stowix::server::backend::metadata::postgres::SCHEMA_VERSION
+        );
     }
     assert_eq!(
         db.sql("SELECT count(*)::text FROM stowix_schema_version"),

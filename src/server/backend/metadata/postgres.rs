@@ -127,6 +127,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX object_intents_by_age ON object_intents (created_at);
     "#,
+    // 3: upstream caches a repository trusts. Repositories from before keep none: filtering
+    // would change what their pushes upload.
+    r#"
+    ALTER TABLE repos ADD COLUMN upstream_keys TEXT[] NOT NULL DEFAULT '{}';
+    "#,
 ];
 
 /// Longest a single metadata call may take, waiting for a connection included. A database
@@ -916,6 +921,7 @@ fn repo_from_row(row: &tokio_postgres::Row) -> RepoRecord {
         private: row.get(1),
         secret_key: row.get(2),
         priority: u32::try_from(row.get::<_, i64>(3)).unwrap_or(u32::MAX),
+        upstream_keys: row.get(4),
     }
 }
 
@@ -979,8 +985,8 @@ impl Metadata for PostgresMetadata {
         self.call(false, async |c| {
             let statement = c
                 .prepare(
-                    "INSERT INTO repos (name, private, secret_key, priority, created_at)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                    "INSERT INTO repos (name, private, secret_key, priority, created_at, upstream_keys)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
                 )
                 .await?;
             let inserted = c
@@ -993,6 +999,7 @@ impl Metadata for PostgresMetadata {
                         &repo.secret_key,
                         &i64::from(repo.priority),
                         &now_unix(),
+                        &repo.upstream_keys,
                     ],
                 )
                 .await?;
@@ -1003,7 +1010,7 @@ impl Metadata for PostgresMetadata {
     fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>> {
         self.call(true, async |c| {
             let statement = c
-                .prepare("SELECT name, private, secret_key, priority FROM repos WHERE name = $1")
+                .prepare("SELECT name, private, secret_key, priority, upstream_keys FROM repos WHERE name = $1")
                 .await?;
             let row = c.client.query_opt(&statement, &[&name]).await?;
             Ok(row.as_ref().map(repo_from_row))
@@ -1013,10 +1020,19 @@ impl Metadata for PostgresMetadata {
     fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
         self.call(true, async |c| {
             let statement = c
-                .prepare("SELECT name, private, secret_key, priority FROM repos ORDER BY name")
+                .prepare("SELECT name, private, secret_key, priority, upstream_keys FROM repos ORDER BY name")
                 .await?;
             let rows = c.client.query(&statement, &[]).await?;
             Ok(rows.iter().map(repo_from_row).collect())
+        })
+    }
+
+    fn set_upstream_keys(&self, name: &str, keys: &[String]) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare("UPDATE repos SET upstream_keys = $2 WHERE name = $1")
+                .await?;
+            Ok(c.client.execute(&statement, &[&name, &keys]).await? == 1)
         })
     }
 
