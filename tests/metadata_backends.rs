@@ -856,3 +856,35 @@ fn postgres_verify_full_refuses_a_certificate_it_cannot_verify() {
         Ok(_) => panic!("opened with a CA file that does not exist"),
     }
 }
+
+#[test]
+fn postgres_disk_full_is_reported_as_full_without_sql() {
+    let b = Backend::postgres();
+    let Kind::Postgres(db) = &b.kind else {
+        unreachable!()
+    };
+    // PostgreSQL's own SQLSTATE for a full disk, raised where an insert would extend the table.
+    db.sql(
+        "CREATE FUNCTION stowix_test_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on device'
+             USING ERRCODE = '53100';
+         END $$;
+         CREATE TRIGGER stowix_test_full BEFORE INSERT ON narinfos
+           FOR EACH ROW EXECUTE FUNCTION stowix_test_full();",
+    );
+    match b.meta.publish("r", &[narinfo("a", "a")]) {
+        Err(MetaError::Full(message)) => {
+            assert!(message.contains("No space left on device"), "{message}");
+            assert!(!message.contains("INSERT"), "SQL text in {message}");
+        }
+        Err(other) => panic!("expected Full, got {other}"),
+        Ok(_) => panic!("published through a full disk"),
+    }
+    db.sql("DROP TRIGGER stowix_test_full ON narinfos");
+    assert_eq!(
+        b.meta.publish("r", &[narinfo("a", "a")]).unwrap(),
+        [true],
+        "the connection is usable once space is back"
+    );
+}
