@@ -1,7 +1,8 @@
 //! `stowix serve --database postgres://…` end to end, with local file storage: `stowix admin`
 //! manages repositories and tokens in the same database, the real `stowix nix push` uploads a
 //! real closure, and `nix copy --from` substitutes it with signatures required. Also
-//! `stowix admin db migrate` / `db status` on PostgreSQL.
+//! `stowix admin db migrate` / `db status` (on PostgreSQL, and on the embedded default), and a
+//! push that goes on while PostgreSQL drops every connection under the server.
 //!
 //! ```text
 //!   TestDatabase (CREATE DATABASE) ◄── stowix admin --database URL (repo, token, db …)
@@ -213,4 +214,31 @@ fn a_push_survives_the_database_dropping_every_connection() {
     assert_eq!(count(&db, "narinfos"), expected);
     common::nix_copy_from(&url, &public_key, &roots, None)
         .unwrap_or_else(|err| panic!("nix copy --from failed: {err}"));
+}
+
+/// The same commands on the embedded default, where the version lives in the SQLite file.
+#[test]
+fn admin_db_commands_on_the_embedded_default_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(common::stowix_bin())
+            .arg("admin")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("STOWIX_DATABASE_URL")
+            .env_remove("STOWIX_STORAGE_URL")
+            .output()
+            .expect("run `stowix admin`");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let latest = stowix::server::backend::metadata::sqlite::SCHEMA_VERSION;
+    assert!(run(&["db", "status"]).contains("schema version: 0 ("));
+    assert!(
+        !dir.path().join("stowix.db").exists(),
+        "status created the database"
+    );
+    assert!(run(&["db", "migrate"]).contains(&format!("0 -> {latest}")));
+    assert!(run(&["db", "status"]).contains("up to date"));
 }
