@@ -174,7 +174,18 @@ impl PostgresMetadata {
     /// Connects, applies pending migrations, and refuses a schema newer than this binary's.
     pub fn open(url: &str, pool_size: usize) -> MetaResult<Self> {
         let meta = Self::connect(url, pool_size)?;
-        meta.migrate()?;
+        let (before, after) = meta.migrate()?;
+        if before != after {
+            tracing::info!(
+                "migrated the PostgreSQL schema at {} from version {before} to {after}",
+                meta.pool.target
+            );
+        }
+        tracing::info!(
+            "metadata: PostgreSQL at {}, schema version {after}, up to {} connections",
+            meta.pool.target,
+            meta.pool.max
+        );
         Ok(meta)
     }
 
