@@ -7,7 +7,7 @@
 //!  request ──►├── routes_api:   api/v1/{info,presence,nars,uploads,narinfos}
 //!   (metrics  └── /metrics, /healthz
 //!    middleware)      │
-//!                     ├─► auth (tokens) ─► metadata (trait; SQLite)
+//!                     ├─► auth (tokens) ─► metadata (trait; SQLite or PostgreSQL)
 //!                     ├─► upload (staging, limits) ─► verify (decompress, NAR check) ─► storage (trait; local files)
 //!                     └─► publish (closure check, signing) ─► metadata
 //! ```
