@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
+pub mod s3;
 pub mod storage;
 pub mod upload;
 pub mod verify;
