@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::s3::S3Server;
 use futures_util::TryStreamExt as _;
-use stowix::server::s3::{AwsKeys, S3Store, MIN_PART_BYTES};
+use stowix::server::backend::storage::s3::{AwsKeys, S3Store, MIN_PART_BYTES};
 
 fn keys(s3: &S3Server) -> AwsKeys {
     let env = s3.env();

@@ -1,8 +1,7 @@
-//! `stowix admin`: repositories and tokens, straight on a server's data directory. SQLite in
-//! WAL mode lets this run while the server does; the server reads repositories and tokens on
-//! every request, so changes apply at once.
-
-use std::path::PathBuf;
+//! `stowix admin`: repositories and tokens, straight on a server's backends (the same flags
+//! and factory as `stowix serve`). It runs while the servers do: SQLite in WAL mode and
+//! PostgreSQL both take its writes, and servers read repositories and tokens on every request,
+//! so changes apply at once on every replica.
 
 use clap::Subcommand;
 
@@ -10,13 +9,12 @@ use super::exit;
 use crate::nix::signing::SecretKey;
 use crate::server::auth::generate_token;
 use crate::server::is_valid_repo_name;
-use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope, SqliteMetadata};
+use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope};
 
 #[derive(clap::Args, Debug)]
 pub struct AdminArgs {
-    /// The server's data directory [default: as `stowix serve`].
-    #[arg(long, env = "STOWIX_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub backends: super::serve::BackendArgs,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -33,6 +31,10 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Run one janitor pass now (servers run one every janitor_interval_secs): abort uploads
+    /// inactive past upload_expiry_hours, delete stored objects no NAR record knows once they
+    /// are older than orphan_grace_secs.
+    Janitor,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,36 +83,62 @@ pub enum TokenCommand {
 }
 
 pub fn run(args: AdminArgs) -> i32 {
-    let data_dir = args
-        .data_dir
-        .unwrap_or_else(|| crate::server::config::ServerConfig::default().data_dir);
-    if let Err(err) = std::fs::create_dir_all(&data_dir) {
-        return super::fail(
-            exit::FAILURE,
-            &format!("cannot create data directory {}: {err}", data_dir.display()),
-            None,
-        );
-    }
-    let meta = match SqliteMetadata::open(&data_dir.join("stowix.db")) {
-        Ok(meta) => meta,
-        Err(err) => {
-            return super::fail(
-                exit::FAILURE,
-                &format!(
-                    "cannot open the metadata database in {}: {err}",
-                    data_dir.display()
-                ),
-                None,
-            )
-        }
+    let mut config = match args.backends.load() {
+        Ok(config) => config,
+        Err(message) => return super::fail(exit::USAGE, &message, None),
     };
+    // One command, one connection: the readers' pool is for a server's concurrent requests.
+    config.metadata_readers = 0;
+    if let AdminCommand::Janitor = args.command {
+        return janitor(config);
+    }
+    let meta = match crate::server::backend::open(&config) {
+        Ok(backends) => backends.meta,
+        Err(message) => return super::fail(exit::FAILURE, &message, None),
+    };
+    let meta = meta.as_ref();
     let result = match args.command {
-        AdminCommand::Repo { command } => repo(&meta, command),
-        AdminCommand::Token { command } => token(&meta, command),
+        AdminCommand::Repo { command } => repo(meta, command),
+        AdminCommand::Token { command } => token(meta, command),
+        AdminCommand::Janitor => unreachable!("handled above"),
     };
     match result {
         Ok(()) => exit::SUCCESS,
         Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
+    }
+}
+
+/// One janitor pass on the configured backends, with a runtime of its own (the janitor talks
+/// to the bucket asynchronously).
+fn janitor(config: crate::server::config::ServerConfig) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return super::fail(exit::FAILURE, &format!("cannot start a runtime: {err}"), None),
+    };
+    let outcome = runtime.block_on(async {
+        let state = crate::server::AppState::open(config, None)?;
+        crate::server::janitor::run(&state)
+            .await
+            .map_err(|err| err.body.message)
+    });
+    match outcome {
+        Ok(Some(swept)) => {
+            println!(
+                "janitor: {} expired uploads discarded, {} orphan objects deleted",
+                swept.uploads_expired, swept.orphans_deleted
+            );
+            exit::SUCCESS
+        }
+        Ok(None) => super::fail(
+            exit::FAILURE,
+            "another janitor (on a running server) holds the lock",
+            Some("retry in a moment; one pass at a time is the rule across replicas"),
+        ),
+        Err(message) => super::fail(exit::FAILURE, &message, None),
     }
 }
 

@@ -30,7 +30,7 @@ use axum::http::StatusCode;
 
 use super::backend::metadata::{now_unix, NarRecord, UploadPart, UploadRecord};
 use super::error::{ServerError, ServerResult};
-use super::s3::{S3Store, MAX_PARTS, MIN_PART_BYTES};
+use super::backend::storage::s3::{S3Store, MAX_PARTS, MIN_PART_BYTES};
 use super::upload::{self, Expected};
 use super::{metrics, verify, AppState};
 use crate::api::codes;

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::error::{ServerError, ServerResult};
-use super::metadata::NarRecord;
+use super::metadata::{now_unix, NarRecord};
 use super::metrics;
 use super::verify::{self, Verified};
 use super::AppState;
@@ -308,8 +308,14 @@ pub async fn verify_and_store(
     let file_nix32 = verified.file_hash.to_nix32();
     let url = format!("nar/{file_nix32}{suffix}");
     let key = format!("{repo}/{url}");
+    // Intent first: a crash between the write and the row leaves a key the janitor knows.
+    let intent = key.clone();
+    state
+        .db(move |meta| meta.record_object_intent(&intent, now_unix()))
+        .await?;
     state.storage.put_file(&key, staged).await?;
     let record = NarRecord {
+        object_key: key.clone(),
         url,
         compression: compression.to_string(),
         nar_hash: verified.nar.nar_hash.to_typed_nix32(),
@@ -324,7 +330,20 @@ pub async fn verify_and_store(
         .await?;
     if newly {
         ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
+    } else {
+        // Stored meanwhile by another request; if its bytes live elsewhere (an assembled
+        // chunked upload), the copy just written is nobody's.
+        let (repo_owned, url) = (repo.to_string(), record.url.clone());
+        let existing = state
+            .db(move |meta| meta.nar_by_url(&repo_owned, &url))
+            .await?;
+        if existing.is_some_and(|nar| nar.object_key != key) {
+            state.storage.delete(&key).await?;
+        }
     }
+    state
+        .db(move |meta| meta.clear_object_intent(&key))
+        .await?;
     Ok((record, newly))
 }
 

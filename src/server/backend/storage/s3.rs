@@ -23,7 +23,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
-use super::metrics;
+use crate::server::metrics;
 
 /// Smallest part S3 accepts for any part but the last.
 pub const MIN_PART_BYTES: u64 = 5 << 20;
@@ -117,7 +117,7 @@ impl S3Store {
         if bucket.is_empty() {
             return Err(format!("storage URL {url:?} names no bucket: use s3://BUCKET[/PREFIX]"));
         }
-        if !prefix.is_empty() && !super::storage::is_safe_key(prefix) {
+        if !prefix.is_empty() && !super::is_safe_key(prefix) {
             return Err(format!(
                 "storage URL {url:?}: the prefix may hold only letters, digits, '.', '-', '_' and '/'"
             ));
@@ -168,7 +168,7 @@ impl S3Store {
     }
 
     fn path(&self, key: &str) -> io::Result<ObjectPath> {
-        if !super::storage::is_safe_key(key) {
+        if !super::is_safe_key(key) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("unsafe storage key {key:?}"),
@@ -401,6 +401,59 @@ impl S3Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(err) => Err(self.error("abort_multipart", key, err)),
         }
+    }
+}
+
+/// [`S3Store`] behind the [`super::Storage`] trait.
+pub struct S3Storage {
+    store: Arc<S3Store>,
+}
+
+impl S3Storage {
+    pub fn new(store: S3Store) -> Self {
+        S3Storage {
+            store: Arc::new(store),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Storage for S3Storage {
+    async fn put_file(&self, key: &str, staged: &std::path::Path) -> io::Result<()> {
+        self.store.put_file(key, staged).await?;
+        // Local storage moves the staged file; here it is deleted, as the trait promises.
+        let _ = tokio::fs::remove_file(staged).await;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> io::Result<Option<(u64, super::ObjectReader)>> {
+        Ok(self.store.get(key).await?.map(|(len, stream)| {
+            let reader: super::ObjectReader =
+                Box::pin(tokio_util::io::StreamReader::new(stream));
+            (len, reader)
+        }))
+    }
+
+    async fn delete(&self, key: &str) -> io::Result<()> {
+        self.store.delete(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> io::Result<Option<Vec<Listed>>> {
+        self.store.list(prefix).await.map(Some)
+    }
+
+    async fn presign_get(&self, key: &str, expires: Duration) -> io::Result<Option<String>> {
+        self.store.presign_get(key, expires).await.map(Some)
+    }
+
+    async fn health(&self) -> io::Result<()> {
+        self.store.health().await
+    }
+
+    fn chunk_staging(&self) -> Arc<dyn crate::server::staging::ChunkStaging> {
+        Arc::new(crate::server::staging::S3Staging {
+            store: Arc::clone(&self.store),
+        })
     }
 }
 
