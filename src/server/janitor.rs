@@ -43,6 +43,10 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
         .db(move |meta| meta.uploads_inactive_since(cutoff))
         .await?;
     for upload in expired {
+        let last = state.staging.last_activity(state, &upload).await;
+        if last.is_some_and(|at| at >= cutoff) {
+            continue;
+        }
         let lock = state.upload_lock(&upload.id);
         let _held = lock.lock().await;
         state.staging.discard(state, &upload).await?;

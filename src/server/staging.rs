@@ -62,6 +62,11 @@ pub trait ChunkStaging: Send + Sync {
     ) -> ServerResult<(NarRecord, bool)>;
     /// Drops whatever is held for the upload (its database row is the caller's).
     async fn discard(&self, state: &AppState, upload: &UploadRecord) -> ServerResult<()>;
+    /// When the staged bytes last changed, where the staging knows better than the session's
+    /// `updated_at` (Unix seconds); the janitor keeps an upload active since its cutoff.
+    async fn last_activity(&self, _state: &AppState, _upload: &UploadRecord) -> Option<i64> {
+        None
+    }
 }
 
 /// The 409 a chunk or completion gets when it does not start where the server is.
@@ -173,6 +178,17 @@ impl ChunkStaging for LocalStaging {
     async fn discard(&self, state: &AppState, upload: &UploadRecord) -> ServerResult<()> {
         let _ = tokio::fs::remove_file(Self::path(state, &upload.id)).await;
         Ok(())
+    }
+
+    /// The part file's modification time: sessions from before `updated_at` was recorded
+    /// (schema 1) count their activity from there.
+    async fn last_activity(&self, state: &AppState, upload: &UploadRecord) -> Option<i64> {
+        tokio::fs::metadata(Self::path(state, &upload.id))
+            .await
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64)
     }
 }
 
