@@ -152,9 +152,17 @@ async fn a_file_hash_mismatch_is_refused_and_leaves_nothing_behind() {
     let repo = repo(&server, false);
     let path = common::LocalPath::load(&common::build_random("mismatch", 11 << 20));
     let (file, params) = path.xz_upload();
-    let state = common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path))
-        .await;
-    common::patch_rest(&repo.url, &repo.token, &state.upload_id, &file, 0, PART as usize).await;
+    let state =
+        common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
+    common::patch_rest(
+        &repo.url,
+        &repo.token,
+        &state.upload_id,
+        &file,
+        0,
+        PART as usize,
+    )
+    .await;
     let wrong = common::sha256_nix32(b"not the file");
     let resp = common::complete_upload(
         &repo.url,
@@ -168,10 +176,19 @@ async fn a_file_hash_mismatch_is_refused_and_leaves_nothing_behind() {
     .await;
     let (status, error) = common::api_error(resp).await;
     assert_eq!(status, 422);
-    assert_eq!(error.code, api::codes::FILE_HASH_MISMATCH, "{}", error.message);
+    assert_eq!(
+        error.code,
+        api::codes::FILE_HASH_MISMATCH,
+        "{}",
+        error.message
+    );
 
     let presence = common::presence(&repo.url, &repo.token, &[&path]).await;
-    assert_eq!(presence.missing, vec![path.hash.clone()], "no NAR may be recorded");
+    assert_eq!(
+        presence.missing,
+        vec![path.hash.clone()],
+        "no NAR may be recorded"
+    );
     assert_eq!(
         common::get_upload_raw(&repo.url, &repo.token, &state.upload_id)
             .await
@@ -186,9 +203,17 @@ async fn a_file_hash_mismatch_is_refused_and_leaves_nothing_behind() {
     );
 
     // The same bytes with the right hash go through.
-    let state = common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path))
-        .await;
-    common::patch_rest(&repo.url, &repo.token, &state.upload_id, &file, 0, PART as usize).await;
+    let state =
+        common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
+    common::patch_rest(
+        &repo.url,
+        &repo.token,
+        &state.upload_id,
+        &file,
+        0,
+        PART as usize,
+    )
+    .await;
     let resp = common::complete_upload(
         &repo.url,
         &repo.token,
@@ -210,10 +235,17 @@ async fn a_short_chunk_ends_an_s3_upload() {
     let repo = repo(&server, false);
     common::require_nix();
     let path = common::LocalPath::load(&common::build_random("short", 3 << 20));
-    let state = common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path))
-        .await;
+    let state =
+        common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
     let (file, _) = path.xz_upload();
-    let resp = common::patch_chunk(&repo.url, &repo.token, &state.upload_id, 0, file[..1 << 20].to_vec()).await;
+    let resp = common::patch_chunk(
+        &repo.url,
+        &repo.token,
+        &state.upload_id,
+        0,
+        file[..1 << 20].to_vec(),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     let resp = common::patch_chunk(
         &repo.url,
@@ -258,7 +290,12 @@ async fn presigned_redirects_serve_nars_and_private_repositories_still_need_a_to
         location.starts_with(s3.endpoint()) && location.contains("X-Amz-Signature="),
         "{location}"
     );
-    let bytes = reqwest::get(&location).await.unwrap().bytes().await.unwrap();
+    let bytes = reqwest::get(&location)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(
         common::sha256_nix32(&bytes),
         common::narinfo_field(&narinfo, "FileHash").unwrap(),
@@ -285,6 +322,51 @@ async fn presigned_redirects_serve_nars_and_private_repositories_still_need_a_to
     // Nix follows the redirect and checks the signature and hashes.
     common::nix_copy_from(&public.url, &public.public_key, &[path], None)
         .unwrap_or_else(|e| panic!("nix copy --from with redirects failed: {e}"));
+    assert!(
+        server
+            .metric("stowix_server_storage_seconds_count{op=\"presign\"}")
+            .await
+            >= 2.0,
+        "presigning is timed per operation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_turns_unready_when_the_bucket_is_unreachable() {
+    // A store of its own even when STOWIX_TEST_S3_ENDPOINT names one: this one gets stopped.
+    let mut s3 = S3Server::start_local();
+    let server = s3_server(&s3, "");
+    let healthz = format!("{}/healthz", server.url());
+    let resp = reqwest::get(&healthz).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "ok\n");
+    let errors_before = server
+        .metric("stowix_server_storage_errors_total{op=\"health\"}")
+        .await;
+
+    s3.stop();
+    let resp = reqwest::get(&healthz).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "a replica without its bucket is not ready"
+    );
+    let reason = resp.text().await.unwrap();
+    assert!(
+        reason.starts_with("storage: S3 storage s3://") && reason.lines().count() == 1,
+        "one line naming the storage: {reason:?}"
+    );
+    assert!(
+        !reason.contains("stowix-test-secret"),
+        "no credential in the answer: {reason}"
+    );
+    let errors_after = server
+        .metric("stowix_server_storage_errors_total{op=\"health\"}")
+        .await;
+    assert!(
+        errors_after > errors_before,
+        "the failed probe is counted ({errors_before} -> {errors_after})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -301,17 +383,14 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
 
     // An object no database row knows, as a crash between a put and its row would leave.
     let client = s3.client();
-    let orphan = object_store::path::Path::from(format!(
-        "{}/{}/nar/orphan.nar.xz",
-        s3.prefix(),
-        repo.name
-    ));
+    let orphan =
+        object_store::path::Path::from(format!("{}/{}/nar/orphan.nar.xz", s3.prefix(), repo.name));
     client.put(&orphan, vec![1u8; 100].into()).await.unwrap();
     // An upload abandoned after one part.
     let path = common::LocalPath::load(&common::build_random("abandoned", 6 << 20));
     let (file, _) = path.xz_upload();
-    let state = common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path))
-        .await;
+    let state =
+        common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
     let resp = common::patch_chunk(
         &repo.url,
         &repo.token,
@@ -330,7 +409,10 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
         )
         .expect("the upload's multipart id is recorded");
     let before = s3.keys().await;
-    assert!(before.iter().any(|k| k.ends_with("/nar/orphan.nar.xz")), "{before:?}");
+    assert!(
+        before.iter().any(|k| k.ends_with("/nar/orphan.nar.xz")),
+        "{before:?}"
+    );
     // Activity is recorded in whole seconds: let this one end, so an expiry of zero covers it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 

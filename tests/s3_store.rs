@@ -21,8 +21,13 @@ fn keys(s3: &S3Server) -> AwsKeys {
 }
 
 fn store(s3: &S3Server) -> S3Store {
-    S3Store::open_with_keys(&s3.storage_url(), s3.endpoint(), "us-east-1", Some(keys(s3)))
-        .expect("open S3 storage")
+    S3Store::open_with_keys(
+        &s3.storage_url(),
+        s3.endpoint(),
+        "us-east-1",
+        Some(keys(s3)),
+    )
+    .expect("open S3 storage")
 }
 
 async fn read_all(store: &S3Store, key: &str) -> Option<Vec<u8>> {
@@ -57,7 +62,11 @@ async fn multipart_parts_assemble_in_order_and_abort_drops_them() {
         .unwrap();
     assert_ne!(second, second_again, "the ETag names the content");
     let last = store.put_part(key, &id, 3, part(3, 10)).await.unwrap();
-    assert_eq!(read_all(&store, key).await, None, "nothing visible before completion");
+    assert_eq!(
+        read_all(&store, key).await,
+        None,
+        "nothing visible before completion"
+    );
     store
         .complete_multipart(key, &id, vec![first, second_again, last])
         .await
@@ -67,7 +76,10 @@ async fn multipart_parts_assemble_in_order_and_abort_drops_them() {
     assert_eq!(body[0], 1);
     assert_eq!(body[MIN_PART_BYTES as usize], 2);
     assert_eq!(body[body.len() - 1], 3);
-    assert_eq!(store.head(key).await.unwrap(), Some(2 * MIN_PART_BYTES + 10));
+    assert_eq!(
+        store.head(key).await.unwrap(),
+        Some(2 * MIN_PART_BYTES + 10)
+    );
 
     let key2 = "repo/uploads/fedcba9876543210fedcba9876543210";
     let id2 = store.create_multipart(key2).await.unwrap();
@@ -107,7 +119,11 @@ async fn whole_files_list_presign_and_delete() {
     let mut listed = store.list("").await.unwrap();
     listed.sort_by(|a, b| a.key.cmp(&b.key));
     let keys: Vec<_> = listed.iter().map(|o| o.key.as_str()).collect();
-    assert_eq!(keys, ["r/nar/large.nar", "r/nar/small.nar"], "keys without the prefix");
+    assert_eq!(
+        keys,
+        ["r/nar/large.nar", "r/nar/small.nar"],
+        "keys without the prefix"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -132,7 +148,10 @@ async fn whole_files_list_presign_and_delete() {
     store.delete("r/nar/small.nar").await.unwrap();
     store.delete("r/nar/small.nar").await.unwrap();
     assert_eq!(read_all(&store, "r/nar/small.nar").await, None);
-    assert!(store.get("../escape").await.is_err(), "unsafe keys are refused");
+    assert!(
+        store.get("../escape").await.is_err(),
+        "unsafe keys are refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -147,7 +166,10 @@ async fn wrong_credentials_or_bucket_fail_the_health_check() {
         Some(wrong_secret),
     )
     .unwrap();
-    let err = bad_key.health().await.expect_err("a wrong secret is not healthy");
+    let err = bad_key
+        .health()
+        .await
+        .expect_err("a wrong secret is not healthy");
     assert!(err.to_string().starts_with("S3 storage s3://"), "{err}");
     let absent = S3Store::open_with_keys(
         &format!("s3://no-such-bucket-{}", common::nonce()),
@@ -156,7 +178,13 @@ async fn wrong_credentials_or_bucket_fail_the_health_check() {
         Some(keys(&s3)),
     )
     .unwrap();
-    let err = absent.health().await.expect_err("an absent bucket is not healthy");
+    let err = absent
+        .health()
+        .await
+        .expect_err("an absent bucket is not healthy");
     assert!(err.to_string().contains("s3://no-such-bucket"), "{err}");
-    store(&s3).health().await.expect("the right bucket and keys are healthy");
+    store(&s3)
+        .health()
+        .await
+        .expect("the right bucket and keys are healthy");
 }

@@ -117,7 +117,13 @@ fn janitor(config: crate::server::config::ServerConfig) -> i32 {
         .build()
     {
         Ok(runtime) => runtime,
-        Err(err) => return super::fail(exit::FAILURE, &format!("cannot start a runtime: {err}"), None),
+        Err(err) => {
+            return super::fail(
+                exit::FAILURE,
+                &format!("cannot start a runtime: {err}"),
+                None,
+            )
+        }
     };
     let outcome = runtime.block_on(async {
         let state = crate::server::AppState::open(config, None)?;

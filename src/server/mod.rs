@@ -19,11 +19,11 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod janitor;
 pub mod metrics;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
-pub mod janitor;
 pub mod staging;
 pub mod upload;
 pub mod verify;
@@ -478,7 +478,9 @@ pub async fn clean_up(state: &AppState) -> ServerResult<()> {
 
 /// `/healthz`: ready when the database and the storage both answer; otherwise 503 with one
 /// line naming what failed, so a load balancer takes this replica out.
-async fn healthz(axum::extract::State(state): axum::extract::State<SharedState>) -> axum::response::Response {
+async fn healthz(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> axum::response::Response {
     use axum::response::IntoResponse as _;
     let meta = Arc::clone(&state.meta);
     let database = tokio::time::timeout(

@@ -29,8 +29,8 @@ use axum::body::Body;
 use axum::http::StatusCode;
 
 use super::backend::metadata::{now_unix, NarRecord, UploadPart, UploadRecord};
-use super::error::{ServerError, ServerResult};
 use super::backend::storage::s3::{S3Store, MAX_PARTS, MIN_PART_BYTES};
+use super::error::{ServerError, ServerResult};
 use super::upload::{self, Expected};
 use super::{metrics, verify, AppState};
 use crate::api::codes;
@@ -278,7 +278,9 @@ impl ChunkStaging for S3Staging {
             return Err(ServerError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::PAYLOAD_TOO_LARGE,
-                format!("this upload already has S3's maximum of {MAX_PARTS} parts: send larger chunks"),
+                format!(
+                    "this upload already has S3's maximum of {MAX_PARTS} parts: send larger chunks"
+                ),
             ));
         }
         let staging_id = self.staging_id(state, upload).await?;

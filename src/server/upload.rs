@@ -341,9 +341,7 @@ pub async fn verify_and_store(
             state.storage.delete(&key).await?;
         }
     }
-    state
-        .db(move |meta| meta.clear_object_intent(&key))
-        .await?;
+    state.db(move |meta| meta.clear_object_intent(&key)).await?;
     Ok((record, newly))
 }
 
@@ -363,8 +361,7 @@ pub fn verification_failed(err: verify::VerifyError) -> ServerError {
             codes::INVALID_NAR,
             "invalid_nar",
         ),
-        verify::VerifyError::Decompress { .. }
-        | verify::VerifyError::TrailingData(_) => (
+        verify::VerifyError::Decompress { .. } | verify::VerifyError::TrailingData(_) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             codes::INVALID_NAR,
             "bad_compression",

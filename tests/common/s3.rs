@@ -70,26 +70,35 @@ pub struct S3Server {
 impl S3Server {
     /// A ready store: SeaweedFS started here, or the one `STOWIX_TEST_S3_ENDPOINT` names.
     pub fn start() -> Self {
-        let prefix = format!("t-{}", super::nonce());
-        if let Ok(endpoint) = std::env::var("STOWIX_TEST_S3_ENDPOINT") {
-            let var = |name: &str| {
-                std::env::var(name).unwrap_or_else(|_| {
-                    panic!("STOWIX_TEST_S3_ENDPOINT is set, so {name} must be set too")
-                })
-            };
-            let mut server = S3Server {
-                child: None,
-                dir: None,
-                endpoint,
-                bucket: std::env::var("STOWIX_TEST_S3_BUCKET")
-                    .unwrap_or_else(|_| "stowix-test".into()),
-                access_key: var("AWS_ACCESS_KEY_ID"),
-                secret_key: var("AWS_SECRET_ACCESS_KEY"),
-                prefix,
-            };
-            server.wait_ready();
-            return server;
+        match std::env::var("STOWIX_TEST_S3_ENDPOINT") {
+            Ok(endpoint) => Self::external(endpoint),
+            Err(_) => Self::start_local(),
         }
+    }
+
+    fn external(endpoint: String) -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("STOWIX_TEST_S3_ENDPOINT is set, so {name} must be set too")
+            })
+        };
+        let mut server = S3Server {
+            child: None,
+            dir: None,
+            endpoint,
+            bucket: std::env::var("STOWIX_TEST_S3_BUCKET").unwrap_or_else(|_| "stowix-test".into()),
+            access_key: var("AWS_ACCESS_KEY_ID"),
+            secret_key: var("AWS_SECRET_ACCESS_KEY"),
+            prefix: format!("t-{}", super::nonce()),
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// A SeaweedFS of this test's own, whatever `STOWIX_TEST_S3_ENDPOINT` says: for tests
+    /// that stop the store.
+    pub fn start_local() -> Self {
+        let prefix = format!("t-{}", super::nonce());
         let weed = weed_binary();
         let dir = tempfile::Builder::new()
             .prefix("stowix-s3-")
@@ -301,6 +310,20 @@ impl S3Server {
             .expect("list the test's prefix");
         keys.sort();
         keys
+    }
+}
+
+impl S3Server {
+    /// Stops the SeaweedFS this harness started (SIGKILL by PID): the bucket becomes
+    /// unreachable. Panics for an external store (`STOWIX_TEST_S3_ENDPOINT`), which a test
+    /// cannot stop.
+    pub fn stop(&mut self) {
+        let mut child = self
+            .child
+            .take()
+            .expect("only a SeaweedFS started by the harness can be stopped");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

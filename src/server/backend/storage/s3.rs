@@ -115,7 +115,9 @@ impl S3Store {
             None => (rest, ""),
         };
         if bucket.is_empty() {
-            return Err(format!("storage URL {url:?} names no bucket: use s3://BUCKET[/PREFIX]"));
+            return Err(format!(
+                "storage URL {url:?} names no bucket: use s3://BUCKET[/PREFIX]"
+            ));
         }
         if !prefix.is_empty() && !super::is_safe_key(prefix) {
             return Err(format!(
@@ -187,7 +189,10 @@ impl S3Store {
             _ => io::ErrorKind::Other,
         };
         let detail = err.to_string().replace('\n', " ");
-        io::Error::new(kind, format!("S3 storage {}: {op} {key}: {detail}", self.url))
+        io::Error::new(
+            kind,
+            format!("S3 storage {}: {op} {key}: {detail}", self.url),
+        )
     }
 
     /// Uploads a local file as one object: one PUT when small, else a multipart upload with at
@@ -238,8 +243,12 @@ impl S3Store {
     pub async fn get(
         &self,
         key: &str,
-    ) -> io::Result<Option<(u64, futures_util::stream::BoxStream<'static, io::Result<Bytes>>)>>
-    {
+    ) -> io::Result<
+        Option<(
+            u64,
+            futures_util::stream::BoxStream<'static, io::Result<Bytes>>,
+        )>,
+    > {
         let path = self.path(key)?;
         match timed("get", self.store.get(&path)).await {
             Ok(result) => {
@@ -303,7 +312,11 @@ impl S3Store {
         Ok(listed
             .into_iter()
             .filter_map(|meta| {
-                let key = meta.location.as_ref().strip_prefix(&self.prefix)?.to_string();
+                let key = meta
+                    .location
+                    .as_ref()
+                    .strip_prefix(&self.prefix)?
+                    .to_string();
                 Some(Listed {
                     key,
                     size: meta.size,
@@ -336,10 +349,13 @@ impl S3Store {
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(self.error("list", "/", err)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("S3 storage {}: no answer within 5 s", self.url),
-            )),
+            Err(_) => {
+                ::metrics::counter!(metrics::STORAGE_ERRORS_TOTAL, "op" => "health").increment(1);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("S3 storage {}: no answer within 5 s", self.url),
+                ))
+            }
         }
     }
 
@@ -428,8 +444,7 @@ impl super::Storage for S3Storage {
 
     async fn get(&self, key: &str) -> io::Result<Option<(u64, super::ObjectReader)>> {
         Ok(self.store.get(key).await?.map(|(len, stream)| {
-            let reader: super::ObjectReader =
-                Box::pin(tokio_util::io::StreamReader::new(stream));
+            let reader: super::ObjectReader = Box::pin(tokio_util::io::StreamReader::new(stream));
             (len, reader)
         }))
     }
