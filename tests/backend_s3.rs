@@ -378,8 +378,10 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
     // Expiry and grace of zero: everything abandoned is old enough at once.
     let server = s3_server(&s3, "upload_expiry_hours = 0\norphan_grace_secs = 0\n");
     let repo = repo(&server, false);
+    // Stored through `nix copy --to` (PUT nar/, then the narinfo): a NAR under its file hash.
     let kept = common::build_text("kept", &common::nonce());
-    push_common::push_with(&repo.url, Some(&repo.token), &[&kept], &[]).assert_code(exit::SUCCESS);
+    common::nix_copy_to(&repo.url, &repo.token, std::slice::from_ref(&kept))
+        .unwrap_or_else(|e| panic!("nix copy --to the S3-backed repository failed: {e}"));
 
     // An object no database row knows, as a crash between a put and its row would leave.
     let client = s3.client();
@@ -449,6 +451,10 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
         .put_part(&upload_path, &staging_id, 1, vec![0u8; 16].into())
         .await;
     assert!(late.is_err(), "the multipart upload was aborted");
+    assert!(
+        after.iter().any(|k| k.starts_with(&format!("{}/nar/", repo.name))),
+        "the stored NAR survives: {after:?}"
+    );
     // What is published survives, and still substitutes.
     let (_, narinfo) = common::get_narinfo(&repo.url, common::hash_part(&kept)).await;
     assert!(narinfo.contains("URL: nar/"), "{narinfo}");
