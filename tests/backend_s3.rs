@@ -452,7 +452,9 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
         .await;
     assert!(late.is_err(), "the multipart upload was aborted");
     assert!(
-        after.iter().any(|k| k.starts_with(&format!("{}/nar/", repo.name))),
+        after
+            .iter()
+            .any(|k| k.starts_with(&format!("{}/nar/", repo.name))),
         "the stored NAR survives: {after:?}"
     );
     // What is published survives, and still substitutes.

@@ -427,3 +427,39 @@ impl S3Staging {
         .map_err(upload::verification_failed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_object_keys_name_their_upload_and_nothing_else() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let key = upload_object_key("cache", id);
+        assert_eq!(key, format!("cache/uploads/{id}"));
+        assert!(crate::server::storage::is_safe_key(&key));
+        assert_eq!(upload_id_of_key(&key), Some(id));
+        // NAR keys, and look-alikes with something that is not an upload id, own no upload.
+        for other in [
+            "cache/nar/0abc.nar.xz",
+            "cache/uploads/short",
+            "cache/uploads/0123456789abcdef0123456789abcdef/x",
+        ] {
+            assert_eq!(upload_id_of_key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn held_bytes_are_the_sum_of_the_parts() {
+        let part = |number, size| UploadPart {
+            number,
+            size,
+            etag: format!("e{number}"),
+        };
+        assert_eq!(held_by(&[]), 0);
+        assert_eq!(
+            held_by(&[part(1, MIN_PART_BYTES), part(2, 10)]),
+            MIN_PART_BYTES + 10
+        );
+    }
+}

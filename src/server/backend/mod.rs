@@ -214,4 +214,22 @@ mod tests {
             .unwrap_err()
             .contains("--storage"));
     }
+
+    #[test]
+    fn s3_storage_refuses_chunks_under_the_part_minimum() {
+        let config = ServerConfig {
+            storage: Some("s3://nars".into()),
+            max_chunk_bytes: 1 << 20,
+            data_dir: std::env::temp_dir().join(format!("stowix-chunk-{}", std::process::id())),
+            ..ServerConfig::default()
+        };
+        let err = open(&config)
+            .err()
+            .expect("1 MiB chunks cannot be S3 parts");
+        assert!(
+            err.contains("max_chunk_bytes") && err.contains("S3"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&config.data_dir);
+    }
 }
