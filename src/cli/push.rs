@@ -16,6 +16,7 @@ use super::exit;
 use crate::client::{
     self, ClientConfig, ClientError, PushClient, RateLimits, RepoUrl, RetryPolicy, Token,
 };
+use crate::nix::signing::PublicKey;
 use crate::push::compress::{self, Compression};
 use crate::push::report::{LineReporter, Reporter, TerminalReporter};
 use crate::push::{
@@ -137,6 +138,21 @@ pub struct PushArgs {
           default_value = "120s", value_parser = push::failure::parse_duration)]
     pub retry_timeout: std::time::Duration,
 
+    /// Public key (`name:base64`) of an upstream cache: paths it signed are not pushed (Nix
+    /// gets them from that cache). Adds to the repository's own upstream keys (`stowix admin
+    /// repo show`); repeat for several.
+    #[arg(
+        long = "upstream-key",
+        env = "STOWIX_UPSTREAM_KEYS",
+        value_delimiter = ' ',
+        value_name = "KEY"
+    )]
+    pub upstream_keys: Vec<String>,
+
+    /// Push every path, including those an upstream cache signed.
+    #[arg(long, env = "STOWIX_NO_UPSTREAM_FILTER")]
+    pub no_upstream_filter: bool,
+
     /// Bytes per upload chunk (testing and tuning; capped by the server's limits).
     #[arg(long, env = push::CHUNK_SIZE_ENV, hide = true, value_parser = parse_size)]
     pub chunk_size: Option<u64>,
@@ -239,6 +255,18 @@ pub fn run(args: PushArgs) -> i32 {
         Ok(token) => token,
         Err(err) => return fail(exit::USAGE, err),
     };
+    let mut upstream_keys = Vec::new();
+    for text in args.upstream_keys.iter().filter(|t| !t.is_empty()) {
+        match PublicKey::parse(text) {
+            Ok(key) => upstream_keys.push(key),
+            Err(err) => {
+                return fail(
+                    exit::USAGE,
+                    format!("--upstream-key {text:?} is not a Nix public key: {err}\nhint: give it as name:base64, as in trusted-public-keys"),
+                )
+            }
+        }
+    }
     let mut roots = Vec::with_capacity(args.paths.len());
     for arg in &args.paths {
         match closure::resolve_root(arg) {
@@ -262,7 +290,7 @@ pub fn run(args: PushArgs) -> i32 {
             )
         }
     };
-    runtime.block_on(push_async(args, level, repo, token, roots))
+    runtime.block_on(push_async(args, level, repo, token, roots, upstream_keys))
 }
 
 async fn push_async(
@@ -271,6 +299,7 @@ async fn push_async(
     repo: RepoUrl,
     token: Token,
     roots: Vec<crate::nix::StorePath>,
+    mut upstream_keys: Vec<PublicKey>,
 ) -> i32 {
     let metrics = match Metrics::install(args.metrics_listen) {
         Ok(metrics) => metrics,
@@ -339,6 +368,22 @@ async fn push_async(
         });
     }
 
+    if args.no_upstream_filter {
+        upstream_keys.clear();
+    } else {
+        for text in &info.upstream_keys {
+            match PublicKey::parse(text) {
+                Ok(key) if !upstream_keys.contains(&key) => upstream_keys.push(key),
+                Ok(_) => {}
+                // The server checks keys when they are configured; a bad one only loses the
+                // filter for its paths, which are then pushed.
+                Err(err) => progress.warn(&format!(
+                    "ignoring the repository's upstream key {text:?}: {err}"
+                )),
+            }
+        }
+    }
+
     let threads = args
         .compression_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
@@ -351,6 +396,7 @@ async fn push_async(
         },
         chunk_size: args.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
         retry_timeout: args.retry_timeout,
+        upstream_keys,
     };
     let roots = Roots {
         paths: roots,

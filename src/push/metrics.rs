@@ -18,6 +18,8 @@ pub const RATE_LIMIT_WAIT_SECONDS_TOTAL: &str = "stowix_push_rate_limit_wait_sec
 pub mod outcome {
     /// Already published in the repository before this run.
     pub const PRESENT: &str = "present";
+    /// Not pushed: an upstream cache the repository trusts signed it.
+    pub const UPSTREAM: &str = "upstream";
     /// NAR uploaded and narinfo published by this run.
     pub const UPLOADED: &str = "uploaded";
     /// NAR was already stored (e.g. an interrupted earlier run); only the narinfo was published.

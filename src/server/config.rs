@@ -90,6 +90,8 @@ pub struct ServerConfig {
     /// How old an object the database does not know must be before the janitor deletes it:
     /// longer than the slowest completion (an object exists before its `nars` row).
     pub orphan_grace_secs: u64,
+    /// Largest build log accepted (`nix store copy-log --to`), as sent (compressed or not).
+    pub max_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +129,7 @@ impl Default for ServerConfig {
             s3_presign_secs: 0,
             janitor_interval_secs: 3600,
             orphan_grace_secs: 86_400,
+            max_log_bytes: 64 << 20,
         }
     }
 }
@@ -209,6 +212,7 @@ mod tests {
         assert_eq!(parsed.s3_presign_secs, defaults.s3_presign_secs);
         assert_eq!(parsed.janitor_interval_secs, defaults.janitor_interval_secs);
         assert_eq!(parsed.orphan_grace_secs, defaults.orphan_grace_secs);
+        assert_eq!(parsed.max_log_bytes, defaults.max_log_bytes);
     }
 
     #[test]

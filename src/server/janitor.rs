@@ -9,8 +9,9 @@
 //!   object intents older than orphan_grace_secs ──► a nars row knows the key? clear the intent
 //!                                                  an open upload owns it?   leave it
 //!                                                  otherwise                 delete object, clear
-//!   bucket listing (S3 only), objects older than the grace period, unknown to every nars row
-//!   and to every open upload ──► delete
+//!   bucket listing (S3 only), NAR and upload objects (`<repo>/nar/`, `<repo>/uploads/`) older
+//!   than the grace period, unknown to every nars row and to every open upload ──► delete
+//!   (listings, logs and debuginfo links are not the janitor's)
 //! ```
 //! The grace period must outlast the longest verification of a completed upload (the object
 //! exists before its nars row): the default is a day.
@@ -85,7 +86,7 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
     if let Some(listed) = state.storage.list("").await? {
         let old: Vec<String> = listed
             .into_iter()
-            .filter(|object| object.last_modified < grace_cutoff)
+            .filter(|object| object.last_modified < grace_cutoff && holds_nar_bytes(&object.key))
             .map(|object| object.key)
             .collect();
         for batch in old.chunks(BATCH) {
@@ -114,6 +115,12 @@ async fn unknown_keys(state: &AppState, keys: Vec<String>) -> ServerResult<Vec<(
         out.push((key, deletable));
     }
     Ok(out)
+}
+
+/// NARs and assembled uploads are what `nars` rows account for; listings, build logs and
+/// debuginfo links live beside them under their own rules and are never swept here.
+fn holds_nar_bytes(key: &str) -> bool {
+    matches!(key.split('/').nth(1), Some("nar" | "uploads"))
 }
 
 async fn owned_by_open_upload(state: &AppState, key: &str) -> ServerResult<bool> {

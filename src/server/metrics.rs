@@ -22,6 +22,7 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_t
 pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
 pub const STORAGE_SECONDS: &str = "stowix_server_storage_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "stowix_server_storage_errors_total";
+pub const FILES_STORED_TOTAL: &str = "stowix_server_files_stored_total";
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -73,6 +74,10 @@ fn describe() {
     metrics::describe_counter!(
         STORAGE_ERRORS_TOTAL,
         "Object-store calls that failed (an absent object is not a failure), by operation"
+    );
+    metrics::describe_counter!(
+        FILES_STORED_TOTAL,
+        "build logs and debuginfo links stored, by kind"
     );
     metrics::describe_counter!(NARINFOS_PUBLISHED_TOTAL, "narinfos signed and published");
     metrics::describe_counter!(

@@ -357,7 +357,7 @@ impl ChunkStaging for S3Staging {
                 return Err(err.into());
             }
         }
-        let verified = self.verify_object(&key, &upload.compression, limit).await?;
+        let mut verified = self.verify_object(&key, &upload.compression, limit).await?;
         if let Err(err) = upload::check_expectations(&verified, &expected) {
             self.store.delete(&key).await?;
             let intent = key.clone();
@@ -365,6 +365,15 @@ impl ChunkStaging for S3Staging {
                 .db(move |meta| meta.clear_object_intent(&intent))
                 .await?;
             return Err(err);
+        }
+        // The listing before the row, as for single-request uploads: once a narinfo can name
+        // the NAR, `<hash>.ls` answers.
+        if let Some(listing) = verified.listing.take() {
+            let listing_key = upload::listing_key(repo, &verified.nar.nar_hash);
+            state
+                .storage
+                .put_bytes(&listing_key, bytes::Bytes::from(listing))
+                .await?;
         }
         let record = NarRecord {
             url: format!("nar/{}{suffix}", verified.file_hash.to_nix32()),

@@ -51,6 +51,8 @@ pub trait Storage: Send + Sync {
     async fn health(&self) -> std::io::Result<()>;
     /// Where the chunks of resumable uploads wait until completion.
     fn chunk_staging(&self) -> Arc<dyn ChunkStaging>;
+    /// Stores a small object (a listing, a debuginfo link) whole, atomically like `put_file`.
+    async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()>;
 }
 
 /// Object keys are built by the server from validated parts (`<repo>/nar/<nix32>.nar.xz`);

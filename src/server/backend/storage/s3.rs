@@ -239,6 +239,15 @@ impl S3Store {
         }
     }
 
+    /// Stores a small object in one PUT (a listing, a log, a debuginfo link).
+    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> io::Result<()> {
+        let path = self.path(key)?;
+        timed("put", self.store.put(&path, bytes.into()))
+            .await
+            .map(|_| ())
+            .map_err(|err| self.error("put", key, err))
+    }
+
     /// The object's length and its bytes as a stream, or `None` when absent.
     pub async fn get(
         &self,
@@ -451,6 +460,10 @@ impl super::Storage for S3Storage {
 
     async fn delete(&self, key: &str) -> io::Result<()> {
         self.store.delete(key).await
+    }
+
+    async fn put_bytes(&self, key: &str, bytes: Bytes) -> io::Result<()> {
+        self.store.put_bytes(key, bytes).await
     }
 
     async fn list(&self, prefix: &str) -> io::Result<Option<Vec<Listed>>> {
