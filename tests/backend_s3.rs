@@ -457,6 +457,12 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
             .any(|k| k.starts_with(&format!("{}/nar/", repo.name))),
         "the stored NAR survives: {after:?}"
     );
+    assert!(
+        after
+            .iter()
+            .any(|k| k.starts_with(&format!("{}/listing/", repo.name))),
+        "the NAR's listing is not the janitor's to delete: {after:?}"
+    );
     // What is published survives, and still substitutes.
     let (_, narinfo) = common::get_narinfo(&repo.url, common::hash_part(&kept)).await;
     assert!(narinfo.contains("URL: nar/"), "{narinfo}");
