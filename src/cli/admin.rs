@@ -1,7 +1,7 @@
 //! `stowix admin`: repositories and tokens, straight on a server's backends (the same flags
 //! and factory as `stowix serve`). It runs while the servers do: SQLite in WAL mode and
-//! PostgreSQL both take its writes, and servers read repositories and tokens on every request,
-//! so changes apply at once on every replica.
+//! PostgreSQL both take its writes. Servers read tokens on every request, so a revocation
+//! applies at once on every replica; repository settings within a second (`server::cache`).
 
 use clap::Subcommand;
 

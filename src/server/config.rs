@@ -92,6 +92,10 @@ pub struct ServerConfig {
     pub orphan_grace_secs: u64,
     /// Largest build log accepted (`nix store copy-log --to`), as sent (compressed or not).
     pub max_log_bytes: u64,
+    /// Published narinfos kept in memory for the read side (0: none), and for how long. A
+    /// narinfo never changes once published; a deleted one is served at most this long.
+    pub narinfo_cache_entries: usize,
+    pub narinfo_cache_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +134,8 @@ impl Default for ServerConfig {
             janitor_interval_secs: 3600,
             orphan_grace_secs: 86_400,
             max_log_bytes: 64 << 20,
+            narinfo_cache_entries: 16384,
+            narinfo_cache_secs: 10,
         }
     }
 }
@@ -213,6 +219,8 @@ mod tests {
         assert_eq!(parsed.janitor_interval_secs, defaults.janitor_interval_secs);
         assert_eq!(parsed.orphan_grace_secs, defaults.orphan_grace_secs);
         assert_eq!(parsed.max_log_bytes, defaults.max_log_bytes);
+        assert_eq!(parsed.narinfo_cache_entries, defaults.narinfo_cache_entries);
+        assert_eq!(parsed.narinfo_cache_secs, defaults.narinfo_cache_secs);
     }
 
     #[test]

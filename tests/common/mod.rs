@@ -22,6 +22,7 @@
 
 #![allow(dead_code)]
 
+pub mod monitoring;
 pub mod s3;
 
 use std::collections::BTreeSet;
