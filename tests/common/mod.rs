@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod monitoring;
+pub mod s3;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -97,6 +98,8 @@ pub struct TestServer {
     log: Arc<Mutex<fs::File>>,
     child: Option<Child>,
     url: String,
+    /// Extra environment of `serve` and `admin` (S3 credentials).
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -111,7 +114,17 @@ impl TestServer {
         Self::start_inner(Some(toml))
     }
 
+    /// Starts a server with `toml` as its config file and `env` added to its environment (and
+    /// to that of `stowix admin` runs): how the S3 tests hand over credentials.
+    pub fn start_with_env(toml: &str, env: Vec<(String, String)>) -> Self {
+        Self::start_env(Some(toml), env)
+    }
+
     fn start_inner(toml: Option<&str>) -> Self {
+        Self::start_env(toml, Vec::new())
+    }
+
+    fn start_env(toml: Option<&str>, env: Vec<(String, String)>) -> Self {
         let root = tempfile::Builder::new()
             .prefix("stowix-test-")
             .tempdir()
@@ -135,6 +148,7 @@ impl TestServer {
             log,
             child: None,
             url: String::new(),
+            env,
         };
         server.spawn();
         server
@@ -154,6 +168,7 @@ impl TestServer {
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -257,6 +272,7 @@ impl TestServer {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("run `stowix admin`")
     }
