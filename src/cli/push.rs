@@ -61,6 +61,19 @@ pub struct PushArgs {
     #[arg(value_name = "STORE_PATH", required_unless_present = "stdin")]
     pub paths: Vec<String>,
 
+    /// Read more store paths from standard input, one per line; they are pushed as they arrive.
+    #[arg(long)]
+    pub stdin: bool,
+
+    #[command(flatten)]
+    pub flags: PushFlags,
+}
+
+/// Every flag of `stowix nix push` that is not about which paths: shared with `watch-store`
+/// and `watch-exec`, which push through the same pipeline.
+#[derive(clap::Args, Debug)]
+pub struct PushFlags {
+
     /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
     #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
     pub target: Option<String>,
@@ -113,10 +126,6 @@ pub struct PushArgs {
     /// Most requests per second to the server.
     #[arg(long, env = "STOWIX_MAX_REQUESTS_PER_SECOND", value_name = "N")]
     pub max_requests_per_second: Option<NonZeroU32>,
-
-    /// Read more store paths from standard input, one per line; they are pushed as they arrive.
-    #[arg(long)]
-    pub stdin: bool,
 
     /// Serve Prometheus metrics on this address while the push runs, e.g. 127.0.0.1:9464.
     #[arg(long, env = "STOWIX_METRICS_LISTEN", value_name = "ADDR")]
@@ -173,9 +182,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Put before every line this process prints itself (see [`set_line_prefix`]).
+static LINE_PREFIX: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// `watch-exec` and `watch-store` prefix their own lines (`stowix: `) so they stand out from
+/// the command's output and in a journal; `push` prints them bare.
+pub(crate) fn set_line_prefix(prefix: &'static str) {
+    let _ = LINE_PREFIX.set(prefix);
+}
+
+pub(crate) fn line_prefix() -> &'static str {
+    LINE_PREFIX.get().copied().unwrap_or("")
+}
+
 /// Prints an error whose message may carry its own `hint:` lines, and returns `code`.
-fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
-    eprintln!("error: {message}");
+pub(crate) fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
+    eprintln!(
+        "{}",
+        crate::push::report::prefixed(line_prefix(), &format!("error: {message}"))
+    );
     code
 }
 
@@ -214,30 +239,61 @@ fn compression_level(method: Compression, level: Option<i32>) -> Result<i32, Str
     }
 }
 
+/// What every pushing command checks before it makes a request: target, token, levels.
+pub(crate) struct Prepared {
+    level: i32,
+    repo: RepoUrl,
+    token: Token,
+}
+
+impl Prepared {
+    /// The usage error (exit 2) or Nix error (exit 5) as `Err(code)`, already printed.
+    pub(crate) fn check(flags: &PushFlags) -> Result<Self, i32> {
+        let level = compression_level(flags.compression, flags.compression_level)
+            .map_err(|err| fail(exit::USAGE, err))?;
+        let Some(target) = flags.target.as_deref() else {
+            return Err(fail(
+                exit::USAGE,
+                "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
+            ));
+        };
+        let repo = RepoUrl::parse(target)
+            .map_err(|err| fail(exit::USAGE, format!("invalid --target: {err}")))?;
+        let Some(SecretArg(token_text)) = &flags.token else {
+            return Err(fail(
+                exit::USAGE,
+                "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
+            ));
+        };
+        let token = Token::parse(token_text).map_err(|err| fail(exit::USAGE, err))?;
+        Ok(Self { level, repo, token })
+    }
+
+    pub(crate) fn check_nix() -> Result<(), i32> {
+        if nix_on_path() {
+            Ok(())
+        } else {
+            Err(fail(exit::NIX, ClosureError::NixMissing))
+        }
+    }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            fail(
+                exit::FAILURE,
+                format!("cannot start the async runtime: {err}"),
+            )
+        })
+}
+
 pub fn run(args: PushArgs) -> i32 {
-    let level = match compression_level(args.compression, args.compression_level) {
-        Ok(level) => level,
-        Err(err) => return fail(exit::USAGE, err),
-    };
-    let Some(target) = args.target.as_deref() else {
-        return fail(
-            exit::USAGE,
-            "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
-        );
-    };
-    let repo = match RepoUrl::parse(target) {
-        Ok(repo) => repo,
-        Err(err) => return fail(exit::USAGE, format!("invalid --target: {err}")),
-    };
-    let Some(SecretArg(token_text)) = &args.token else {
-        return fail(
-            exit::USAGE,
-            "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
-        );
-    };
-    let token = match Token::parse(token_text) {
-        Ok(token) => token,
-        Err(err) => return fail(exit::USAGE, err),
+    let prepared = match Prepared::check(&args.flags) {
+        Ok(prepared) => prepared,
+        Err(code) => return code,
     };
     let mut roots = Vec::with_capacity(args.paths.len());
     for arg in &args.paths {
@@ -246,91 +302,121 @@ pub fn run(args: PushArgs) -> i32 {
             Err(err) => return fail(exit::USAGE, err),
         }
     }
-    if !nix_on_path() {
-        return fail(exit::NIX, ClosureError::NixMissing);
+    if let Err(code) = Prepared::check_nix() {
+        return code;
     }
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            return fail(
-                exit::FAILURE,
-                format!("cannot start the async runtime: {err}"),
-            )
-        }
+        Err(code) => return code,
     };
-    runtime.block_on(push_async(args, level, repo, token, roots))
+    runtime.block_on(push_async(args, prepared, roots))
 }
 
-async fn push_async(
-    args: PushArgs,
-    level: i32,
-    repo: RepoUrl,
-    token: Token,
-    roots: Vec<crate::nix::StorePath>,
-) -> i32 {
-    let metrics = match Metrics::install(args.metrics_listen) {
-        Ok(metrics) => metrics,
-        Err(err) => return fail(exit::USAGE, format!("cannot serve metrics: {err}")),
-    };
-    let reporter: Arc<dyn Reporter> = if args.no_progress || !std::io::stderr().is_terminal() {
-        Arc::new(LineReporter::new(args.verbose))
-    } else {
-        Arc::new(TerminalReporter::new(args.verbose))
-    };
-    let progress = Arc::new(Progress::new(reporter));
-    let client = match PushClient::new(ClientConfig {
-        repo: repo.clone(),
-        token,
-        limits: RateLimits::new(args.max_requests_per_second, args.max_upload_rate),
-        retry: RetryPolicy::from_env(),
-        observer: Arc::clone(&progress) as Arc<dyn client::ClientObserver>,
-    }) {
-        Ok(client) => Arc::new(client),
-        Err(err) => return fail(exit::FAILURE, err),
-    };
-    let gateway = args.metrics_push_gateway.as_deref();
+/// A connected pusher: the client, the repository's description, the shared tally and the
+/// metrics recorder. One per process: `watch-store` pushes many batches through one session.
+pub(crate) struct Session {
+    pub client: Arc<PushClient>,
+    pub info: crate::api::RepoInfo,
+    pub progress: Arc<Progress>,
+    pub metrics: Metrics,
+    pub config: PushConfig,
+    pub gateway: Option<String>,
+}
 
-    let info = match client.info().await {
-        Ok(info) => info,
-        Err(err) => {
-            return fail_after_metrics(&metrics, gateway, &progress, client_exit_code(&err), err)
-                .await
+impl Session {
+    /// Installs metrics, builds the client and checks the token's scope with `GET info`.
+    /// `Err(code)` after the error was printed (and the metrics pushed).
+    pub(crate) async fn connect(
+        flags: &PushFlags,
+        prepared: Prepared,
+        reporter: Arc<dyn Reporter>,
+    ) -> Result<Self, i32> {
+        let metrics = Metrics::install(flags.metrics_listen)
+            .map_err(|err| fail(exit::USAGE, format!("cannot serve metrics: {err}")))?;
+        let progress = Arc::new(Progress::new(reporter));
+        let client = PushClient::new(ClientConfig {
+            repo: prepared.repo.clone(),
+            token: prepared.token,
+            limits: RateLimits::new(flags.max_requests_per_second, flags.max_upload_rate),
+            retry: RetryPolicy::from_env(),
+            observer: Arc::clone(&progress) as Arc<dyn client::ClientObserver>,
+        })
+        .map(Arc::new)
+        .map_err(|err| fail(exit::FAILURE, err))?;
+        let gateway = flags.metrics_push_gateway.as_deref();
+
+        let info = match client.info().await {
+            Ok(info) => info,
+            Err(err) => {
+                return Err(fail_after_metrics(
+                    &metrics,
+                    gateway,
+                    &progress,
+                    client_exit_code(&err),
+                    err,
+                )
+                .await)
+            }
+        };
+        let refusal = match info.token_scope.as_deref() {
+            Some("push") => None,
+            Some(scope) => Some(format!(
+                "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
+                info.repository
+            )),
+            None => Some(format!(
+                "the server did not accept the token for repository {}\nhint: check the token and --target",
+                info.repository
+            )),
+        };
+        if let Some(message) = refusal {
+            return Err(fail_after_metrics(&metrics, gateway, &progress, exit::AUTH, message).await);
         }
-    };
-    match info.token_scope.as_deref() {
-        Some("push") => {}
-        Some(scope) => {
-            return fail_after_metrics(
-                &metrics,
-                gateway,
-                &progress,
-                exit::AUTH,
-                format!(
-                    "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
-                    info.repository
-                ),
-            )
-            .await
-        }
-        None => {
-            return fail_after_metrics(
-                &metrics,
-                gateway,
-                &progress,
-                exit::AUTH,
-                format!("the server did not accept the token for repository {}\nhint: check the token and --target", info.repository),
-            )
-            .await
-        }
+
+        let threads = flags
+            .compression_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        let config = PushConfig {
+            jobs: flags.jobs,
+            compression: CompressConfig {
+                method: flags.compression,
+                level: prepared.level,
+                threads,
+            },
+            chunk_size: flags.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
+            retry_timeout: flags.retry_timeout,
+        };
+        Ok(Self {
+            client,
+            info,
+            progress,
+            metrics,
+            config,
+            gateway: flags.metrics_push_gateway.clone(),
+        })
     }
+
+    /// Pushes the final metrics to the gateway, if one was named.
+    pub(crate) async fn push_metrics(&self) {
+        push_metrics(&self.metrics, self.gateway.as_deref(), &self.progress).await;
+    }
+}
+
+async fn push_async(args: PushArgs, prepared: Prepared, roots: Vec<crate::nix::StorePath>) -> i32 {
+    let reporter: Arc<dyn Reporter> =
+        if args.flags.no_progress || !std::io::stderr().is_terminal() {
+            Arc::new(LineReporter::new(args.flags.verbose))
+        } else {
+            Arc::new(TerminalReporter::new(args.flags.verbose))
+        };
+    let session = match Session::connect(&args.flags, prepared, reporter).await {
+        Ok(session) => session,
+        Err(code) => return code,
+    };
 
     let cancel = CancellationToken::new();
     {
-        let (cancel, progress) = (cancel.clone(), Arc::clone(&progress));
+        let (cancel, progress) = (cancel.clone(), Arc::clone(&session.progress));
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 progress.warn("interrupted: stopping; unfinished uploads stay on the server and the next run resumes them");
@@ -339,31 +425,21 @@ async fn push_async(
         });
     }
 
-    let threads = args
-        .compression_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let config = PushConfig {
-        jobs: args.jobs,
-        compression: CompressConfig {
-            method: args.compression,
-            level,
-            threads,
-        },
-        chunk_size: args.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
-        retry_timeout: args.retry_timeout,
-    };
     let roots = Roots {
         paths: roots,
         stdin: args.stdin,
+        tolerant: false,
     };
-    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
-    conclude(
-        result,
-        &progress,
+    let Session {
+        client,
+        info,
+        progress,
         metrics,
-        args.metrics_push_gateway.as_deref(),
-    )
-    .await
+        config,
+        gateway,
+    } = session;
+    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
+    conclude(result, &progress, metrics, gateway.as_deref()).await
 }
 
 async fn conclude(
@@ -451,7 +527,7 @@ fn client_exit_code(err: &ClientError) -> i32 {
 /// The Prometheus recorder, when `--metrics-listen` or `--metrics-push-gateway` asked for one.
 /// Installed only here, in the binary's command path: library code never installs a global
 /// recorder.
-struct Metrics {
+pub(crate) struct Metrics {
     handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 

@@ -33,6 +33,7 @@ pub mod progress;
 pub mod publish;
 pub mod report;
 pub mod upload;
+pub mod watch;
 
 use std::io::Write;
 use std::sync::Arc;

@@ -178,6 +178,19 @@ pub fn summary_lines(s: &Snapshot) -> String {
 pub struct LineReporter {
     verbose: bool,
     last_status: Mutex<Instant>,
+    /// Put before every line (`stowix: ` under `watch-exec`, whose command shares the terminal).
+    prefix: &'static str,
+}
+
+/// Puts `prefix` before every line of `text`.
+pub fn prefixed(prefix: &str, text: &str) -> String {
+    if prefix.is_empty() {
+        return text.to_owned();
+    }
+    text.lines()
+        .map(|line| format!("{prefix}{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl LineReporter {
@@ -185,13 +198,19 @@ impl LineReporter {
     pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
     pub fn new(verbose: bool) -> Self {
+        Self::with_prefix(verbose, "")
+    }
+
+    pub fn with_prefix(verbose: bool, prefix: &'static str) -> Self {
         Self {
             verbose,
             last_status: Mutex::new(Instant::now()),
+            prefix,
         }
     }
 
     fn line(&self, text: &str) {
+        let text = prefixed(self.prefix, text);
         let mut stderr = std::io::stderr().lock();
         let _ = writeln!(stderr, "{text}");
     }
