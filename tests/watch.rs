@@ -341,9 +341,16 @@ async fn sigterm_drains_what_was_seen_and_exits_0_and_a_second_signal_stops_at_o
     );
     assert_eq!(narinfo_status(&fx, &big).await, 200, "{}", ended.pushed.stderr);
 
-    let watcher = watch_store(&fx, &["--max-upload-rate", "10K", "--compression", "none"]).await;
+    let mut watcher = watch_store(&fx, &["--max-upload-rate", "10K", "--compression", "none"]).await;
     let slow = common::build_random("watch-abort", 300_000);
     send_signal(watcher.id(), libc::SIGTERM);
+    // Two signals sent back to back arrive as one (the kernel keeps one pending SIGTERM): the
+    // second is sent once the first was handled, as a user pressing Ctrl-C again would.
+    watcher
+        .wait_for_line("the first signal handled", |l| {
+            l.contains("stopping: publishing the paths already seen")
+        })
+        .await;
     send_signal(watcher.id(), libc::SIGTERM);
     let ended = watcher.wait(Duration::from_secs(20));
     ended.pushed.assert_code(130);

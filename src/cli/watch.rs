@@ -15,7 +15,6 @@
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 use super::exit;
 use super::push::{fail, runtime, set_line_prefix, Prepared, PushFlags, Session};
@@ -155,7 +154,7 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
             Ok(started) => started,
             Err(code) => return code,
         };
-        let control = Control::default();
+        let control = Control::new(OutagePolicy::Wait);
         if let Err(err) = handle_signals(&control, Arc::clone(&session.progress), true, || {}) {
             return fail(exit::FAILURE, format!("cannot handle signals: {err}"));
         }
@@ -172,7 +171,6 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
             Arc::clone(&tracker),
             scanner,
             control,
-            OutagePolicy::Wait,
         )
         .await;
         session.progress.finish();
@@ -219,7 +217,7 @@ pub fn run_exec(args: WatchExecArgs) -> i32 {
             }
         };
         let child_pid = child.id();
-        let control = Control::default();
+        let control = Control::new(OutagePolicy::GiveUpWhenDraining);
         // SIGINT from a terminal reaches the command through its process group already; a
         // SIGTERM (a CI job being cancelled) is sent to this process only, so it is passed on.
         let forward = move || {
@@ -254,7 +252,6 @@ pub fn run_exec(args: WatchExecArgs) -> i32 {
                     tracker,
                     scanner,
                     control,
-                    OutagePolicy::GiveUpWhenDraining,
                 )
                 .await
             }

@@ -223,13 +223,24 @@ impl Follower for Tracker {
     }
 }
 
-/// How the watcher is told to stop.
-#[derive(Clone, Default)]
+/// How the watcher is told to stop, and what it does when the server stays silent.
+#[derive(Clone)]
 pub struct Control {
     /// Stop looking for new paths; publish what was seen, then end.
     pub drain: CancellationToken,
     /// Stop at once.
     pub cancel: CancellationToken,
+    pub outage: OutagePolicy,
+}
+
+impl Control {
+    pub fn new(outage: OutagePolicy) -> Self {
+        Self {
+            drain: CancellationToken::new(),
+            cancel: CancellationToken::new(),
+            outage,
+        }
+    }
 }
 
 /// What to do when the server stays silent past `--retry-timeout`.
@@ -308,7 +319,6 @@ pub async fn run(
     tracker: Arc<Tracker>,
     scanner: Scanner,
     control: Control,
-    outage: OutagePolicy,
 ) -> Result<(), PushError> {
     let stop_scanning = Arc::new(AtomicBool::new(false));
     // However the loop ends, the scanner thread ends at its next poll.
@@ -380,7 +390,7 @@ pub async fn run(
             Err(PushError::Fatal(
                 failure @ (RunFailure::Unreachable { .. } | RunFailure::StorageFull(_)),
             )) => {
-                if outage == OutagePolicy::GiveUpWhenDraining && control.drain.is_cancelled() {
+                if control.outage == OutagePolicy::GiveUpWhenDraining && control.drain.is_cancelled() {
                     return Err(PushError::Fatal(failure));
                 }
                 progress.warn(&format!(
