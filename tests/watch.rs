@@ -69,7 +69,12 @@ async fn narinfo_status(fx: &Fixture, path: &str) -> u16 {
 }
 
 /// Polls the server until every path's narinfo is served; returns how long that took.
-async fn wait_published(fx: &Fixture, paths: &[String], within: Duration, log: &dyn Fn() -> String) -> Duration {
+async fn wait_published(
+    fx: &Fixture,
+    paths: &[String],
+    within: Duration,
+    log: &dyn Fn() -> String,
+) -> Duration {
     let started = Instant::now();
     for path in paths {
         loop {
@@ -179,18 +184,27 @@ async fn watch_exec_publishes_everything_a_nix_build_built() {
     // The command's stdout passes through untouched: exactly nix-build's output paths.
     let built: Vec<String> = stdout.lines().map(str::to_owned).collect();
     assert_eq!(built.len(), 4, "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(built.iter().all(|p| p.starts_with("/nix/store/")), "{stdout}");
+    assert!(
+        built.iter().all(|p| p.starts_with("/nix/store/")),
+        "{stdout}"
+    );
     assert!(
         stderr.lines().any(|l| l.starts_with("stowix: summary:")),
         "Stowix's own lines carry the prefix:\n{stderr}"
     );
     assert!(
-        !stderr.lines().any(|l| l.starts_with("summary:") || l.starts_with("published:")),
+        !stderr
+            .lines()
+            .any(|l| l.starts_with("summary:") || l.starts_with("published:")),
         "an unprefixed Stowix line:\n{stderr}"
     );
     // Published by the time it exited: no waiting here.
     for path in common::closure_of(&built) {
-        assert_eq!(narinfo_status(&fx, &path).await, 200, "{path} is not published\n{stderr}");
+        assert_eq!(
+            narinfo_status(&fx, &path).await,
+            200,
+            "{path} is not published\n{stderr}"
+        );
     }
     fx.substitute(&built);
 }
@@ -216,7 +230,10 @@ async fn watch_exec_passes_a_failing_status_through_and_pushes_what_was_built() 
         .expect("run stowix nix watch-exec");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(42), "stderr:\n{stderr}");
-    assert!(stderr.contains("watch-broken"), "nix-build's own failure is shown:\n{stderr}");
+    assert!(
+        stderr.contains("watch-broken"),
+        "nix-build's own failure is shown:\n{stderr}"
+    );
     // The dependency was built before the failure: it was pushed all the same.
     let ok = nix_build(&file, "d0");
     assert_eq!(narinfo_status(&fx, &ok[0]).await, 200, "{stderr}");
@@ -254,11 +271,25 @@ async fn watch_store_publishes_built_added_and_imported_paths_within_seconds() {
 
     // Imported: exported, deleted, then imported back (it becomes valid again, with a new id).
     let text = common::build_text("watch-imported", &common::nonce());
-    wait_published(&fx, &[text.clone()], PUBLISH_WITHIN, &log).await;
-    let export = Command::new("nix-store").args(["--export", &text]).output().unwrap();
-    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
-    let deleted = Command::new("nix-store").args(["--delete", &text]).output().unwrap();
-    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    wait_published(&fx, std::slice::from_ref(&text), PUBLISH_WITHIN, &log).await;
+    let export = Command::new("nix-store")
+        .args(["--export", &text])
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let deleted = Command::new("nix-store")
+        .args(["--delete", &text])
+        .output()
+        .unwrap();
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
     let mut import = Command::new("nix-store")
         .arg("--import")
         .stdin(Stdio::piped())
@@ -268,10 +299,19 @@ async fn watch_store_publishes_built_added_and_imported_paths_within_seconds() {
         .unwrap();
     {
         use std::io::Write as _;
-        import.stdin.take().unwrap().write_all(&export.stdout).unwrap();
+        import
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(&export.stdout)
+            .unwrap();
     }
     let imported = import.wait_with_output().unwrap();
-    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
     let seen_before = common::sum_metric(&scrape(&listen).await, "stowix_watch_paths_seen_total");
     let deadline = Instant::now() + PUBLISH_WITHIN;
     // Already on the server, so the proof is the watcher seeing it again and finding it
@@ -280,12 +320,18 @@ async fn watch_store_publishes_built_added_and_imported_paths_within_seconds() {
         let text_now = watcher.text();
         let again = text_now
             .lines()
-            .filter(|l| l.contains(&format!("already present: {text}")) || l.contains(&format!("published: {text}")))
+            .filter(|l| {
+                l.contains(&format!("already present: {text}"))
+                    || l.contains(&format!("published: {text}"))
+            })
             .count();
         if again >= 2 {
             break;
         }
-        assert!(Instant::now() < deadline, "the imported path was not seen again:\n{text_now}");
+        assert!(
+            Instant::now() < deadline,
+            "the imported path was not seen again:\n{text_now}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
@@ -293,16 +339,28 @@ async fn watch_store_publishes_built_added_and_imported_paths_within_seconds() {
     // gauges and lag histogram are there.
     let last = scrape(&listen).await;
     let count = |text: &str, q: &str| common::sum_metric(text, q);
-    assert!(count(&last, "stowix_watch_paths_seen_total") >= seen_before, "{last}");
-    assert!(count(&last, "stowix_watch_paths_seen_total") >= 4.0, "{last}");
+    assert!(
+        count(&last, "stowix_watch_paths_seen_total") >= seen_before,
+        "{last}"
+    );
+    assert!(
+        count(&last, "stowix_watch_paths_seen_total") >= 4.0,
+        "{last}"
+    );
     assert!(count(&last, "stowix_watch_batches_total") >= 3.0, "{last}");
     assert!(
         count(&last, "stowix_push_paths_total") > count(&first, "stowix_push_paths_total"),
         "first:\n{first}\nlast:\n{last}"
     );
-    assert!(count(&last, "stowix_watch_publication_lag_seconds_count") >= 4.0, "{last}");
+    assert!(
+        count(&last, "stowix_watch_publication_lag_seconds_count") >= 4.0,
+        "{last}"
+    );
     assert!(last.contains("stowix_watch_paths_waiting"), "{last}");
-    assert!(last.contains("stowix_watch_publication_lag_seconds_bucket{le=\"2\"}"), "{last}");
+    assert!(
+        last.contains("stowix_watch_publication_lag_seconds_bucket{le=\"2\"}"),
+        "{last}"
+    );
     drop(watcher);
 }
 
@@ -318,7 +376,11 @@ async fn watch_store_publishes_what_became_valid_while_the_server_was_down() {
             l.contains("keeping the") && l.contains("waiting paths")
         })
         .await;
-    assert!(!watcher.exited(), "the watcher must outlive the outage:\n{}", watcher.text());
+    assert!(
+        !watcher.exited(),
+        "the watcher must outlive the outage:\n{}",
+        watcher.text()
+    );
     fx.server.restart_same_port();
     let log = || watcher.text();
     wait_published(&fx, &added, Duration::from_secs(60), &log).await;
@@ -330,18 +392,31 @@ async fn sigterm_drains_what_was_seen_and_exits_0_and_a_second_signal_stops_at_o
     let fx = Fixture::new();
     let watcher = watch_store(&fx, &["--max-upload-rate", "40K", "--compression", "none"]).await;
     let big = common::build_random("watch-drain", 300_000);
-    assert_ne!(narinfo_status(&fx, &big).await, 200, "published before the signal: the test proves nothing");
+    assert_ne!(
+        narinfo_status(&fx, &big).await,
+        200,
+        "published before the signal: the test proves nothing"
+    );
     send_signal(watcher.id(), libc::SIGTERM);
     let ended = watcher.wait(Duration::from_secs(90));
     ended.pushed.assert_code(0);
     assert!(
-        ended.pushed.stderr.contains("stopping: publishing the paths already seen"),
+        ended
+            .pushed
+            .stderr
+            .contains("stopping: publishing the paths already seen"),
         "{}",
         ended.pushed.stderr
     );
-    assert_eq!(narinfo_status(&fx, &big).await, 200, "{}", ended.pushed.stderr);
+    assert_eq!(
+        narinfo_status(&fx, &big).await,
+        200,
+        "{}",
+        ended.pushed.stderr
+    );
 
-    let mut watcher = watch_store(&fx, &["--max-upload-rate", "10K", "--compression", "none"]).await;
+    let mut watcher =
+        watch_store(&fx, &["--max-upload-rate", "10K", "--compression", "none"]).await;
     let slow = common::build_random("watch-abort", 300_000);
     send_signal(watcher.id(), libc::SIGTERM);
     // Two signals sent back to back arrive as one (the kernel keeps one pending SIGTERM): the
@@ -354,7 +429,11 @@ async fn sigterm_drains_what_was_seen_and_exits_0_and_a_second_signal_stops_at_o
     send_signal(watcher.id(), libc::SIGTERM);
     let ended = watcher.wait(Duration::from_secs(20));
     ended.pushed.assert_code(130);
-    assert_ne!(narinfo_status(&fx, &slow).await, 200, "30 s of upload cannot have finished");
+    assert_ne!(
+        narinfo_status(&fx, &slow).await,
+        200,
+        "30 s of upload cannot have finished"
+    );
 }
 
 #[tokio::test]
@@ -375,7 +454,14 @@ async fn a_restarted_watcher_uploads_nothing_again() {
     send_signal(first.id(), libc::SIGTERM);
     let first = first.wait(Duration::from_secs(60));
     first.pushed.assert_code(0);
-    assert!(first.pushed.stderr.contains(&format!("uploaded: {}", base[0])), "{}", first.pushed.stderr);
+    assert!(
+        first
+            .pushed
+            .stderr
+            .contains(&format!("uploaded: {}", base[0])),
+        "{}",
+        first.pushed.stderr
+    );
 
     let second = watch_store(&fx, &[]).await;
     let top = nix_build(&file, "d1");
@@ -387,7 +473,10 @@ async fn a_restarted_watcher_uploads_nothing_again() {
     let text = &second.pushed.stderr;
     assert!(text.contains(&format!("uploaded: {}", top[0])), "{text}");
     // The base is in the new path's closure: the server's presence answer covers it.
-    assert!(text.contains(&format!("already present: {}", base[0])), "{text}");
+    assert!(
+        text.contains(&format!("already present: {}", base[0])),
+        "{text}"
+    );
     assert!(!text.contains(&format!("uploaded: {}", base[0])), "{text}");
     fx.substitute(&top);
 }
@@ -411,7 +500,10 @@ async fn watch_store_memory_stays_flat_over_many_builds() {
                     "/usr/bin/head -c 3000 /dev/urandom > $out; echo $dep0 >> $out",
                 );
                 if i == 0 {
-                    Drv::new(&format!("soak-{round}-0"), "/usr/bin/head -c 3000 /dev/urandom > $out")
+                    Drv::new(
+                        &format!("soak-{round}-0"),
+                        "/usr/bin/head -c 3000 /dev/urandom > $out",
+                    )
                 } else {
                     drv.deps(&[i - 1])
                 }
@@ -421,7 +513,10 @@ async fn watch_store_memory_stays_flat_over_many_builds() {
         wait_published(&fx, &paths[9..], PUBLISH_WITHIN, &log).await;
         samples.push(vm_rss_kib(pid));
     }
-    eprintln!("200 builds published in {:?}; VmRSS samples (KiB): {samples:?}", started.elapsed());
+    eprintln!(
+        "200 builds published in {:?}; VmRSS samples (KiB): {samples:?}",
+        started.elapsed()
+    );
     let third = samples.len() / 3;
     let first = *samples[..third].iter().max().unwrap();
     let last = *samples[samples.len() - third..].iter().max().unwrap();
@@ -435,7 +530,8 @@ async fn watch_store_memory_stays_flat_over_many_builds() {
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))

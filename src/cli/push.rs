@@ -73,7 +73,6 @@ pub struct PushArgs {
 /// and `watch-exec`, which push through the same pipeline.
 #[derive(clap::Args, Debug)]
 pub struct PushFlags {
-
     /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
     #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
     pub target: Option<String>,
@@ -370,7 +369,9 @@ impl Session {
             )),
         };
         if let Some(message) = refusal {
-            return Err(fail_after_metrics(&metrics, gateway, &progress, exit::AUTH, message).await);
+            return Err(
+                fail_after_metrics(&metrics, gateway, &progress, exit::AUTH, message).await,
+            );
         }
 
         let threads = flags
@@ -403,12 +404,12 @@ impl Session {
 }
 
 async fn push_async(args: PushArgs, prepared: Prepared, roots: Vec<crate::nix::StorePath>) -> i32 {
-    let reporter: Arc<dyn Reporter> =
-        if args.flags.no_progress || !std::io::stderr().is_terminal() {
-            Arc::new(LineReporter::new(args.flags.verbose))
-        } else {
-            Arc::new(TerminalReporter::new(args.flags.verbose))
-        };
+    let reporter: Arc<dyn Reporter> = if args.flags.no_progress || !std::io::stderr().is_terminal()
+    {
+        Arc::new(LineReporter::new(args.flags.verbose))
+    } else {
+        Arc::new(TerminalReporter::new(args.flags.verbose))
+    };
     let session = match Session::connect(&args.flags, prepared, reporter).await {
         Ok(session) => session,
         Err(code) => return code,

@@ -120,7 +120,8 @@ fn handle_signals(
             _ = int.recv() => {}
         }
         if drain_on_first {
-            progress.warn("stopping: publishing the paths already seen; a second signal stops at once");
+            progress
+                .warn("stopping: publishing the paths already seen; a second signal stops at once");
             control.drain.cancel();
         } else {
             progress.warn("passing the signal on to the command; its paths are published when it ends; a second signal stops pushing at once");
@@ -130,7 +131,9 @@ fn handle_signals(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        progress.warn("stopping at once; unfinished uploads stay on the server and the next run resumes them");
+        progress.warn(
+            "stopping at once; unfinished uploads stay on the server and the next run resumes them",
+        );
         control.cancel.cancel();
     });
     Ok(())

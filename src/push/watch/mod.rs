@@ -390,7 +390,9 @@ pub async fn run(
             Err(PushError::Fatal(
                 failure @ (RunFailure::Unreachable { .. } | RunFailure::StorageFull(_)),
             )) => {
-                if control.outage == OutagePolicy::GiveUpWhenDraining && control.drain.is_cancelled() {
+                if control.outage == OutagePolicy::GiveUpWhenDraining
+                    && control.drain.is_cancelled()
+                {
                     return Err(PushError::Fatal(failure));
                 }
                 progress.warn(&format!(
