@@ -481,6 +481,32 @@ async fn a_restarted_watcher_uploads_nothing_again() {
     fx.substitute(&top);
 }
 
+#[tokio::test]
+async fn since_start_false_also_pushes_what_was_valid_before() {
+    let fx = Fixture::new();
+    let before = common::add_to_store(&[("watch-before.txt", common::nonce().as_bytes())]);
+    let mut watcher = watch_store(&fx, &["--since-start=false"]).await;
+    watcher
+        .wait_for_line("the mark at 0", |l| l.contains("registered after #0"))
+        .await;
+    let log = || watcher.text();
+    // The whole shared store goes first: allow for it.
+    wait_published(&fx, &before, Duration::from_secs(120), &log).await;
+
+    // The default leaves it alone.
+    let older = common::add_to_store(&[("watch-older.txt", common::nonce().as_bytes())]);
+    let newer_watcher = watch_store(&fx, &[]).await;
+    let newer = common::add_to_store(&[("watch-newer.txt", common::nonce().as_bytes())]);
+    let log = || newer_watcher.text();
+    wait_published(&fx, &newer, PUBLISH_WITHIN, &log).await;
+    assert!(
+        !newer_watcher.text().contains(&older[0]),
+        "a path valid before the start was pushed:\n{}",
+        newer_watcher.text()
+    );
+    drop(watcher);
+}
+
 /// 200 small builds (20 `nix-build` calls of 10 derivations, each a chain) while one watcher
 /// runs; its resident memory in the last third of the run stays within a few MiB of the first
 /// third, so nothing is kept per path beyond a hash.

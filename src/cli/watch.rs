@@ -29,6 +29,12 @@ const PREFIX: &str = "stowix: ";
     after_help = "Pushes every store path that becomes valid in the local Nix store (built, substituted, added or imported) after it starts, with its closure, until SIGTERM or SIGINT; then publishes what it has seen and exits 0 (a second signal stops at once, exit 130; unfinished uploads resume on the next start). Reads the Nix database ($NIX_STATE_DIR/db/db.sqlite, default /nix/var/nix/db/db.sqlite), so it needs read access to it.\n\nExit codes: 0 stopped by a signal after publishing, 2 usage, 3 auth, 5 nix, 6 not a Stowix server or repository gone, 130 stopped by a second signal."
 )]
 pub struct WatchStoreArgs {
+    /// Push only paths that become valid after the start (the default). `--since-start=false`
+    /// also pushes every path already valid when it starts (a first fill of a new repository;
+    /// presence answers skip what the repository has).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub since_start: bool,
+
     #[command(flatten)]
     pub flags: PushFlags,
 }
@@ -55,12 +61,16 @@ struct Started {
 
 /// Offline checks, the database and its mark (before anything can become valid unseen), then
 /// the connection. `Err(code)` after the error was printed.
-fn prepare(flags: &PushFlags) -> Result<(Prepared, Scanner), i32> {
+fn prepare(flags: &PushFlags, since_start: bool) -> Result<(Prepared, Scanner), i32> {
     set_line_prefix(PREFIX);
     let prepared = Prepared::check(flags)?;
     Prepared::check_nix()?;
     let db = store_db::StoreDb::open(&store_db::default_path()).map_err(|e| fail(exit::NIX, e))?;
-    let scanner = Scanner::start_now(db).map_err(|e| fail(exit::NIX, e))?;
+    let scanner = if since_start {
+        Scanner::start_now(db).map_err(|e| fail(exit::NIX, e))?
+    } else {
+        Scanner::start_at(db, 0)
+    };
     Ok((prepared, scanner))
 }
 
@@ -140,7 +150,7 @@ fn handle_signals(
 }
 
 pub fn run_store(args: WatchStoreArgs) -> i32 {
-    let (prepared, scanner) = match prepare(&args.flags) {
+    let (prepared, scanner) = match prepare(&args.flags, args.since_start) {
         Ok(ready) => ready,
         Err(code) => return code,
     };
@@ -188,7 +198,7 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
 }
 
 pub fn run_exec(args: WatchExecArgs) -> i32 {
-    let (prepared, scanner) = match prepare(&args.flags) {
+    let (prepared, scanner) = match prepare(&args.flags, true) {
         Ok(ready) => ready,
         Err(code) => return code,
     };

@@ -29,8 +29,9 @@
 //! inside the 2 s goal, so the database alone is both the trigger and the source of truth.
 //!
 //! What is pushed: paths that become valid after the watcher started (the mark is taken before
-//! anything else happens: `watch-exec` takes it before it starts the command). Their closures
-//! come along, as with `stowix nix push`. A restart does not re-upload anything: presence
+//! anything else happens: `watch-exec` takes it before it starts the command); with
+//! `watch-store --since-start=false` the mark starts at 0, so the whole store is pushed first.
+//! Their closures come along, as with `stowix nix push`. A restart does not re-upload anything: presence
 //! answers say what the repository has, and within one process `known` skips even the
 //! question (bounded to [`KNOWN_CAP`] hashes, then forgotten wholesale: the server answers).
 //!
@@ -265,6 +266,11 @@ impl Scanner {
     pub fn start_now(db: StoreDb) -> Result<Self, String> {
         let mark = db.high_water()?;
         Ok(Self { db, mark })
+    }
+
+    /// Pushes every path registered after `mark` (0: the whole store).
+    pub fn start_at(db: StoreDb, mark: i64) -> Self {
+        Self { db, mark }
     }
 
     pub fn mark(&self) -> i64 {
