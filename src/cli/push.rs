@@ -31,6 +31,8 @@ const DEFAULT_JOBS: usize = 16;
 /// within 5% of `nix copy`'s preset 6 on a closure of real binaries (+4.3%, 5.2x faster on 2
 /// cores); preset 1 is faster but stores more, and bytes stored are paid by every download.
 const DEFAULT_XZ_LEVEL: i32 = 2;
+/// How often a watcher that starts before its server asks it again.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The job name under which metrics are pushed to a Prometheus push gateway.
 const PUSH_GATEWAY_JOB: &str = "stowix_push";
 
@@ -325,10 +327,13 @@ pub(crate) struct Session {
 impl Session {
     /// Installs metrics, builds the client and checks the token's scope with `GET info`.
     /// `Err(code)` after the error was printed (and the metrics pushed).
+    /// With `wait_for_server`, a server that does not answer is asked again every
+    /// [`CONNECT_RETRY`] until it does (`watch-store`: a service started before its server).
     pub(crate) async fn connect(
         flags: &PushFlags,
         prepared: Prepared,
         reporter: Arc<dyn Reporter>,
+        wait_for_server: bool,
     ) -> Result<Self, i32> {
         let metrics = Metrics::install(flags.metrics_listen)
             .map_err(|err| fail(exit::USAGE, format!("cannot serve metrics: {err}")))?;
@@ -344,19 +349,35 @@ impl Session {
         .map_err(|err| fail(exit::FAILURE, err))?;
         let gateway = flags.metrics_push_gateway.as_deref();
 
-        let info = match client.info().await {
-            Ok(info) => info,
-            Err(err) => {
-                return Err(fail_after_metrics(
-                    &metrics,
-                    gateway,
-                    &progress,
-                    client_exit_code(&err),
-                    err,
-                )
-                .await)
+        let mut warned = false;
+        let info = loop {
+            match client.info().await {
+                Ok(info) => break info,
+                Err(err) if wait_for_server && push::failure::is_outage(&err) => {
+                    if !warned {
+                        progress.warn(&format!(
+                            "{err}; asking again every {} s",
+                            CONNECT_RETRY.as_secs()
+                        ));
+                        warned = true;
+                    }
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Err(err) => {
+                    return Err(fail_after_metrics(
+                        &metrics,
+                        gateway,
+                        &progress,
+                        client_exit_code(&err),
+                        err,
+                    )
+                    .await)
+                }
             }
         };
+        if warned {
+            progress.warn("the server answers");
+        }
         let refusal = match info.token_scope.as_deref() {
             Some("push") => None,
             Some(scope) => Some(format!(
@@ -410,7 +431,7 @@ async fn push_async(args: PushArgs, prepared: Prepared, roots: Vec<crate::nix::S
     } else {
         Arc::new(TerminalReporter::new(args.flags.verbose))
     };
-    let session = match Session::connect(&args.flags, prepared, reporter).await {
+    let session = match Session::connect(&args.flags, prepared, reporter, false).await {
         Ok(session) => session,
         Err(code) => return code,
     };

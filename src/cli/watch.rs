@@ -74,9 +74,16 @@ fn prepare(flags: &PushFlags, since_start: bool) -> Result<(Prepared, Scanner), 
     Ok((prepared, scanner))
 }
 
-async fn start(flags: &PushFlags, prepared: Prepared, scanner: Scanner) -> Result<Started, i32> {
+/// `wait_for_server`: see [`Session::connect`]; the mark is already taken, so nothing that
+/// becomes valid meanwhile is missed.
+async fn start(
+    flags: &PushFlags,
+    prepared: Prepared,
+    scanner: Scanner,
+    wait_for_server: bool,
+) -> Result<Started, i32> {
     let reporter: Arc<dyn Reporter> = Arc::new(LineReporter::with_prefix(flags.verbose, PREFIX));
-    let session = Session::connect(flags, prepared, reporter).await?;
+    let session = Session::connect(flags, prepared, reporter, wait_for_server).await?;
     let tracker = Tracker::new();
     session
         .progress
@@ -163,7 +170,7 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
             session,
             tracker,
             scanner,
-        } = match start(&args.flags, prepared, scanner).await {
+        } = match start(&args.flags, prepared, scanner, true).await {
             Ok(started) => started,
             Err(code) => return code,
         };
@@ -211,7 +218,7 @@ pub fn run_exec(args: WatchExecArgs) -> i32 {
             session,
             tracker,
             scanner,
-        } = match start(&args.flags, prepared, scanner).await {
+        } = match start(&args.flags, prepared, scanner, false).await {
             Ok(started) => started,
             Err(code) => return code,
         };
