@@ -376,7 +376,7 @@ impl Session {
             }
         };
         if warned {
-            progress.warn("the server answers");
+            progress.note("the server answers");
         }
         let refusal = match info.token_scope.as_deref() {
             Some("push") => None,

@@ -178,7 +178,7 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
         if let Err(err) = handle_signals(&control, Arc::clone(&session.progress), true, || {}) {
             return fail(exit::FAILURE, format!("cannot handle signals: {err}"));
         }
-        session.progress.warn(&format!(
+        session.progress.note(&format!(
             "watching the Nix store (paths registered after #{}) for {}",
             scanner.mark(),
             session.info.repository
@@ -279,7 +279,7 @@ pub fn run_exec(args: WatchExecArgs) -> i32 {
         let status = child.wait().await;
         let waiting = tracker.waiting();
         if waiting > 0 {
-            session.progress.warn(&format!(
+            session.progress.note(&format!(
                 "the command ended; publishing the {waiting} paths it left"
             ));
         }

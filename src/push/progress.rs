@@ -187,6 +187,10 @@ impl Progress {
         self.reporter.warn(message);
     }
 
+    pub fn note(&self, message: &str) {
+        self.reporter.note(message);
+    }
+
     /// New paths of the closure (already deduplicated).
     pub fn closure_paths(&self, paths: &[Arc<PathInfo>]) {
         add(&self.tally.closure_paths, paths.len() as u64);

@@ -62,6 +62,10 @@ pub trait Reporter: Send + Sync {
     /// A request failed and will be tried again after `delay`.
     fn retrying(&self, endpoint: &str, error: &str, delay: Duration);
     fn warn(&self, message: &str);
+    /// A plain line about what the process does (a watcher starting, the server answering).
+    fn note(&self, message: &str) {
+        self.warn(message);
+    }
     /// Called about once a second with the current tally.
     fn status(&self, snapshot: &Snapshot);
     /// The final summary.
@@ -229,6 +233,10 @@ impl Reporter for LineReporter {
 
     fn warn(&self, message: &str) {
         self.line(&format!("warning: {message}"));
+    }
+
+    fn note(&self, message: &str) {
+        self.line(message);
     }
 
     fn status(&self, snapshot: &Snapshot) {
