@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Stowix: Nix (the oracle every
-# test checks against), the Prometheus Pushgateway (the push-metrics tests start a real one)
+# test checks against), the Prometheus Pushgateway (the push-metrics tests start a real one),
+# Prometheus (tests/dashboard.rs evaluates every dashboard expression in a real one)
 # and the Rust components CI uses. Idempotent.
 set -euo pipefail
 if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
@@ -14,6 +15,12 @@ if ! command -v prometheus-pushgateway >/dev/null; then
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus-pushgateway >/dev/null
+fi
+if ! command -v prometheus >/dev/null; then
+  echo "installing prometheus from Debian's packages" >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo is not installed; install Rust (rustup) first" >&2

@@ -570,6 +570,7 @@ impl Metrics {
         let handle = recorder.handle();
         metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         push_metrics::describe();
+        push_metrics::register_zeros();
         Ok(Self {
             handle: Some(handle),
         })

@@ -84,6 +84,7 @@ async fn start(
 ) -> Result<Started, i32> {
     let reporter: Arc<dyn Reporter> = Arc::new(LineReporter::with_prefix(flags.verbose, PREFIX));
     let session = Session::connect(flags, prepared, reporter, wait_for_server).await?;
+    crate::push::metrics::register_watch_zeros();
     let tracker = Tracker::new();
     session
         .progress

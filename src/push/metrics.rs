@@ -69,6 +69,36 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
         )
 }
 
+/// Creates every counter a dashboard queries at 0, so a panel shows 0 (not "no data") for a
+/// pusher that has not retried, been rate-limited or given anything up yet.
+pub fn register_zeros() {
+    use metrics::{counter, gauge};
+    for outcome in [
+        outcome::PRESENT,
+        outcome::UPLOADED,
+        outcome::NAR_STORED,
+        outcome::FAILED,
+    ] {
+        counter!(PATHS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    for reason in crate::client::RetryReason::ALL {
+        counter!(RETRIES_TOTAL, "reason" => reason.label()).increment(0);
+    }
+    counter!(NAR_BYTES_TOTAL).increment(0);
+    counter!(COMPRESSED_BYTES_TOTAL).increment(0);
+    counter!(UPLOADED_BYTES_TOTAL).increment(0);
+    gauge!(RATE_LIMIT_WAIT_SECONDS_TOTAL).increment(0.0);
+}
+
+/// The watchers' metrics at 0 (see [`register_zeros`]).
+pub fn register_watch_zeros() {
+    use metrics::{counter, gauge};
+    counter!(WATCH_PATHS_SEEN_TOTAL).increment(0);
+    counter!(WATCH_BATCHES_TOTAL).increment(0);
+    counter!(WATCH_PATHS_GIVEN_UP_TOTAL).increment(0);
+    gauge!(WATCH_PATHS_WAITING).set(0.0);
+}
+
 /// Registers help texts so scrapes show what each metric means.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
