@@ -165,6 +165,17 @@ impl Tracker {
         (roots, next)
     }
 
+    /// `roots` are about to be pushed: a failure recorded before (a path that failed as a
+    /// dependency in an earlier run) must not be judged as theirs.
+    fn begin(&self, roots: &[StorePath]) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        for root in roots {
+            if let Some(entry) = pending.get_mut(root) {
+                entry.failed = false;
+            }
+        }
+    }
+
     /// After a run that completed: roots that failed are deferred or given up; roots with no
     /// outcome were no longer valid (collected since they were seen) and are dropped.
     fn judge(&self, roots: &[StorePath], progress: &Progress) {
@@ -373,6 +384,7 @@ pub async fn run(
             tokio::time::sleep(LINGER).await;
         }
         let (roots, _) = tracker.ready();
+        tracker.begin(&roots);
         counter!(m::WATCH_BATCHES_TOTAL).increment(1);
         let result = super::run(
             Arc::clone(&client),
@@ -469,6 +481,23 @@ mod tests {
         // Seen again (collected and rebuilt): waits again, though the server may have it.
         tracker.add([a.clone()]);
         assert_eq!(tracker.waiting(), 2);
+    }
+
+    #[test]
+    fn a_failure_from_an_earlier_run_is_not_counted_against_the_next() {
+        let progress = Progress::new(Arc::new(SilentReporter));
+        let tracker = Tracker::new();
+        let dep = path('f', "dep");
+        tracker.add([dep.clone()]);
+        // It failed as a dependency of another root, before it was a root itself.
+        tracker.settled(&dep, false);
+        let (roots, _) = tracker.ready();
+        tracker.begin(&roots);
+        // This run gives it no outcome (it was collected meanwhile): dropped, not retried as
+        // if it had failed again.
+        tracker.judge(&roots, &progress);
+        assert_eq!(tracker.waiting(), 0);
+        assert_eq!(tracker.given_up(), 0);
     }
 
     #[test]
