@@ -35,6 +35,7 @@ fn bench(c: &mut Criterion) {
             private: false,
             secret_key: key.to_text(),
             priority: 41,
+            upstream_keys: Vec::new(),
         })
         .unwrap();
     let published: Vec<PublishedNarInfo> = (0..BATCH)

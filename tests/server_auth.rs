@@ -129,6 +129,7 @@ impl Setup {
                     .post(api_url(repo_url, "narinfos"))
                     .json(&api::PublishRequest {
                         narinfos: vec![self.path.publish_entry()],
+                        upstream: vec![],
                     }),
             ),
             (

@@ -178,7 +178,10 @@ async fn failed_authentications_are_rate_limited_per_client() {
         let resp = http()
             .post(api_url(&url, "narinfos"))
             .header("Authorization", bearer(&wrong))
-            .json(&api::PublishRequest { narinfos: vec![] })
+            .json(&api::PublishRequest {
+                narinfos: vec![],
+                upstream: vec![],
+            })
             .send()
             .await
             .unwrap();

@@ -150,6 +150,9 @@ pub struct RepoInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_scope: Option<String>,
     pub limits: ServerLimits,
+    /// Public keys (`name:base64`) of upstream caches: paths they signed need not be pushed.
+    #[serde(default)]
+    pub upstream_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -240,7 +243,28 @@ pub struct NarStored {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PublishRequest {
     pub narinfos: Vec<PublishEntry>,
+    /// References the client did not push because an upstream cache the repository trusts
+    /// serves them: each proven by that upstream's signature, which the server checks against
+    /// the repository's upstream keys before it lets a narinfo refer to the path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<UpstreamProof>,
 }
+
+/// A path as an upstream cache signed it: the fields of Nix's signature fingerprint
+/// (`1;<path>;<narHash>;<narSize>;<references>`) and the signatures.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpstreamProof {
+    /// Absolute store path.
+    pub store_path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    /// Absolute store paths.
+    pub references: Vec<String>,
+    pub signatures: Vec<String>,
+}
+
+/// cache.nixos.org's key: what new repositories trust as upstream unless told otherwise.
+pub const NIXOS_CACHE_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFnspcDJjSY=";
 
 /// What the client knows of a path; the server adds URL, Compression, FileHash and FileSize
 /// from the NAR it holds with this `nar_hash`, and its own signature.

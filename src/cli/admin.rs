@@ -6,7 +6,7 @@
 use clap::Subcommand;
 
 use super::exit;
-use crate::nix::signing::SecretKey;
+use crate::nix::signing::{PublicKey, SecretKey};
 use crate::server::auth::generate_token;
 use crate::server::is_valid_repo_name;
 use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope};
@@ -44,6 +44,14 @@ pub enum RepoCommand {
         /// Substituter priority announced in nix-cache-info (lower is preferred; cache.nixos.org is 40).
         #[arg(long, default_value_t = 41)]
         priority: u32,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
+    },
+    /// Change a repository's settings.
+    Configure {
+        name: String,
+        #[command(flatten)]
+        upstream: UpstreamArgs,
     },
     /// Show a repository's substituter settings and public key.
     Show {
@@ -58,6 +66,44 @@ pub enum RepoCommand {
     },
     /// List repositories.
     List,
+}
+
+/// Upstream caches: clients skip pushing paths these keys signed, and the server accepts
+/// references to such paths when a client proves them with the signature.
+#[derive(clap::Args, Debug)]
+pub struct UpstreamArgs {
+    /// Public key (`name:base64`) of an upstream cache; repeat for several. Replaces the
+    /// repository's list [default for new repositories: cache.nixos.org-1's key].
+    #[arg(long = "upstream-key", value_name = "KEY")]
+    pub upstream_keys: Vec<String>,
+    /// Trust no upstream cache: every path is pushed.
+    #[arg(long, conflicts_with = "upstream_keys")]
+    pub no_upstream_keys: bool,
+}
+
+impl UpstreamArgs {
+    /// The list these flags set, checked; `None` when they set nothing.
+    fn keys(&self) -> Result<Option<Vec<String>>, (i32, String, Option<String>)> {
+        if self.no_upstream_keys {
+            return Ok(Some(Vec::new()));
+        }
+        if self.upstream_keys.is_empty() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        for text in &self.upstream_keys {
+            let key = PublicKey::parse(text).map_err(|err| {
+                (
+                    exit::USAGE,
+                    format!("--upstream-key {text:?} is not a Nix public key: {err}"),
+                    Some("give it as `name:base64`, e.g. the line from the upstream's trusted-public-keys".into()),
+                )
+            })?;
+            keys.push(key.to_text());
+        }
+        keys.dedup();
+        Ok(Some(keys))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -125,6 +171,7 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
             name,
             private,
             priority,
+            upstream,
         } => {
             if !is_valid_repo_name(&name) {
                 return Err((
@@ -133,12 +180,16 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
                     Some("use 1-63 of a-z, 0-9, '-' and '_', starting with a letter or digit (not metrics, healthz, api, nar, nix-cache-info)".into()),
                 ));
             }
+            let upstream_keys = upstream
+                .keys()?
+                .unwrap_or_else(|| vec![crate::api::NIXOS_CACHE_KEY.to_string()]);
             let key = SecretKey::generate(&name);
             let record = RepoRecord {
                 name: name.clone(),
                 private,
                 secret_key: key.to_text(),
                 priority,
+                upstream_keys,
             };
             if !meta.create_repo(&record).map_err(internal)? {
                 return Err((
@@ -165,6 +216,12 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
                 }
             );
             println!("public key:        {public}");
+            if repo.upstream_keys.is_empty() {
+                println!("upstream keys:     none (every path is pushed)");
+            }
+            for key in &repo.upstream_keys {
+                println!("upstream key:      {key}");
+            }
             println!();
             println!("# nix.conf");
             println!("extra-substituters = {url}");
@@ -178,6 +235,21 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
                     .unwrap_or_default();
                 println!("machine {host} login stowix password <token>");
             }
+            Ok(())
+        }
+        RepoCommand::Configure { name, upstream } => {
+            require_repo(meta, &name)?;
+            let Some(keys) = upstream.keys()? else {
+                return Err((
+                    exit::USAGE,
+                    "nothing to configure".into(),
+                    Some("give --upstream-key KEY (repeatable) or --no-upstream-keys".into()),
+                ));
+            };
+            if !meta.set_upstream_keys(&name, &keys).map_err(internal)? {
+                return Err((exit::USAGE, format!("no repository named '{name}'"), None));
+            }
+            eprintln!("repository '{name}': {} upstream key(s)", keys.len());
             Ok(())
         }
         RepoCommand::List => {

@@ -16,6 +16,7 @@ use super::exit;
 use crate::client::{
     self, ClientConfig, ClientError, PushClient, RateLimits, RepoUrl, RetryPolicy, Token,
 };
+use crate::nix::signing::PublicKey;
 use crate::push::compress::{self, Compression};
 use crate::push::report::{LineReporter, Reporter, TerminalReporter};
 use crate::push::{
@@ -147,6 +148,21 @@ pub struct PushFlags {
           default_value = "120s", value_parser = push::failure::parse_duration)]
     pub retry_timeout: std::time::Duration,
 
+    /// Public key (`name:base64`) of an upstream cache: paths it signed are not pushed (Nix
+    /// gets them from that cache). Adds to the repository's own upstream keys (`stowix admin
+    /// repo show`); repeat for several.
+    #[arg(
+        long = "upstream-key",
+        env = "STOWIX_UPSTREAM_KEYS",
+        value_delimiter = ' ',
+        value_name = "KEY"
+    )]
+    pub upstream_keys: Vec<String>,
+
+    /// Push every path, including those an upstream cache signed.
+    #[arg(long, env = "STOWIX_NO_UPSTREAM_FILTER")]
+    pub no_upstream_filter: bool,
+
     /// Bytes per upload chunk (testing and tuning; capped by the server's limits).
     #[arg(long, env = push::CHUNK_SIZE_ENV, hide = true, value_parser = parse_size)]
     pub chunk_size: Option<u64>,
@@ -245,6 +261,8 @@ pub(crate) struct Prepared {
     level: i32,
     repo: RepoUrl,
     token: Token,
+    /// `--upstream-key`s; the repository's own are added once it answered.
+    upstream_keys: Vec<PublicKey>,
 }
 
 impl Prepared {
@@ -267,7 +285,22 @@ impl Prepared {
             ));
         };
         let token = Token::parse(token_text).map_err(|err| fail(exit::USAGE, err))?;
-        Ok(Self { level, repo, token })
+        let mut upstream_keys = Vec::new();
+        for text in flags.upstream_keys.iter().filter(|t| !t.is_empty()) {
+            let key = PublicKey::parse(text).map_err(|err| {
+                fail(
+                    exit::USAGE,
+                    format!("--upstream-key {text:?} is not a Nix public key: {err}\nhint: give it as name:base64, as in trusted-public-keys"),
+                )
+            })?;
+            upstream_keys.push(key);
+        }
+        Ok(Self {
+            level,
+            repo,
+            token,
+            upstream_keys,
+        })
     }
 
     pub(crate) fn check_nix() -> Result<(), i32> {
@@ -395,6 +428,23 @@ impl Session {
             );
         }
 
+        let mut upstream_keys = prepared.upstream_keys;
+        if flags.no_upstream_filter {
+            upstream_keys.clear();
+        } else {
+            for text in &info.upstream_keys {
+                match PublicKey::parse(text) {
+                    Ok(key) if !upstream_keys.contains(&key) => upstream_keys.push(key),
+                    Ok(_) => {}
+                    // The server checks keys when they are configured; a bad one only loses the
+                    // filter for its paths, which are then pushed.
+                    Err(err) => progress.warn(&format!(
+                        "ignoring the repository's upstream key {text:?}: {err}"
+                    )),
+                }
+            }
+        }
+
         let threads = flags
             .compression_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
@@ -407,6 +457,7 @@ impl Session {
             },
             chunk_size: flags.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
             retry_timeout: flags.retry_timeout,
+            upstream_keys,
         };
         Ok(Self {
             client,

@@ -312,6 +312,19 @@ fn changed_size(path: &Path, size: u64, how: &str) -> NarError {
 /// `.`/`..` and free of `/` and NUL, and strictly ascending; symlink targets must be 1..=4095
 /// bytes without NUL; nesting is limited to [`MAX_DEPTH`]; nothing may follow the root node.
 pub fn validate<R: std::io::Read>(input: R) -> Result<NarSummary, NarError> {
+    validate_with_listing(input, 0).map(|(summary, _)| summary)
+}
+
+/// [`validate`], also writing the NAR's listing in the format of Nix's `<hash>.ls` files
+/// (`{"version":1,"root":NODE}`, regular files with `size`, `executable` and `narOffset`, the
+/// offset of their contents in the NAR). The listing is `None` when it would exceed
+/// `listing_limit` bytes (0: never built), so a NAR of millions of tiny files costs bounded
+/// memory.
+pub fn validate_with_listing<R: std::io::Read>(
+    input: R,
+    listing_limit: usize,
+) -> Result<(NarSummary, Option<String>), NarError> {
+    let mut listing = Listing::new(listing_limit);
     let mut r = Decoder::new(input);
     match r.string(MAGIC.len(), "magic") {
         Ok(magic) if magic == MAGIC => {}
@@ -325,7 +338,9 @@ pub fn validate<R: std::io::Read>(input: R) -> Result<NarSummary, NarError> {
     }
     // Last entry name of each open directory, innermost last.
     let mut dirs: Vec<Option<Vec<u8>>> = Vec::new();
-    if r.node()? {
+    let root = r.node()?;
+    listing.node(&root);
+    if root == Node::Directory {
         dirs.push(None);
     }
     while !dirs.is_empty() {
@@ -334,6 +349,7 @@ pub fn validate<R: std::io::Read>(input: R) -> Result<NarSummary, NarError> {
         match tag.as_slice() {
             b")" => {
                 dirs.pop();
+                listing.close_directory();
                 if !dirs.is_empty() {
                     r.expect(b")")?; // closes the entry that held the directory
                 }
@@ -361,13 +377,16 @@ pub fn validate<R: std::io::Read>(input: R) -> Result<NarSummary, NarError> {
                         return Err(malformed(name_at, reason));
                     }
                 }
+                listing.entry(prev.is_none(), &name);
                 *prev = Some(name);
                 r.expect(b"node")?;
                 if dirs.len() >= MAX_DEPTH {
                     let reason = format!("directories nested deeper than {MAX_DEPTH} levels");
                     return Err(malformed(r.offset, reason));
                 }
-                if r.node()? {
+                let node = r.node()?;
+                listing.node(&node);
+                if node == Node::Directory {
                     dirs.push(None);
                 } else {
                     r.expect(b")")?; // closes the entry
@@ -380,7 +399,100 @@ pub fn validate<R: std::io::Read>(input: R) -> Result<NarSummary, NarError> {
         }
     }
     r.expect_eof()?;
-    Ok(r.finish())
+    Ok((r.finish(), listing.finish()))
+}
+
+/// What [`Decoder::node`] read: a whole file or symlink, or the head of a directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Node {
+    Regular {
+        size: u64,
+        executable: bool,
+        /// Where the contents start in the NAR.
+        offset: u64,
+    },
+    Symlink(Vec<u8>),
+    Directory,
+}
+
+/// Nix's listing JSON, written as the validator walks the NAR: one pass, no tree in memory.
+struct Listing {
+    json: String,
+    limit: usize,
+}
+
+impl Listing {
+    fn new(limit: usize) -> Self {
+        let mut json = String::new();
+        if limit > 0 {
+            json.push_str("{\"version\":1,\"root\":");
+        }
+        Listing { json, limit }
+    }
+
+    /// Stops building once over the limit (and when never asked for one).
+    fn active(&self) -> bool {
+        self.limit > 0 && self.json.len() <= self.limit
+    }
+
+    fn node(&mut self, node: &Node) {
+        if !self.active() {
+            return;
+        }
+        use std::fmt::Write as _;
+        match node {
+            Node::Regular {
+                size,
+                executable,
+                offset,
+            } => {
+                let _ = write!(self.json, "{{\"type\":\"regular\",\"size\":{size}");
+                if *executable {
+                    self.json.push_str(",\"executable\":true");
+                }
+                let _ = write!(self.json, ",\"narOffset\":{offset}}}");
+            }
+            Node::Symlink(target) => {
+                self.json.push_str("{\"type\":\"symlink\",\"target\":");
+                self.string(target);
+                self.json.push('}');
+            }
+            Node::Directory => self.json.push_str("{\"type\":\"directory\",\"entries\":{"),
+        }
+    }
+
+    fn entry(&mut self, first: bool, name: &[u8]) {
+        if !self.active() {
+            return;
+        }
+        if !first {
+            self.json.push(',');
+        }
+        self.string(name);
+        self.json.push(':');
+    }
+
+    fn close_directory(&mut self) {
+        if self.active() {
+            self.json.push_str("}}");
+        }
+    }
+
+    /// Names and targets are bytes; JSON needs text. Nix's own listing has the same
+    /// limitation, and store paths with non-UTF-8 names are vanishingly rare.
+    fn string(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        self.json
+            .push_str(&serde_json::to_string(&text).expect("a string serialises"));
+    }
+
+    fn finish(mut self) -> Option<String> {
+        if !self.active() {
+            return None;
+        }
+        self.json.push('}');
+        Some(self.json)
+    }
 }
 
 fn check_entry_name(name: &[u8]) -> Result<(), String> {
@@ -504,9 +616,9 @@ impl<R: Read> Decoder<R> {
         Ok(())
     }
 
-    /// Reads a node up to its end, or for a directory up to its first entry; true if it is a
-    /// directory, whose entries the caller then reads.
-    fn node(&mut self) -> Result<bool, NarError> {
+    /// Reads a node up to its end, or for a directory up to its first entry, whose entries
+    /// the caller then reads.
+    fn node(&mut self) -> Result<Node, NarError> {
         self.expect(b"(")?;
         self.expect(b"type")?;
         let type_at = self.offset;
@@ -514,7 +626,8 @@ impl<R: Read> Decoder<R> {
             b"regular" => {
                 let mut tag_at = self.offset;
                 let mut tag = self.tag()?;
-                if tag == b"executable" {
+                let executable = tag == b"executable";
+                if executable {
                     let marker_at = self.offset;
                     if !self.string(MAX_TAG_LEN, "executable marker")?.is_empty() {
                         return Err(malformed(marker_at, "executable marker is not empty"));
@@ -527,10 +640,15 @@ impl<R: Read> Decoder<R> {
                     return Err(malformed(tag_at, reason));
                 }
                 let len = self.u64()?;
+                let offset = self.offset;
                 self.consume(len, |_| {})?;
                 self.padding(len)?;
                 self.expect(b")")?;
-                Ok(false)
+                Ok(Node::Regular {
+                    size: len,
+                    executable,
+                    offset,
+                })
             }
             b"symlink" => {
                 self.expect(b"target")?;
@@ -541,9 +659,9 @@ impl<R: Read> Decoder<R> {
                     return Err(malformed(target_at, reason));
                 }
                 self.expect(b")")?;
-                Ok(false)
+                Ok(Node::Symlink(target))
             }
-            b"directory" => Ok(true),
+            b"directory" => Ok(Node::Directory),
             other => {
                 let reason = format!("unknown file type {}", quote(other));
                 Err(malformed(type_at, reason))
@@ -643,6 +761,41 @@ mod tests {
             Err(NarError::Malformed { offset, reason }) => (offset, reason),
             other => panic!("expected Malformed, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_listing_describes_every_node_with_content_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("bin/tool"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            root.join("bin/tool"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(root.join("data"), b"abc").unwrap();
+        symlink("bin/tool", root.join("link")).unwrap();
+        let (bytes, summary) = dump(&root);
+        let (checked, listing) = validate_with_listing(bytes.as_slice(), 1 << 20).unwrap();
+        assert_eq!(checked, summary);
+        let listing: serde_json::Value = serde_json::from_str(&listing.unwrap()).unwrap();
+        assert_eq!(listing["version"], 1);
+        let entries = &listing["root"]["entries"];
+        assert_eq!(listing["root"]["type"], "directory");
+        assert_eq!(entries["link"]["target"], "bin/tool");
+        let tool = &entries["bin"]["entries"]["tool"];
+        assert_eq!(tool["executable"], true);
+        assert!(entries["data"].get("executable").is_none());
+        // Each offset is where the file's bytes are in the NAR.
+        for (file, contents) in [(tool, &b"#!/bin/sh\n"[..]), (&entries["data"], b"abc")] {
+            let at = file["narOffset"].as_u64().unwrap() as usize;
+            assert_eq!(file["size"].as_u64().unwrap() as usize, contents.len());
+            assert_eq!(&bytes[at..at + contents.len()], contents);
+        }
+        // Past the limit there is no listing, and validation is unaffected.
+        let (checked, none) = validate_with_listing(bytes.as_slice(), 10).unwrap();
+        assert_eq!((checked, none), (summary, None));
     }
 
     #[test]

@@ -186,6 +186,17 @@ fn split_key(text: &str) -> Result<(&str, Vec<u8>), String> {
     Ok((name, bytes))
 }
 
+/// The first of `keys` that made a valid signature of `fingerprint` among `signatures`: the
+/// signature is checked, not just its key name.
+pub fn signed_by<'k>(
+    keys: &'k [PublicKey],
+    fingerprint: &str,
+    signatures: &[String],
+) -> Option<&'k PublicKey> {
+    keys.iter()
+        .find(|key| signatures.iter().any(|sig| key.verify(fingerprint, sig)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,8 @@ pub const WATCH_PATHS_GIVEN_UP_TOTAL: &str = "stowix_watch_paths_given_up_total"
 pub mod outcome {
     /// Already published in the repository before this run.
     pub const PRESENT: &str = "present";
+    /// Not pushed: an upstream cache the repository trusts signed it.
+    pub const UPSTREAM: &str = "upstream";
     /// NAR uploaded and narinfo published by this run.
     pub const UPLOADED: &str = "uploaded";
     /// NAR was already stored (e.g. an interrupted earlier run); only the narinfo was published.
@@ -77,6 +79,7 @@ pub fn register_zeros() {
         outcome::PRESENT,
         outcome::UPLOADED,
         outcome::NAR_STORED,
+        outcome::UPSTREAM,
         outcome::FAILED,
     ] {
         counter!(PATHS_TOTAL, "outcome" => outcome).increment(0);

@@ -89,6 +89,9 @@ pub struct PushConfig {
     pub chunk_size: u64,
     /// How long the server may answer nothing before the run fails (`--retry-timeout`).
     pub retry_timeout: std::time::Duration,
+    /// Paths signed by one of these keys are not pushed (an upstream cache serves them); their
+    /// signatures prove them to the server when a pushed path refers to them. Empty: push all.
+    pub upstream_keys: Vec<crate::nix::signing::PublicKey>,
 }
 
 /// A NAR being dumped, handed to compression.
@@ -115,6 +118,8 @@ pub struct CompressedStream {
 pub enum PublishEvent {
     /// Already published before this run.
     Present(PathRef),
+    /// Not pushed: a trusted upstream cache signed it. References to it carry the proof.
+    Upstream(PathRef),
     /// The server holds the NAR.
     Stored {
         info: PathRef,
@@ -239,7 +244,10 @@ pub async fn run(
     ));
     let presence = tokio::spawn(presence::run(
         Arc::clone(&client),
-        presence_batch,
+        presence::PresenceConfig {
+            batch_size: presence_batch,
+            upstream_keys: config.upstream_keys.clone().into(),
+        },
         closure_rx,
         dump_tx,
         publish_tx.clone(),

@@ -2,7 +2,8 @@
 //! several queries in flight, and routes every path as soon as its answer arrives.
 //!
 //! ```text
-//!   closure batches ──► split into queries of ≤ batch_size ──► POST presence (≤ IN_FLIGHT at once)
+//!   closure batches ──► signed by an upstream key? ──► publish as upstream (never uploaded)
+//!        └─ the rest ──► split into queries of ≤ batch_size ──► POST presence (≤ IN_FLIGHT at once)
 //!      ├─ missing ──────► dump queue (upload, then publish)
 //!      ├─ nar_stored ───► publish (the NAR is there, only the narinfo is missing)
 //!      └─ neither ──────► publish as present (counts as published for its dependents)
@@ -23,6 +24,7 @@ use super::progress::Progress;
 use super::{PathRef, PublishEvent};
 use crate::api::{PresenceQuery, PresenceRequest};
 use crate::client::PushClient;
+use crate::nix::signing::{signed_by, PublicKey};
 
 /// Queries in flight: hides the round trip of one query behind the others without flooding
 /// the server (each query is already up to thousands of paths).
@@ -31,9 +33,20 @@ const IN_FLIGHT: usize = 4;
 /// requests, small enough that the first answers arrive (and uploads start) quickly.
 pub const DEFAULT_BATCH: usize = 2000;
 
+/// What the stage asks and what it skips.
+pub struct PresenceConfig {
+    /// Paths per query.
+    pub batch_size: usize,
+    /// Paths signed by one of these are routed as upstream instead of queried.
+    pub upstream_keys: Arc<[PublicKey]>,
+}
+
 pub async fn run(
     client: Arc<PushClient>,
-    batch_size: usize,
+    PresenceConfig {
+        batch_size,
+        upstream_keys,
+    }: PresenceConfig,
     input: mpsc::Receiver<Vec<PathRef>>,
     to_dump: mpsc::Sender<PathRef>,
     to_publish: mpsc::Sender<PublishEvent>,
@@ -45,6 +58,33 @@ pub async fn run(
     let closure_batches = futures_util::stream::unfold(input, |mut input| async move {
         let batch = input.recv().await?;
         Some((batch, input))
+    });
+    let upstream_publish = to_publish.clone();
+    let upstream_progress = Arc::clone(&progress);
+    // Checked before asking the server: an upstream path costs no query, however large.
+    let closure_batches = closure_batches.then(move |batch| {
+        let (keys, to_publish, progress) = (
+            Arc::clone(&upstream_keys),
+            upstream_publish.clone(),
+            Arc::clone(&upstream_progress),
+        );
+        async move {
+            if keys.is_empty() {
+                return batch;
+            }
+            let mut rest = Vec::with_capacity(batch.len());
+            for info in batch {
+                match signed_by(&keys, &info.fingerprint(), &info.signatures) {
+                    Some(key) => {
+                        progress.upstream(&info, key.name());
+                        // A stopped publish stage ends the run; the cancel check below sees it.
+                        let _ = to_publish.send(PublishEvent::Upstream(info)).await;
+                    }
+                    None => rest.push(info),
+                }
+            }
+            rest
+        }
     });
     let queries = closure_batches
         // What this process published earlier (a watcher's memory) is routed as present

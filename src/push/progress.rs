@@ -33,6 +33,8 @@ struct Tally {
     failed: AtomicU64,
     rejected_lines: AtomicU64,
     retries: AtomicU64,
+    upstream: AtomicU64,
+    upstream_nar_bytes: AtomicU64,
 }
 
 /// A consistent-enough copy of the tally (each field read once).
@@ -58,12 +60,15 @@ pub struct Snapshot {
     /// `--stdin` lines that were not store paths or whose `nix path-info` failed.
     pub rejected_lines: u64,
     pub retries: u64,
+    /// Paths not pushed because an upstream cache signed them, and their NAR bytes.
+    pub upstream: u64,
+    pub upstream_nar_bytes: u64,
 }
 
 impl Snapshot {
     /// Paths with a final outcome.
     pub fn done_paths(&self) -> u64 {
-        self.present + self.published + self.failed
+        self.present + self.published + self.failed + self.upstream
     }
 }
 
@@ -161,6 +166,8 @@ impl Progress {
             failed: get(&t.failed),
             rejected_lines: get(&t.rejected_lines),
             retries: get(&t.retries),
+            upstream: get(&t.upstream),
+            upstream_nar_bytes: get(&t.upstream_nar_bytes),
         }
     }
 
@@ -205,6 +212,17 @@ impl Progress {
         counter!(m::PATHS_TOTAL, "outcome" => outcome::PRESENT).increment(1);
         self.reporter.path(PathEvent::Present { path: &info.path });
         self.settled(&info.path, true);
+    }
+
+    /// `info` is not pushed: the upstream cache whose key is `key` serves it.
+    pub fn upstream(&self, info: &PathInfo, key: &str) {
+        add(&self.tally.upstream, 1);
+        add(&self.tally.upstream_nar_bytes, info.nar_size);
+        counter!(m::PATHS_TOTAL, "outcome" => outcome::UPSTREAM).increment(1);
+        self.reporter.path(PathEvent::Upstream {
+            path: &info.path,
+            key,
+        });
     }
 
     pub fn needs_upload(&self, info: &PathInfo) {

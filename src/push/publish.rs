@@ -19,7 +19,7 @@ use super::failure::{Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{PathRef, PublishEvent};
-use crate::api::{PublishEntry, PublishRequest};
+use crate::api::{PublishEntry, PublishRequest, UpstreamProof};
 use crate::client::PushClient;
 
 /// How long a ready narinfo waits for companions before its batch goes up: long enough to
@@ -43,6 +43,9 @@ pub struct Ledger {
     failed: HashSet<String>,
     /// Paths whose NAR this run uploaded (for the summary).
     uploaded: HashSet<String>,
+    /// Paths an upstream cache serves: they satisfy references, and requests carry their
+    /// proofs.
+    upstream: HashMap<String, PathRef>,
 }
 
 /// What the stage must report after a ledger step.
@@ -60,6 +63,33 @@ impl Ledger {
         let hash = hash_of(info);
         self.published.insert(hash.clone());
         self.release(&hash)
+    }
+
+    /// `info` is served by a trusted upstream cache: it satisfies references like a published
+    /// path, and [`Ledger::proofs_for`] hands its proof to the requests that need it.
+    pub fn upstream(&mut self, info: PathRef) -> Verdicts {
+        let hash = hash_of(&info);
+        self.published.insert(hash.clone());
+        self.upstream.insert(hash.clone(), info);
+        self.release(&hash)
+    }
+
+    /// Proofs for the upstream paths `batch` refers to.
+    pub fn proofs_for(&self, batch: &[PathRef]) -> Vec<UpstreamProof> {
+        let mut seen = HashSet::new();
+        batch
+            .iter()
+            .flat_map(|info| info.references.iter())
+            .filter_map(|reference| self.upstream.get(reference.hash_part()))
+            .filter(|info| seen.insert(info.path.hash_part()))
+            .map(|info| UpstreamProof {
+                store_path: info.path.to_absolute(),
+                nar_hash: info.nar_hash.to_typed_nix32(),
+                nar_size: info.nar_size,
+                references: info.references.iter().map(|r| r.to_absolute()).collect(),
+                signatures: info.signatures.clone(),
+            })
+            .collect()
     }
 
     /// The NAR of `info` is stored on the server.
@@ -248,6 +278,7 @@ pub async fn run(
                     progress.present(&info);
                     ledger.present(&info)
                 }
+                PublishEvent::Upstream(info) => ledger.upstream(info),
                 PublishEvent::Stored { info, uploaded } => ledger.stored(info, uploaded),
                 PublishEvent::Failed { info, failure } => ledger.fail(info, failure),
             };
@@ -267,6 +298,7 @@ pub async fn run(
         let started = Instant::now();
         let request = PublishRequest {
             narinfos: batch.iter().map(entry).collect(),
+            upstream: ledger.proofs_for(&batch),
         };
         let mut rounds = 0;
         let answer = loop {

@@ -30,6 +30,11 @@ pub enum PathEvent<'a> {
     Present {
         path: &'a StorePath,
     },
+    /// Skipped: signed by the upstream key named `key`.
+    Upstream {
+        path: &'a StorePath,
+        key: &'a str,
+    },
     Compressed {
         path: &'a StorePath,
         nar_size: u64,
@@ -83,6 +88,7 @@ fn event_line(event: &PathEvent<'_>, verbose: bool) -> Option<String> {
         _ if !verbose => None,
         PathEvent::Started { stage, path } => Some(format!("{stage} started: {path}")),
         PathEvent::Present { path } => Some(format!("already present: {path}")),
+        PathEvent::Upstream { path, key } => Some(format!("skipped: {path} (signed by {key})")),
         PathEvent::Compressed {
             path,
             nar_size,
@@ -160,8 +166,18 @@ pub fn summary_lines(s: &Snapshot) -> String {
     } else {
         String::new()
     };
+    let upstream = if s.upstream > 0 {
+        format!(
+            "\nsummary: {} {} skipped (NAR {}): signed by an upstream cache the repository trusts",
+            s.upstream,
+            if s.upstream == 1 { "path" } else { "paths" },
+            HumanBytes(s.upstream_nar_bytes)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed{rejected}\n\
+        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed{rejected}{upstream}\n\
          summary: NAR {} -> {} compressed{ratio}; sent {} in {} ({}), {} retries",
         s.closure_paths,
         s.present,

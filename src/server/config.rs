@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// 0: NAR downloads stream through the server. N: they redirect to a presigned URL of the
     /// bucket valid N seconds, so the bucket (or its CDN) carries the bytes.
     pub s3_presign_secs: u64,
+    /// Largest build log accepted (`nix store copy-log --to`), as sent (compressed or not).
+    pub max_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             s3_endpoint: None,
             s3_region: "us-east-1".to_string(),
             s3_presign_secs: 0,
+            max_log_bytes: 64 << 20,
         }
     }
 }
@@ -200,6 +203,7 @@ mod tests {
         assert_eq!(parsed.s3_endpoint, defaults.s3_endpoint);
         assert_eq!(parsed.s3_region, defaults.s3_region);
         assert_eq!(parsed.s3_presign_secs, defaults.s3_presign_secs);
+        assert_eq!(parsed.max_log_bytes, defaults.max_log_bytes);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub const CONNECTIONS_OPEN: &str = "stowix_server_connections_open";
 pub const CONNECTIONS_EVICTED_TOTAL: &str = "stowix_server_connections_evicted_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_total";
 pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
+pub const FILES_STORED_TOTAL: &str = "stowix_server_files_stored_total";
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -61,6 +62,10 @@ fn describe() {
         "Compressed NAR bytes received, including chunks later discarded"
     );
     metrics::describe_counter!(NARS_STORED_TOTAL, "NAR files verified and stored");
+    metrics::describe_counter!(
+        FILES_STORED_TOTAL,
+        "build logs and debuginfo links stored, by kind"
+    );
     metrics::describe_counter!(NARINFOS_PUBLISHED_TOTAL, "narinfos signed and published");
     metrics::describe_counter!(
         UPLOADS_REJECTED_TOTAL,

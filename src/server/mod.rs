@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
+mod routes_files;
 pub mod upload;
 pub mod verify;
 
@@ -441,6 +442,16 @@ pub fn router(state: SharedState) -> Router {
             post(routes_api::complete_upload),
         )
         .route(&format!("{api}/narinfos"), post(routes_api::publish))
+        .route(
+            "/{repo}/log/{file}",
+            get(routes_files::get_log)
+                .put(routes_files::put_log)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/{repo}/debuginfo/{file}",
+            get(routes_files::get_debuginfo).put(routes_files::put_debuginfo),
+        )
         .route(
             "/{repo}/nar/{file}",
             get(routes_cache::get_nar)

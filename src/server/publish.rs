@@ -1,8 +1,10 @@
 //! Publication: the one place narinfos become visible, shared by the push API and `nix copy`.
 //!
 //! ```text
-//!   candidates (narinfo + the stored NAR it names)
-//!     ──► closure check: every reference is self, already published, or an accepted candidate
+//!   candidates (narinfo + the stored NAR it names), upstream proofs
+//!     ──► proofs checked against the repository's upstream keys
+//!     ──► closure check: every reference is self, already published, an accepted candidate,
+//!         or proven to be served by a trusted upstream cache
 //!     ──► sign with the repository key ──► one metadata transaction
 //! ```
 //! The check runs to a fixed point ([`closure_check`], pure), so a batch holding a path and its
@@ -16,8 +18,8 @@ use super::error::ServerResult;
 use super::metadata::{NarRecord, PublishedNarInfo, RepoRecord};
 use super::metrics;
 use super::AppState;
-use crate::api::{codes, PublishRejection};
-use crate::nix::signing::SecretKey;
+use crate::api::{codes, PublishRejection, UpstreamProof};
+use crate::nix::signing::{signed_by, PublicKey, SecretKey};
 use crate::nix::{NarInfo, Sha256Hash, StorePath};
 
 pub struct Candidate {
@@ -37,6 +39,7 @@ pub async fn publish(
     state: &AppState,
     repo: &RepoRecord,
     candidates: Vec<Candidate>,
+    upstream: Vec<UpstreamProof>,
 ) -> ServerResult<Outcome> {
     // One lookup for the batch's own paths and everything they reference: a path published
     // earlier is left as it is (and satisfies references), whatever this request says of it.
@@ -69,9 +72,16 @@ pub async fn publish(
     })?;
     // Checking thousands of references and signing thousands of narinfos is CPU work: off the
     // async workers, so other requests keep being answered meanwhile.
-    let (mut outcome, rows) =
-        tokio::task::spawn_blocking(move || decide_and_sign(candidates, &published, &key))
-            .await??;
+    let upstream_keys: Vec<PublicKey> = repo
+        .upstream_keys
+        .iter()
+        .filter_map(|text| PublicKey::parse(text).ok())
+        .collect();
+    let (mut outcome, rows) = tokio::task::spawn_blocking(move || {
+        let proven = proven_upstream(&upstream, &upstream_keys);
+        decide_and_sign(candidates, &published, &proven, &key)
+    })
+    .await??;
     let repo_name = repo.name.clone();
     let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
     let newly = state
@@ -90,11 +100,37 @@ pub async fn publish(
     Ok(outcome)
 }
 
+/// The store paths of `proofs` that one of `keys` signed (the fingerprint rebuilt from the
+/// proof's own fields, so a signature of other contents proves nothing).
+pub fn proven_upstream(proofs: &[UpstreamProof], keys: &[PublicKey]) -> HashSet<StorePath> {
+    if keys.is_empty() {
+        return HashSet::new();
+    }
+    proofs
+        .iter()
+        .filter_map(|proof| {
+            let path = StorePath::from_absolute(&proof.store_path).ok()?;
+            let nar_hash = Sha256Hash::parse(&proof.nar_hash).ok()?;
+            let references = proof
+                .references
+                .iter()
+                .map(|r| StorePath::from_absolute(r))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let fingerprint =
+                crate::nix::narinfo::fingerprint(&path, &nar_hash, proof.nar_size, &references);
+            signed_by(keys, &fingerprint, &proof.signatures).map(|_| path)
+        })
+        .collect()
+}
+
 /// Sorts the candidates into already published, refused and signed rows to write. `published`
-/// maps hash parts to the store paths this repository already publishes under them.
+/// maps hash parts to the store paths this repository already publishes under them; `proven`
+/// holds the paths a trusted upstream cache serves.
 fn decide_and_sign(
     candidates: Vec<Candidate>,
     published: &HashMap<String, StorePath>,
+    proven: &HashSet<StorePath>,
     key: &SecretKey,
 ) -> ServerResult<(Outcome, Vec<PublishedNarInfo>)> {
     let mut outcome = Outcome::default();
@@ -115,7 +151,7 @@ fn decide_and_sign(
             }),
         }
     }
-    let published_paths: HashSet<&StorePath> = published.values().collect();
+    let published_paths: HashSet<&StorePath> = published.values().chain(proven).collect();
     let closure: Vec<(&StorePath, &[StorePath])> = fresh
         .iter()
         .map(|c| (&c.info.store_path, c.info.references.as_slice()))
@@ -133,7 +169,7 @@ fn decide_and_sign(
                 hash,
                 code: codes::MISSING_REFERENCES.into(),
                 message: format!(
-                    "{} references paths this repository does not have: {}; push them first (or in the same request)",
+                    "{} references paths this repository does not have: {}; push them first (or in the same request), or prove them with a signature by one of the repository's upstream keys",
                     candidate.info.store_path,
                     missing.join(", ")
                 ),

@@ -103,6 +103,7 @@ pub async fn info(
             max_presence_batch: config.max_presence_batch,
             max_publish_batch: config.max_publish_batch,
         },
+        upstream_keys: repo.upstream_keys.clone(),
     }))
 }
 
@@ -592,12 +593,19 @@ pub async fn publish(
     Authorized { repo, .. }: PushAccess,
     body: Body,
 ) -> ServerResult<Json<PublishResponse>> {
-    let request: PublishRequest = read_json(&state, body).await?;
+    let mut request: PublishRequest = read_json(&state, body).await?;
     check_batch(
         request.narinfos.len(),
         state.config.max_publish_batch,
         "narinfos per request",
     )?;
+    // A proof per reference at most, so the batch limit bounds them too.
+    check_batch(
+        request.upstream.len(),
+        state.config.max_publish_batch,
+        "upstream proofs per request",
+    )?;
+    let upstream = std::mem::take(&mut request.upstream);
     // Validating every store path of a large batch is CPU work like the JSON parse before it.
     let (mut response, parsed) =
         tokio::task::spawn_blocking(move || parse_entries(request)).await?;
@@ -639,7 +647,7 @@ pub async fn publish(
             Some(nar) => candidates.push(Candidate { info, nar }),
         }
     }
-    let outcome = publish::publish(&state, &repo, candidates).await?;
+    let outcome = publish::publish(&state, &repo, candidates, upstream).await?;
     response.published = outcome.published;
     response.already_published = outcome.already_published;
     response.rejected.extend(outcome.rejected);

@@ -53,6 +53,12 @@ pub async fn get_file(
         );
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
+    if let Some(hash) = file.strip_suffix(".ls") {
+        if !is_valid_hash_part(hash) {
+            return Err(invalid_hash_part(hash));
+        }
+        return super::routes_files::get_listing(&state, &repo.name, hash.to_string()).await;
+    }
     let Some(hash) = file.strip_suffix(".narinfo") else {
         return Err(ServerError::not_found(format!(
             "no file {file:?} in this repository"
@@ -81,11 +87,17 @@ pub async fn put_file(
         // The server owns this file; accepting keeps `nix copy` happy without changing it.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    if let Some(hash) = file.strip_suffix(".ls") {
+        if !is_valid_hash_part(hash) {
+            return Err(invalid_hash_part(hash));
+        }
+        return super::routes_files::put_listing(&state, body).await;
+    }
     let Some(hash) = file.strip_suffix(".narinfo") else {
         return Err(ServerError::new(
             StatusCode::NOT_FOUND,
             codes::NOT_FOUND,
-            format!("{file:?} cannot be uploaded here: only NARs and narinfos are stored"),
+            format!("{file:?} cannot be uploaded here: only NARs, narinfos, listings, build logs (log/<drv>) and debuginfo links are stored"),
         ));
     };
     if !is_valid_hash_part(hash) {
@@ -164,7 +176,8 @@ pub async fn put_file(
             ),
         ));
     }
-    let outcome = publish::publish(&state, &repo, vec![Candidate { info, nar }]).await?;
+    let outcome =
+        publish::publish(&state, &repo, vec![Candidate { info, nar }], Vec::new()).await?;
     if let Some(rejection) = outcome.rejected.into_iter().next() {
         return Err(ServerError::unprocessable(
             &rejection.code,

@@ -262,7 +262,7 @@ pub async fn verify_and_store(
     let path = staged.to_path_buf();
     let compression_owned = compression.to_string();
     let limit = output_limit(&state.config, expected.nar_size)?;
-    let verified =
+    let mut verified =
         tokio::task::spawn_blocking(move || verify::verify_file(&path, &compression_owned, limit))
             .await?
             .map_err(|err| {
@@ -309,6 +309,15 @@ pub async fn verify_and_store(
     let file_nix32 = verified.file_hash.to_nix32();
     let url = format!("nar/{file_nix32}{suffix}");
     let key = format!("{repo}/{url}");
+    // The listing first: once the NAR's row exists a narinfo may name it, and `<hash>.ls`
+    // should answer from then on.
+    if let Some(listing) = verified.listing.take() {
+        let listing_key = listing_key(repo, &verified.nar.nar_hash);
+        state
+            .storage
+            .put_bytes(&listing_key, bytes::Bytes::from(listing))
+            .await?;
+    }
     state.storage.put_file(&key, staged).await?;
     let record = NarRecord {
         object_key: key,
@@ -328,6 +337,12 @@ pub async fn verify_and_store(
         ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
     }
     Ok((record, newly))
+}
+
+/// Where the server keeps the listing it wrote while verifying a NAR: by NarHash, since every
+/// store path published with that NAR has that listing.
+pub fn listing_key(repo: &str, nar_hash: &Sha256Hash) -> String {
+    format!("{repo}/listing/{}.ls", nar_hash.to_nix32())
 }
 
 /// Where decompression stops: just past the declared NarSize, else at the server's cap.

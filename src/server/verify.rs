@@ -55,12 +55,20 @@ pub struct OutputLimit {
     pub declared: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     pub file_hash: Sha256Hash,
     pub file_size: u64,
     pub nar: NarSummary,
+    /// The NAR's listing (Nix's `<hash>.ls` JSON), written during the same walk; `None` past
+    /// [`LISTING_LIMIT`].
+    pub listing: Option<String>,
 }
+
+/// Largest listing kept per NAR: about 40 000 files. Verification holds it in memory, so
+/// this bounds what a NAR of millions of tiny files costs; past it the path just has no
+/// listing, and Nix falls back to the NAR.
+pub const LISTING_LIMIT: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -192,10 +200,12 @@ pub fn verify_file(
         return Err(VerifyError::TrailingData(trailing));
     }
     let hashing = rest.into_inner();
+    let (nar, listing) = nar;
     Ok(Verified {
         file_hash: Sha256Hash(hashing.hasher.finalize().into()),
         file_size: hashing.bytes,
         nar,
+        listing,
     })
 }
 
@@ -205,14 +215,14 @@ fn validate_classifying<R: Read>(
     reader: &mut R,
     compression: &str,
     limit: OutputLimit,
-) -> Result<NarSummary, VerifyError> {
+) -> Result<(NarSummary, Option<String>), VerifyError> {
     let capped = CappedReader {
         inner: reader,
         limit: limit.bytes,
         produced: 0,
         counter: ::metrics::counter!(super::metrics::VERIFIED_NAR_BYTES_TOTAL),
     };
-    nar::validate(capped).map_err(|err| match err {
+    nar::validate_with_listing(capped, LISTING_LIMIT).map_err(|err| match err {
         nar::NarError::Io { source, .. } | nar::NarError::Write(source) => {
             classify_read_error(source, compression, limit)
         }

@@ -972,7 +972,10 @@ pub async fn post_publish(
     http()
         .post(api_url(repo_url, "narinfos"))
         .header("Authorization", bearer(token))
-        .json(&api::PublishRequest { narinfos: entries })
+        .json(&api::PublishRequest {
+            narinfos: entries,
+            upstream: vec![],
+        })
         .send()
         .await
         .expect("POST api/v1/narinfos")

@@ -90,6 +90,8 @@ pub fn push_command(target: &str, token: Option<&str>, args: &[&str]) -> Command
         "STOWIX_JOBS",
         "STOWIX_CHUNK_SIZE",
         "STOWIX_MAX_UPLOAD_RATE",
+        "STOWIX_UPSTREAM_KEYS",
+        "STOWIX_NO_UPSTREAM_FILTER",
     ] {
         cmd.env_remove(var);
     }

@@ -177,7 +177,9 @@ impl Tracker {
     }
 
     /// After a run that completed: roots that failed are deferred or given up; roots with no
-    /// outcome were no longer valid (collected since they were seen) and are dropped.
+    /// outcome were no longer valid (collected since they were seen) or were skipped as signed
+    /// by an upstream cache, and are dropped. (Upstream paths never join `known`: a dependent's
+    /// publication must carry their proof, which only the upstream route adds.)
     fn judge(&self, roots: &[StorePath], progress: &Progress) {
         let now = Instant::now();
         let mut pending = self.pending.lock().expect("pending lock");

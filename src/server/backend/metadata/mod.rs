@@ -43,6 +43,9 @@ pub struct RepoRecord {
     /// Nix secret key text `name:base64`.
     pub secret_key: String,
     pub priority: u32,
+    /// Public keys (`name:base64`) of upstream caches whose signatures prove a reference the
+    /// repository does not hold itself (clients skip pushing such paths).
+    pub upstream_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,6 +177,8 @@ pub trait Metadata: Send + Sync {
     fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool>;
     fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>>;
     fn repos(&self) -> MetaResult<Vec<RepoRecord>>;
+    /// False when there is no such repository.
+    fn set_upstream_keys(&self, name: &str, keys: &[String]) -> MetaResult<bool>;
 
     fn create_token(&self, token: &TokenRecord) -> MetaResult<()>;
     fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>>;

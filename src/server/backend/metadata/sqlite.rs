@@ -29,7 +29,7 @@ impl From<rusqlite::Error> for MetaError {
 /// Version 1 is the schema of every release before versioning (its statements are idempotent,
 /// so an unversioned database of any age passes through it); each later entry is one step.
 /// `PRAGMA user_version` records how far a database has come.
-const MIGRATIONS: &[&str] = &[V1_SCHEMA, V2_SCALE_OUT];
+const MIGRATIONS: &[&str] = &[V1_SCHEMA, V2_SCALE_OUT, V3_UPSTREAM_KEYS];
 
 /// The newest schema this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -110,6 +110,25 @@ CREATE TABLE object_intents (
 );
 CREATE INDEX object_intents_by_age ON object_intents (created_at);
 ";
+
+/// Upstream caches a repository trusts (one `name:base64` key per line). Repositories from
+/// before keep none: filtering would change what their pushes upload.
+const V3_UPSTREAM_KEYS: &str = "
+ALTER TABLE repos ADD COLUMN upstream_keys TEXT NOT NULL DEFAULT '';
+";
+
+const REPO_COLUMNS: &str = "name, private, secret_key, priority, upstream_keys";
+
+fn repo_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RepoRecord> {
+    let keys: String = row.get(4)?;
+    Ok(RepoRecord {
+        name: row.get(0)?,
+        private: row.get(1)?,
+        secret_key: row.get(2)?,
+        priority: row.get(3)?,
+        upstream_keys: keys.lines().map(str::to_string).collect(),
+    })
+}
 
 /// The embedded default. One writing connection behind a mutex (SQLite serialises writers
 /// anyway), and a pool of reading connections: in WAL mode readers see every committed write and
@@ -285,14 +304,15 @@ const UPLOAD_COLUMNS: &str =
 impl Metadata for SqliteMetadata {
     fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool> {
         let inserted = self.conn().execute(
-            "INSERT OR IGNORE INTO repos (name, private, secret_key, priority, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR IGNORE INTO repos (name, private, secret_key, priority, created_at, upstream_keys)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 repo.name,
                 repo.private,
                 repo.secret_key,
                 repo.priority,
-                now_unix()
+                now_unix(),
+                repo.upstream_keys.join("\n")
             ],
         )?;
         Ok(inserted == 1)
@@ -300,35 +320,26 @@ impl Metadata for SqliteMetadata {
 
     fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>> {
         self.reader()
-            .prepare_cached(
-                "SELECT name, private, secret_key, priority FROM repos WHERE name = ?1",
-            )?
-            .query_row([name], |row| {
-                Ok(RepoRecord {
-                    name: row.get(0)?,
-                    private: row.get(1)?,
-                    secret_key: row.get(2)?,
-                    priority: row.get(3)?,
-                })
-            })
+            .prepare_cached(&format!("SELECT {REPO_COLUMNS} FROM repos WHERE name = ?1"))?
+            .query_row([name], repo_from_row)
             .optional()
             .map_err(MetaError::from)
     }
 
     fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(
-            "SELECT name, private, secret_key, priority FROM repos ORDER BY name",
-        )?;
-        let rows = stmt.query_map([], |row| {
-            Ok(RepoRecord {
-                name: row.get(0)?,
-                private: row.get(1)?,
-                secret_key: row.get(2)?,
-                priority: row.get(3)?,
-            })
-        })?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {REPO_COLUMNS} FROM repos ORDER BY name"))?;
+        let rows = stmt.query_map([], repo_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn set_upstream_keys(&self, name: &str, keys: &[String]) -> MetaResult<bool> {
+        let changed = self.conn().execute(
+            "UPDATE repos SET upstream_keys = ?2 WHERE name = ?1",
+            params![name, keys.join("\n")],
+        )?;
+        Ok(changed == 1)
     }
 
     fn create_token(&self, token: &TokenRecord) -> MetaResult<()> {

@@ -45,6 +45,28 @@ impl Storage for LocalStorage {
         .map_err(std::io::Error::other)?
     }
 
+    async fn delete(&self, key: &str) -> std::io::Result<()> {
+        match tokio::fs::remove_file(self.path_of(key)?).await {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()> {
+        let target = self.path_of(key)?;
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().expect("keys have a directory part");
+            std::fs::create_dir_all(dir)?;
+            let mut staged = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::Write::write_all(&mut staged, &bytes)?;
+            staged.as_file().sync_all()?;
+            staged.persist(&target).map_err(|err| err.error)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>> {
         let path = self.path_of(key)?;
         match tokio::fs::File::open(&path).await {

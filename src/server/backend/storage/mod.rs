@@ -24,6 +24,10 @@ pub trait Storage: Send + Sync {
     async fn put_file(&self, key: &str, staged: &Path) -> std::io::Result<()>;
     /// The object's length and a reader, or `None` when absent.
     async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>>;
+    /// Removes the object; absent is not an error.
+    async fn delete(&self, key: &str) -> std::io::Result<()>;
+    /// Stores a small object (a listing, a debuginfo link) whole, atomically like `put_file`.
+    async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()>;
 }
 
 /// Object keys are built by the server from validated parts (`<repo>/nar/<nix32>.nar.xz`);
