@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Stowix: Nix (the oracle every
-# test checks against), the Prometheus Pushgateway (the push-metrics tests start a real one),
-# Prometheus (tests/dashboard.rs evaluates every dashboard expression in a real one)
+# test checks against), Prometheus and its Pushgateway (the metrics tests start real ones)
 # and the Rust components CI uses. Idempotent.
 set -euo pipefail
 if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
@@ -10,17 +9,13 @@ if ! command -v nix-store >/dev/null || ! command -v nix >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nix-bin >/dev/null
 fi
-if ! command -v prometheus-pushgateway >/dev/null; then
-  echo "installing prometheus-pushgateway from Debian's packages" >&2
+if ! command -v prometheus-pushgateway >/dev/null || ! command -v prometheus >/dev/null; then
+  echo "installing prometheus and prometheus-pushgateway from Debian's packages" >&2
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus-pushgateway >/dev/null
-fi
-if ! command -v prometheus >/dev/null; then
-  echo "installing prometheus from Debian's packages" >&2
-  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # Only the binaries are wanted: the tests start their own instances on free ports.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null
+  $SUDO systemctl disable --now prometheus prometheus-pushgateway >/dev/null 2>&1 || true
 fi
 if ! command -v cargo >/dev/null; then
   echo "error: cargo is not installed; install Rust (rustup) first" >&2

@@ -10,17 +10,13 @@ mod push_common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::monitoring::{blocking_get, free_port, Pushgateway};
 use fault_proxy::{Fault, FaultProxy, Rule};
 use push_common::{finished, push_command, Fixture, Pushed};
 use stowix::cli::exit;
 
 /// Longest any push in this file may run before the test kills it and fails.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
 
 /// Waits for `child` up to [`DEADLINE`]; kills it and fails if it is still running then.
 fn wait_bounded(mut child: Child, what: &str) -> Pushed {
@@ -53,23 +49,6 @@ fn spawn(mut cmd: Command) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run stowix nix push")
-}
-
-fn blocking_get(url: &str) -> Option<(u16, String)> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let response = common::http()
-            .get(url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.ok()?))
-    })
 }
 
 fn file_size(url: &str, path: &str) -> u64 {
@@ -217,97 +196,9 @@ fn metrics_listen_serves_the_push_while_it_runs() {
     fx.substitute(&[dep, top]);
 }
 
-/// A real Prometheus Pushgateway on a free loopback port, without persistence.
-struct Gateway {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start() -> Gateway {
-        let bin = std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|dir| dir.join("prometheus-pushgateway"))
-                    .find(|candidate| candidate.is_file())
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "prometheus-pushgateway is not installed: these tests push metrics to a real \
-                     one (`apt-get install -y prometheus-pushgateway`, or run \
-                     scripts/install-prerequisites.sh)"
-                )
-            });
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("pushgateway.log")).unwrap();
-        let child = Command::new(bin)
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .current_dir(dir.path())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start prometheus-pushgateway");
-        let mut gateway = Gateway {
-            child,
-            url,
-            _dir: dir,
-        };
-        let ready = format!("{}/-/ready", gateway.url);
-        let started = Instant::now();
-        while blocking_get(&ready).map(|(status, _)| status) != Some(200) {
-            if let Some(status) = gateway.child.try_wait().unwrap() {
-                panic!("prometheus-pushgateway exited with {status} before it was ready");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "prometheus-pushgateway did not become ready on {}",
-                gateway.url
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        gateway
-    }
-
-    /// `query` summed over the samples of the job `stowix_push`.
-    fn value(&self, query: &str) -> f64 {
-        let (status, text) = blocking_get(&format!("{}/metrics", self.url)).expect("scrape");
-        assert_eq!(status, 200);
-        let query = match query.strip_suffix('}') {
-            Some(open) => format!("{open},job=\"stowix_push\"}}"),
-            None => format!("{query}{{job=\"stowix_push\"}}"),
-        };
-        common::sum_metric(&text, &query)
-    }
-
-    /// Forgets what the last push sent, so the next check sees only the next push.
-    fn clear(&self) {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let status = runtime.block_on(async {
-            common::http()
-                .delete(format!("{}/metrics/job/stowix_push", self.url))
-                .send()
-                .await
-                .expect("DELETE the job's metrics")
-                .status()
-        });
-        assert!(status.is_success(), "DELETE: {status}");
-        assert_eq!(self.value("stowix_push_paths_total"), 0.0);
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
-    let gateway = Gateway::start();
+    let gateway = Pushgateway::start();
     let fx = Fixture::new();
     let proxy = FaultProxy::start(fx.server.url(), vec![]);
     let target = format!("{}/{}", proxy.url, fx.repo);

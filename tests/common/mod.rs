@@ -22,6 +22,8 @@
 
 #![allow(dead_code)]
 
+pub mod monitoring;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
