@@ -274,6 +274,17 @@ async fn repositories_announce_their_upstream_keys() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--upstream-key"));
     server.admin(&["repo", "configure", &repo, "--no-upstream-keys"]);
-    let info = repo_info(&server.repo_url(&repo), &token).await;
-    assert!(info.upstream_keys.is_empty());
+    // Servers reread a repository's settings at least every second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !repo_info(&server.repo_url(&repo), &token)
+        .await
+        .upstream_keys
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change never showed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -5,6 +5,7 @@
 //! repositories.
 
 mod common;
+mod push_common;
 
 use std::process::Command;
 
@@ -280,4 +281,58 @@ async fn logs_and_links_are_checked_and_bounded() {
         put("debuginfo/short".into(), push.clone(), b"{}".to_vec()).await,
         404
     );
+}
+
+/// `stowix nix push --logs` stores the build logs of what it publishes, and `nix log --store`
+/// prints them on a machine that never ran the build.
+#[tokio::test]
+async fn push_with_logs_stores_the_build_logs() {
+    let server = TestServer::start();
+    let repo = unique_name("pushlogs");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    let marker = nonce();
+    let (out, drv, _) = build_with_log_and_debuginfo(&marker);
+    // A path with no deriver has no log to look for.
+    let added = add_to_store(&[("no-deriver", marker.as_bytes())]).remove(0);
+
+    let pushed = push_common::push_with(
+        &url,
+        Some(&token),
+        &["--logs", "--verbose", &out, &added],
+        &[],
+    );
+    pushed.assert_code(0);
+    assert!(
+        pushed.stderr.contains(&format!("build log: {drv}: stored")),
+        "{}",
+        pushed.stderr
+    );
+    assert!(
+        pushed
+            .stderr
+            .contains("summary: build logs: 1 stored, 0 not stored"),
+        "{}",
+        pushed.stderr
+    );
+    let log = nix(&["log", "--store", &url, &out], None).expect("nix log --store");
+    assert!(
+        log.contains(&format!("building {marker}")),
+        "nix log printed:\n{log}"
+    );
+
+    // Without --logs nothing is looked up.
+    let again = unique_name("nologs");
+    server.create_repo(&again, false);
+    let token = server.create_token(&again, "push");
+    let pushed = push_common::push_with(
+        &server.repo_url(&again),
+        Some(&token),
+        &["--verbose", &out],
+        &[],
+    );
+    pushed.assert_code(0);
+    assert!(!pushed.stderr.contains("build log:"), "{}", pushed.stderr);
+    assert!(nix(&["log", "--store", &server.repo_url(&again), &out], None).is_err());
 }

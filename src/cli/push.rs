@@ -163,6 +163,11 @@ pub struct PushFlags {
     #[arg(long, env = "STOWIX_NO_UPSTREAM_FILTER")]
     pub no_upstream_filter: bool,
 
+    /// Also store the build logs of the derivations whose outputs this push publishes, when
+    /// the local store has them (`nix log --store URL PATH` then shows them anywhere).
+    #[arg(long, env = "STOWIX_LOGS")]
+    pub logs: bool,
+
     /// Bytes per upload chunk (testing and tuning; capped by the server's limits).
     #[arg(long, env = push::CHUNK_SIZE_ENV, hide = true, value_parser = parse_size)]
     pub chunk_size: Option<u64>,
@@ -458,6 +463,7 @@ impl Session {
             chunk_size: flags.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
             retry_timeout: flags.retry_timeout,
             upstream_keys,
+            logs: flags.logs,
         };
         Ok(Self {
             client,

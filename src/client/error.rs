@@ -22,6 +22,8 @@ pub enum Endpoint {
     UploadComplete,
     UploadAbort,
     Narinfos,
+    /// `PUT log/<drv>`: a build log.
+    Log,
 }
 
 impl Endpoint {
@@ -36,6 +38,7 @@ impl Endpoint {
             Self::UploadComplete => "upload_complete",
             Self::UploadAbort => "upload_abort",
             Self::Narinfos => "narinfos",
+            Self::Log => "log",
         }
     }
 }

@@ -33,6 +33,7 @@ use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::api::{self, ApiError, RepoInfo};
+use crate::nix::StorePath;
 pub use error::{ClientError, Endpoint, RetryReason};
 pub use limit::RateLimits;
 pub use retry::RetryPolicy;
@@ -335,6 +336,30 @@ impl PushClient {
             rejection.message = error::escape_server_text(&rejection.message);
         }
         Ok(answer)
+    }
+
+    /// `PUT <repo>/log/<drv>` (a cache route, not the push API): the build log of `drv`, as
+    /// `nix store copy-log --to` stores it.
+    pub async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), ClientError> {
+        let url = self.repo.join(&format!("log/{}", drv.basename()));
+        let mut state = self.retry.start();
+        loop {
+            let request = self
+                .http
+                .put(url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .body(log.clone());
+            match self.attempt(Endpoint::Log, request, true).await {
+                Ok(_) => return Ok(()),
+                Err(err) => match state.next_delay(&err) {
+                    Some((reason, delay)) => {
+                        self.observer.retrying(Endpoint::Log, reason, delay, &err);
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(err),
+                },
+            }
+        }
     }
 
     async fn call<T: DeserializeOwned>(

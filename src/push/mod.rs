@@ -27,6 +27,7 @@ pub mod closure;
 pub mod compress;
 pub mod dump;
 pub mod failure;
+pub mod logs;
 pub mod metrics;
 pub mod presence;
 pub mod progress;
@@ -92,6 +93,8 @@ pub struct PushConfig {
     /// Paths signed by one of these keys are not pushed (an upstream cache serves them); their
     /// signatures prove them to the server when a pushed path refers to them. Empty: push all.
     pub upstream_keys: Vec<crate::nix::signing::PublicKey>,
+    /// Also store the build logs of the derivations of newly published paths (`--logs`).
+    pub logs: bool,
 }
 
 /// A NAR being dumped, handed to compression.
@@ -277,9 +280,19 @@ pub async fn run(
         Arc::clone(&progress),
         Arc::clone(&health),
     ));
+    let (log_tx, logs) = if config.logs {
+        let (tx, rx) = mpsc::channel(logs::LOG_QUEUE);
+        let task = tokio::spawn(logs::run(Arc::clone(&client), rx, Arc::clone(&progress)));
+        (Some(tx), Some(task))
+    } else {
+        (None, None)
+    };
     let publish = tokio::spawn(publish::run(
         client,
-        publish_batch,
+        publish::PublishConfig {
+            max_batch: publish_batch,
+            logs: log_tx,
+        },
         publish_rx,
         Arc::clone(&progress),
         Arc::clone(&health),
@@ -315,6 +328,14 @@ pub async fn run(
     note(compress.await.map(Ok));
     note(upload.await.map(Ok));
     note(publish.await.map(Ok));
+    // The publish stage dropped its sender: the logs task ends once its queue is done (or at
+    // once when the run stopped, as nothing waits for it then).
+    if let Some(logs) = logs {
+        if stop.is_cancelled() {
+            logs.abort();
+        }
+        let _ = logs.await;
+    }
     // The helpers end with the stop token; the caller's token is not touched.
     stop.cancel();
     note(ticker.await.map(Ok));

@@ -35,6 +35,8 @@ struct Tally {
     retries: AtomicU64,
     upstream: AtomicU64,
     upstream_nar_bytes: AtomicU64,
+    logs_stored: AtomicU64,
+    logs_failed: AtomicU64,
 }
 
 /// A consistent-enough copy of the tally (each field read once).
@@ -63,6 +65,9 @@ pub struct Snapshot {
     /// Paths not pushed because an upstream cache signed them, and their NAR bytes.
     pub upstream: u64,
     pub upstream_nar_bytes: u64,
+    /// `--logs`: build logs stored, and those that could not be.
+    pub logs_stored: u64,
+    pub logs_failed: u64,
 }
 
 impl Snapshot {
@@ -168,6 +173,8 @@ impl Progress {
             retries: get(&t.retries),
             upstream: get(&t.upstream),
             upstream_nar_bytes: get(&t.upstream_nar_bytes),
+            logs_stored: get(&t.logs_stored),
+            logs_failed: get(&t.logs_failed),
         }
     }
 
@@ -223,6 +230,29 @@ impl Progress {
             path: &info.path,
             key,
         });
+    }
+
+    pub fn log_stored(&self, drv: &StorePath) {
+        add(&self.tally.logs_stored, 1);
+        self.reporter.path(PathEvent::Log {
+            drv,
+            outcome: "stored",
+        });
+    }
+
+    /// The local store has no log for `drv` (it was substituted, or logs are not kept).
+    pub fn log_missing(&self, drv: &StorePath) {
+        self.reporter.path(PathEvent::Log {
+            drv,
+            outcome: "no local log",
+        });
+    }
+
+    /// Not a path failure: the closure is published whatever happens to its logs.
+    pub fn log_failed(&self, drv: &StorePath, reason: &str) {
+        add(&self.tally.logs_failed, 1);
+        self.reporter
+            .warn(&format!("the build log of {drv} was not stored: {reason}"));
     }
 
     pub fn needs_upload(&self, info: &PathInfo) {

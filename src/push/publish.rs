@@ -21,6 +21,7 @@ use super::progress::Progress;
 use super::{PathRef, PublishEvent};
 use crate::api::{PublishEntry, PublishRequest, UpstreamProof};
 use crate::client::PushClient;
+use crate::nix::StorePath;
 
 /// How long a ready narinfo waits for companions before its batch goes up: long enough to
 /// gather the burst of a closure's small paths, short against any upload.
@@ -241,9 +242,17 @@ pub fn entry(info: &PathRef) -> PublishEntry {
     }
 }
 
+/// How the stage batches, and where the derivers of what it published go.
+pub struct PublishConfig {
+    /// Narinfos per request.
+    pub max_batch: usize,
+    /// `--logs`: the derivers of newly published paths, for the logs task.
+    pub logs: Option<mpsc::Sender<StorePath>>,
+}
+
 pub async fn run(
     client: Arc<PushClient>,
-    max_batch: usize,
+    PublishConfig { max_batch, logs }: PublishConfig,
     mut input: mpsc::Receiver<PublishEvent>,
     progress: Arc<Progress>,
     health: Arc<Health>,
@@ -329,9 +338,18 @@ pub async fn run(
                         )
                     })
                     .collect();
+                let newly: HashSet<&str> = answer.published.iter().map(String::as_str).collect();
                 for info in batch {
                     match rejected.get(info.path.hash_part()) {
-                        None => progress.published(&info, ledger.was_uploaded(&info)),
+                        None => {
+                            progress.published(&info, ledger.was_uploaded(&info));
+                            if let (Some(logs), Some(drv)) = (&logs, &info.deriver) {
+                                if newly.contains(info.path.hash_part()) {
+                                    // The logs task only ends after this stage: it is there.
+                                    let _ = logs.send(drv.clone()).await;
+                                }
+                            }
+                        }
                         Some(reason) => {
                             ledger.unpublish(info.path.hash_part());
                             let verdicts = ledger.fail(info, reason.clone());

@@ -30,6 +30,11 @@ pub enum PathEvent<'a> {
     Present {
         path: &'a StorePath,
     },
+    /// `--logs`: what became of a derivation's build log.
+    Log {
+        drv: &'a StorePath,
+        outcome: &'static str,
+    },
     /// Skipped: signed by the upstream key named `key`.
     Upstream {
         path: &'a StorePath,
@@ -89,6 +94,7 @@ fn event_line(event: &PathEvent<'_>, verbose: bool) -> Option<String> {
         PathEvent::Started { stage, path } => Some(format!("{stage} started: {path}")),
         PathEvent::Present { path } => Some(format!("already present: {path}")),
         PathEvent::Upstream { path, key } => Some(format!("skipped: {path} (signed by {key})")),
+        PathEvent::Log { drv, outcome } => Some(format!("build log: {drv}: {outcome}")),
         PathEvent::Compressed {
             path,
             nar_size,
@@ -176,8 +182,16 @@ pub fn summary_lines(s: &Snapshot) -> String {
     } else {
         String::new()
     };
+    let logs = if s.logs_stored + s.logs_failed > 0 {
+        format!(
+            "\nsummary: build logs: {} stored, {} not stored",
+            s.logs_stored, s.logs_failed
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed{rejected}{upstream}\n\
+        "summary: {} paths in closure: {} already present, {} uploaded, {} published without upload (NAR already stored), {} failed{rejected}{upstream}{logs}\n\
          summary: NAR {} -> {} compressed{ratio}; sent {} in {} ({}), {} retries",
         s.closure_paths,
         s.present,

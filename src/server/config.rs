@@ -87,6 +87,10 @@ pub struct ServerConfig {
     pub s3_presign_secs: u64,
     /// Largest build log accepted (`nix store copy-log --to`), as sent (compressed or not).
     pub max_log_bytes: u64,
+    /// Published narinfos kept in memory for the read side (0: none), and for how long. A
+    /// narinfo never changes once published; a deleted one is served at most this long.
+    pub narinfo_cache_entries: usize,
+    pub narinfo_cache_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +127,8 @@ impl Default for ServerConfig {
             s3_region: "us-east-1".to_string(),
             s3_presign_secs: 0,
             max_log_bytes: 64 << 20,
+            narinfo_cache_entries: 16384,
+            narinfo_cache_secs: 10,
         }
     }
 }
@@ -204,6 +210,8 @@ mod tests {
         assert_eq!(parsed.s3_region, defaults.s3_region);
         assert_eq!(parsed.s3_presign_secs, defaults.s3_presign_secs);
         assert_eq!(parsed.max_log_bytes, defaults.max_log_bytes);
+        assert_eq!(parsed.narinfo_cache_entries, defaults.narinfo_cache_entries);
+        assert_eq!(parsed.narinfo_cache_secs, defaults.narinfo_cache_secs);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!  request ──►├── routes_api:   api/v1/{info,presence,nars,uploads,narinfos}
 //!   (metrics  └── /metrics, /healthz
 //!    middleware)      │
-//!                     ├─► auth (tokens) ─► metadata (trait; SQLite)
+//!                     ├─► auth (tokens) ─► metadata (trait; SQLite or PostgreSQL)
 //!                     ├─► upload (staging, limits) ─► verify (decompress, NAR check) ─► storage (trait; local files)
 //!                     └─► publish (closure check, signing) ─► metadata
 //! ```
@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod conn;
 pub mod error;
@@ -79,7 +80,17 @@ pub struct AppState {
     /// Fixed size, constant cost per failure: see [`auth::FailureTable`].
     auth_failures: Mutex<auth::FailureTable>,
     pub metrics: Option<PrometheusHandle>,
+    /// Repository records by name, for about a second (absent names are not cached: a
+    /// repository created a moment ago is found at once).
+    repos: cache::TtlCache<RepoRecord>,
+    /// Published narinfo texts by `<repo>/<hash>`.
+    pub narinfos: cache::TtlCache<std::sync::Arc<str>>,
 }
+
+/// A repository record is reread at most this often per process: changes by `stowix admin`
+/// (visibility, upstream keys) reach every replica within it.
+const REPO_CACHE_TTL: Duration = Duration::from_secs(1);
+const REPO_CACHE_ENTRIES: usize = 4096;
 
 pub type SharedState = Arc<AppState>;
 
@@ -119,6 +130,8 @@ impl AppState {
                 .map_err(|err| format!("cannot create data directory {}: {err}", dir.display()))?;
         }
         let backend::Backends { meta, storage } = backend::open(&config)?;
+        let (config_narinfo_entries, config_narinfo_secs) =
+            (config.narinfo_cache_entries, config.narinfo_cache_secs);
         Ok(AppState {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads)),
             repo_uploads: Arc::new(Mutex::new(HashMap::new())),
@@ -133,7 +146,25 @@ impl AppState {
                 Duration::from_secs(60),
             )),
             metrics,
+            repos: cache::TtlCache::new(REPO_CACHE_ENTRIES, REPO_CACHE_TTL),
+            narinfos: cache::TtlCache::new(
+                config_narinfo_entries,
+                Duration::from_secs(config_narinfo_secs),
+            ),
         })
+    }
+
+    /// The repository record, from the cache when it is fresh.
+    pub async fn repo_record(&self, name: &str) -> ServerResult<Option<RepoRecord>> {
+        if let Some(record) = self.repos.get(name) {
+            return Ok(Some(record));
+        }
+        let lookup = name.to_string();
+        let record = self.db(move |meta| meta.repo(&lookup)).await?;
+        if let Some(record) = &record {
+            self.repos.insert(name.to_string(), record.clone());
+        }
+        Ok(record)
     }
 
     /// Runs a metadata call off the async runtime.
@@ -227,8 +258,7 @@ impl AppState {
             return Err(no_such_repository(repo_name));
         }
         let peer = self.client_address(headers, peer);
-        let name = repo_name.to_string();
-        let repo = self.db(move |meta| meta.repo(&name)).await?;
+        let repo = self.repo_record(repo_name).await?;
         let token = auth::presented_token(headers);
         if let Some(repo) = &repo {
             if needed == auth::Access::Read && !repo.private && !strict {

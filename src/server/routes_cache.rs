@@ -67,11 +67,33 @@ pub async fn get_file(
     if !is_valid_hash_part(hash) {
         return Err(invalid_hash_part(hash));
     }
-    let hash = hash.to_string();
-    let name = repo.name.clone();
-    match state.db(move |meta| meta.narinfo(&name, &hash)).await? {
-        Some(text) => Ok(([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response()),
-        None => Err(ServerError::not_found("no such path in this repository")),
+    let key = format!("{}/{hash}", repo.name);
+    let text = match state.narinfos.get(&key) {
+        Some(text) => text,
+        None => {
+            let hash = hash.to_string();
+            let name = repo.name.clone();
+            let Some(text) = state.db(move |meta| meta.narinfo(&name, &hash)).await? else {
+                return Err(ServerError::not_found("no such path in this repository"));
+            };
+            let text: std::sync::Arc<str> = text.into();
+            state.narinfos.insert(key, std::sync::Arc::clone(&text));
+            text
+        }
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
+        Body::from(bytes::Bytes::from_owner(ArcText(text))),
+    )
+        .into_response())
+}
+
+/// Lets a cached narinfo be a response body without copying it.
+struct ArcText(std::sync::Arc<str>);
+
+impl AsRef<[u8]> for ArcText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 
