@@ -5,6 +5,7 @@ pub mod admin;
 pub mod exit;
 pub mod push;
 pub mod serve;
+pub mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,10 @@ pub enum Command {
 pub enum NixCommand {
     /// Upload store paths and their complete runtime closures to a repository.
     Push(push::PushArgs),
+    /// Push every store path that becomes valid in the local Nix store, until stopped.
+    WatchStore(watch::WatchStoreArgs),
+    /// Run a command and push every store path that becomes valid while it runs.
+    WatchExec(watch::WatchExecArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -45,6 +50,12 @@ pub fn run() -> i32 {
         Command::Nix {
             command: NixCommand::Push(args),
         } => push::run(args),
+        Command::Nix {
+            command: NixCommand::WatchStore(args),
+        } => watch::run_store(args),
+        Command::Nix {
+            command: NixCommand::WatchExec(args),
+        } => watch::run_exec(args),
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
     }

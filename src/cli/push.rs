@@ -32,6 +32,8 @@ const DEFAULT_JOBS: usize = 16;
 /// within 5% of `nix copy`'s preset 6 on a closure of real binaries (+4.3%, 5.2x faster on 2
 /// cores); preset 1 is faster but stores more, and bytes stored are paid by every download.
 const DEFAULT_XZ_LEVEL: i32 = 2;
+/// How often a watcher that starts before its server asks it again.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// The job name under which metrics are pushed to a Prometheus push gateway.
 const PUSH_GATEWAY_JOB: &str = "stowix_push";
 
@@ -62,6 +64,18 @@ pub struct PushArgs {
     #[arg(value_name = "STORE_PATH", required_unless_present = "stdin")]
     pub paths: Vec<String>,
 
+    /// Read more store paths from standard input, one per line; they are pushed as they arrive.
+    #[arg(long)]
+    pub stdin: bool,
+
+    #[command(flatten)]
+    pub flags: PushFlags,
+}
+
+/// Every flag of `stowix nix push` that is not about which paths: shared with `watch-store`
+/// and `watch-exec`, which push through the same pipeline.
+#[derive(clap::Args, Debug)]
+pub struct PushFlags {
     /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
     #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
     pub target: Option<String>,
@@ -114,10 +128,6 @@ pub struct PushArgs {
     /// Most requests per second to the server.
     #[arg(long, env = "STOWIX_MAX_REQUESTS_PER_SECOND", value_name = "N")]
     pub max_requests_per_second: Option<NonZeroU32>,
-
-    /// Read more store paths from standard input, one per line; they are pushed as they arrive.
-    #[arg(long)]
-    pub stdin: bool,
 
     /// Serve Prometheus metrics on this address while the push runs, e.g. 127.0.0.1:9464.
     #[arg(long, env = "STOWIX_METRICS_LISTEN", value_name = "ADDR")]
@@ -194,9 +204,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Put before every line this process prints itself (see [`set_line_prefix`]).
+static LINE_PREFIX: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// `watch-exec` and `watch-store` prefix their own lines (`stowix: `) so they stand out from
+/// the command's output and in a journal; `push` prints them bare.
+pub(crate) fn set_line_prefix(prefix: &'static str) {
+    let _ = LINE_PREFIX.set(prefix);
+}
+
+pub(crate) fn line_prefix() -> &'static str {
+    LINE_PREFIX.get().copied().unwrap_or("")
+}
+
 /// Prints an error whose message may carry its own `hint:` lines, and returns `code`.
-fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
-    eprintln!("error: {message}");
+pub(crate) fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
+    eprintln!(
+        "{}",
+        crate::push::report::prefixed(line_prefix(), &format!("error: {message}"))
+    );
     code
 }
 
@@ -235,43 +261,79 @@ fn compression_level(method: Compression, level: Option<i32>) -> Result<i32, Str
     }
 }
 
-pub fn run(args: PushArgs) -> i32 {
-    let level = match compression_level(args.compression, args.compression_level) {
-        Ok(level) => level,
-        Err(err) => return fail(exit::USAGE, err),
-    };
-    let Some(target) = args.target.as_deref() else {
-        return fail(
-            exit::USAGE,
-            "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
-        );
-    };
-    let repo = match RepoUrl::parse(target) {
-        Ok(repo) => repo,
-        Err(err) => return fail(exit::USAGE, format!("invalid --target: {err}")),
-    };
-    let Some(SecretArg(token_text)) = &args.token else {
-        return fail(
-            exit::USAGE,
-            "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
-        );
-    };
-    let token = match Token::parse(token_text) {
-        Ok(token) => token,
-        Err(err) => return fail(exit::USAGE, err),
-    };
-    let mut upstream_keys = Vec::new();
-    for text in args.upstream_keys.iter().filter(|t| !t.is_empty()) {
-        match PublicKey::parse(text) {
-            Ok(key) => upstream_keys.push(key),
-            Err(err) => {
-                return fail(
+/// What every pushing command checks before it makes a request: target, token, levels.
+pub(crate) struct Prepared {
+    level: i32,
+    repo: RepoUrl,
+    token: Token,
+    /// `--upstream-key`s; the repository's own are added once it answered.
+    upstream_keys: Vec<PublicKey>,
+}
+
+impl Prepared {
+    /// The usage error (exit 2) or Nix error (exit 5) as `Err(code)`, already printed.
+    pub(crate) fn check(flags: &PushFlags) -> Result<Self, i32> {
+        let level = compression_level(flags.compression, flags.compression_level)
+            .map_err(|err| fail(exit::USAGE, err))?;
+        let Some(target) = flags.target.as_deref() else {
+            return Err(fail(
+                exit::USAGE,
+                "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
+            ));
+        };
+        let repo = RepoUrl::parse(target)
+            .map_err(|err| fail(exit::USAGE, format!("invalid --target: {err}")))?;
+        let Some(SecretArg(token_text)) = &flags.token else {
+            return Err(fail(
+                exit::USAGE,
+                "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
+            ));
+        };
+        let token = Token::parse(token_text).map_err(|err| fail(exit::USAGE, err))?;
+        let mut upstream_keys = Vec::new();
+        for text in flags.upstream_keys.iter().filter(|t| !t.is_empty()) {
+            let key = PublicKey::parse(text).map_err(|err| {
+                fail(
                     exit::USAGE,
                     format!("--upstream-key {text:?} is not a Nix public key: {err}\nhint: give it as name:base64, as in trusted-public-keys"),
                 )
-            }
+            })?;
+            upstream_keys.push(key);
+        }
+        Ok(Self {
+            level,
+            repo,
+            token,
+            upstream_keys,
+        })
+    }
+
+    pub(crate) fn check_nix() -> Result<(), i32> {
+        if nix_on_path() {
+            Ok(())
+        } else {
+            Err(fail(exit::NIX, ClosureError::NixMissing))
         }
     }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| {
+            fail(
+                exit::FAILURE,
+                format!("cannot start the async runtime: {err}"),
+            )
+        })
+}
+
+pub fn run(args: PushArgs) -> i32 {
+    let prepared = match Prepared::check(&args.flags) {
+        Ok(prepared) => prepared,
+        Err(code) => return code,
+    };
     let mut roots = Vec::with_capacity(args.paths.len());
     for arg in &args.paths {
         match closure::resolve_root(arg) {
@@ -279,92 +341,161 @@ pub fn run(args: PushArgs) -> i32 {
             Err(err) => return fail(exit::USAGE, err),
         }
     }
-    if !nix_on_path() {
-        return fail(exit::NIX, ClosureError::NixMissing);
+    if let Err(code) = Prepared::check_nix() {
+        return code;
     }
-
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            return fail(
-                exit::FAILURE,
-                format!("cannot start the async runtime: {err}"),
-            )
-        }
+        Err(code) => return code,
     };
-    runtime.block_on(push_async(args, level, repo, token, roots, upstream_keys))
+    runtime.block_on(push_async(args, prepared, roots))
 }
 
-async fn push_async(
-    args: PushArgs,
-    level: i32,
-    repo: RepoUrl,
-    token: Token,
-    roots: Vec<crate::nix::StorePath>,
-    mut upstream_keys: Vec<PublicKey>,
-) -> i32 {
-    let metrics = match Metrics::install(args.metrics_listen) {
-        Ok(metrics) => metrics,
-        Err(err) => return fail(exit::USAGE, format!("cannot serve metrics: {err}")),
-    };
-    let reporter: Arc<dyn Reporter> = if args.no_progress || !std::io::stderr().is_terminal() {
-        Arc::new(LineReporter::new(args.verbose))
-    } else {
-        Arc::new(TerminalReporter::new(args.verbose))
-    };
-    let progress = Arc::new(Progress::new(reporter));
-    let client = match PushClient::new(ClientConfig {
-        repo: repo.clone(),
-        token,
-        limits: RateLimits::new(args.max_requests_per_second, args.max_upload_rate),
-        retry: RetryPolicy::from_env(),
-        observer: Arc::clone(&progress) as Arc<dyn client::ClientObserver>,
-    }) {
-        Ok(client) => Arc::new(client),
-        Err(err) => return fail(exit::FAILURE, err),
-    };
-    let gateway = args.metrics_push_gateway.as_deref();
+/// A connected pusher: the client, the repository's description, the shared tally and the
+/// metrics recorder. One per process: `watch-store` pushes many batches through one session.
+pub(crate) struct Session {
+    pub client: Arc<PushClient>,
+    pub info: crate::api::RepoInfo,
+    pub progress: Arc<Progress>,
+    pub metrics: Metrics,
+    pub config: PushConfig,
+    pub gateway: Option<String>,
+}
 
-    let info = match client.info().await {
-        Ok(info) => info,
-        Err(err) => {
-            return fail_after_metrics(&metrics, gateway, &progress, client_exit_code(&err), err)
-                .await
+impl Session {
+    /// Installs metrics, builds the client and checks the token's scope with `GET info`.
+    /// `Err(code)` after the error was printed (and the metrics pushed).
+    /// With `wait_for_server`, a server that does not answer is asked again every
+    /// [`CONNECT_RETRY`] until it does (`watch-store`: a service started before its server).
+    pub(crate) async fn connect(
+        flags: &PushFlags,
+        prepared: Prepared,
+        reporter: Arc<dyn Reporter>,
+        wait_for_server: bool,
+    ) -> Result<Self, i32> {
+        let metrics = Metrics::install(flags.metrics_listen)
+            .map_err(|err| fail(exit::USAGE, format!("cannot serve metrics: {err}")))?;
+        let progress = Arc::new(Progress::new(reporter));
+        let client = PushClient::new(ClientConfig {
+            repo: prepared.repo.clone(),
+            token: prepared.token,
+            limits: RateLimits::new(flags.max_requests_per_second, flags.max_upload_rate),
+            retry: RetryPolicy::from_env(),
+            observer: Arc::clone(&progress) as Arc<dyn client::ClientObserver>,
+        })
+        .map(Arc::new)
+        .map_err(|err| fail(exit::FAILURE, err))?;
+        let gateway = flags.metrics_push_gateway.as_deref();
+
+        let mut warned = false;
+        let info = loop {
+            match client.info().await {
+                Ok(info) => break info,
+                Err(err) if wait_for_server && push::failure::is_outage(&err) => {
+                    if !warned {
+                        progress.warn(&format!(
+                            "{err}; asking again every {} s",
+                            CONNECT_RETRY.as_secs()
+                        ));
+                        warned = true;
+                    }
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Err(err) => {
+                    return Err(fail_after_metrics(
+                        &metrics,
+                        gateway,
+                        &progress,
+                        client_exit_code(&err),
+                        err,
+                    )
+                    .await)
+                }
+            }
+        };
+        if warned {
+            progress.note("the server answers");
         }
-    };
-    match info.token_scope.as_deref() {
-        Some("push") => {}
-        Some(scope) => {
-            return fail_after_metrics(
-                &metrics,
-                gateway,
-                &progress,
-                exit::AUTH,
-                format!(
-                    "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
-                    info.repository
-                ),
-            )
-            .await
+        let refusal = match info.token_scope.as_deref() {
+            Some("push") => None,
+            Some(scope) => Some(format!(
+                "the token has {scope} scope for repository {}, but pushing needs push scope\nhint: create a token with push scope for this repository",
+                info.repository
+            )),
+            None => Some(format!(
+                "the server did not accept the token for repository {}\nhint: check the token and --target",
+                info.repository
+            )),
+        };
+        if let Some(message) = refusal {
+            return Err(
+                fail_after_metrics(&metrics, gateway, &progress, exit::AUTH, message).await,
+            );
         }
-        None => {
-            return fail_after_metrics(
-                &metrics,
-                gateway,
-                &progress,
-                exit::AUTH,
-                format!("the server did not accept the token for repository {}\nhint: check the token and --target", info.repository),
-            )
-            .await
+
+        let mut upstream_keys = prepared.upstream_keys;
+        if flags.no_upstream_filter {
+            upstream_keys.clear();
+        } else {
+            for text in &info.upstream_keys {
+                match PublicKey::parse(text) {
+                    Ok(key) if !upstream_keys.contains(&key) => upstream_keys.push(key),
+                    Ok(_) => {}
+                    // The server checks keys when they are configured; a bad one only loses the
+                    // filter for its paths, which are then pushed.
+                    Err(err) => progress.warn(&format!(
+                        "ignoring the repository's upstream key {text:?}: {err}"
+                    )),
+                }
+            }
         }
+
+        let threads = flags
+            .compression_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        let config = PushConfig {
+            jobs: flags.jobs,
+            compression: CompressConfig {
+                method: flags.compression,
+                level: prepared.level,
+                threads,
+            },
+            chunk_size: flags.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
+            retry_timeout: flags.retry_timeout,
+            upstream_keys,
+            logs: flags.logs,
+        };
+        Ok(Self {
+            client,
+            info,
+            progress,
+            metrics,
+            config,
+            gateway: flags.metrics_push_gateway.clone(),
+        })
     }
+
+    /// Pushes the final metrics to the gateway, if one was named.
+    pub(crate) async fn push_metrics(&self) {
+        push_metrics(&self.metrics, self.gateway.as_deref(), &self.progress).await;
+    }
+}
+
+async fn push_async(args: PushArgs, prepared: Prepared, roots: Vec<crate::nix::StorePath>) -> i32 {
+    let reporter: Arc<dyn Reporter> = if args.flags.no_progress || !std::io::stderr().is_terminal()
+    {
+        Arc::new(LineReporter::new(args.flags.verbose))
+    } else {
+        Arc::new(TerminalReporter::new(args.flags.verbose))
+    };
+    let session = match Session::connect(&args.flags, prepared, reporter, false).await {
+        Ok(session) => session,
+        Err(code) => return code,
+    };
 
     let cancel = CancellationToken::new();
     {
-        let (cancel, progress) = (cancel.clone(), Arc::clone(&progress));
+        let (cancel, progress) = (cancel.clone(), Arc::clone(&session.progress));
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 progress.warn("interrupted: stopping; unfinished uploads stay on the server and the next run resumes them");
@@ -373,49 +504,21 @@ async fn push_async(
         });
     }
 
-    if args.no_upstream_filter {
-        upstream_keys.clear();
-    } else {
-        for text in &info.upstream_keys {
-            match PublicKey::parse(text) {
-                Ok(key) if !upstream_keys.contains(&key) => upstream_keys.push(key),
-                Ok(_) => {}
-                // The server checks keys when they are configured; a bad one only loses the
-                // filter for its paths, which are then pushed.
-                Err(err) => progress.warn(&format!(
-                    "ignoring the repository's upstream key {text:?}: {err}"
-                )),
-            }
-        }
-    }
-
-    let threads = args
-        .compression_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
-    let config = PushConfig {
-        jobs: args.jobs,
-        compression: CompressConfig {
-            method: args.compression,
-            level,
-            threads,
-        },
-        chunk_size: args.chunk_size.unwrap_or(push::DEFAULT_CHUNK_SIZE),
-        retry_timeout: args.retry_timeout,
-        upstream_keys,
-        logs: args.logs,
-    };
     let roots = Roots {
         paths: roots,
         stdin: args.stdin,
+        tolerant: false,
     };
-    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
-    conclude(
-        result,
-        &progress,
+    let Session {
+        client,
+        info,
+        progress,
         metrics,
-        args.metrics_push_gateway.as_deref(),
-    )
-    .await
+        config,
+        gateway,
+    } = session;
+    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
+    conclude(result, &progress, metrics, gateway.as_deref()).await
 }
 
 async fn conclude(
@@ -503,7 +606,7 @@ fn client_exit_code(err: &ClientError) -> i32 {
 /// The Prometheus recorder, when `--metrics-listen` or `--metrics-push-gateway` asked for one.
 /// Installed only here, in the binary's command path: library code never installs a global
 /// recorder.
-struct Metrics {
+pub(crate) struct Metrics {
     handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -524,6 +627,7 @@ impl Metrics {
         let handle = recorder.handle();
         metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
         push_metrics::describe();
+        push_metrics::register_zeros();
         Ok(Self {
             handle: Some(handle),
         })

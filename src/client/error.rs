@@ -117,6 +117,15 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    /// Every reason, so metrics can show each at 0 before it first happens.
+    pub const ALL: [Self; 5] = [
+        Self::Connection,
+        Self::Timeout,
+        Self::RequestTimeout,
+        Self::TooManyRequests,
+        Self::ServerError,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Connection => "connection",

@@ -77,6 +77,10 @@ pub struct Roots {
     pub paths: Vec<StorePath>,
     /// Then the lines of standard input, resolved as they arrive.
     pub stdin: bool,
+    /// `paths` come from a watcher, not the user: one that is no longer valid (collected
+    /// since it was seen) is reported and skipped, like a bad `--stdin` line, instead of
+    /// failing the run.
+    pub tolerant: bool,
 }
 
 /// The store path an argument stands for: a store path, a path below one (resolved to its
@@ -195,7 +199,22 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), ClosureError> {
     let mut seen = HashSet::new();
-    if !roots.paths.is_empty() {
+    if roots.tolerant {
+        for chunk in roots.paths.chunks(STDIN_MAX_BATCH) {
+            let lines: Vec<(String, StorePath)> = chunk
+                .iter()
+                .map(|path| (path.to_absolute(), path.clone()))
+                .collect();
+            let valid = tokio::select! {
+                valid = resolve_lines(&lines, &progress) => valid?,
+                () = cancel.cancelled() => return Ok(()),
+            };
+            let batch = fresh(valid, &mut seen);
+            if !send(batch, &output, &progress, &cancel).await {
+                return Ok(());
+            }
+        }
+    } else if !roots.paths.is_empty() {
         let resolved = tokio::select! {
             resolved = path_info(&roots.paths) => resolved?,
             () = cancel.cancelled() => return Ok(()),

@@ -34,6 +34,7 @@ pub mod progress;
 pub mod publish;
 pub mod report;
 pub mod upload;
+pub mod watch;
 
 use std::io::Write;
 use std::sync::Arc;

@@ -87,6 +87,22 @@ pub async fn run(
         }
     });
     let queries = closure_batches
+        // What this process published earlier (a watcher's memory) is routed as present
+        // without asking the server again.
+        .filter_map(|batch| {
+            let (known, unknown): (Vec<PathRef>, Vec<PathRef>) = batch
+                .into_iter()
+                .partition(|info| progress.known_published(&info.path));
+            let to_publish = to_publish.clone();
+            async move {
+                for info in known {
+                    if to_publish.send(PublishEvent::Present(info)).await.is_err() {
+                        return None;
+                    }
+                }
+                Some(unknown)
+            }
+        })
         .flat_map(|batch| {
             let chunks: Vec<Vec<PathRef>> =
                 batch.chunks(batch_size).map(<[PathRef]>::to_vec).collect();

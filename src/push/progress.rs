@@ -3,7 +3,7 @@
 //! names themselves.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
@@ -83,8 +83,21 @@ pub struct Progress {
     started: Instant,
     /// Causes of failures in order of first appearance, with how many shared each.
     causes: Mutex<Vec<(String, u64)>>,
-    /// The run's health, once the pipeline runs: retries that hint at an outage pause it.
-    health: OnceLock<Arc<Health>>,
+    /// The current run's health while a pipeline runs: retries that hint at an outage pause
+    /// it. Replaced by each run of a long-lived pusher (`watch-store`).
+    health: RwLock<Option<Arc<Health>>>,
+    /// Told every path's final outcome, and asked which paths are known to be published.
+    follower: OnceLock<Arc<dyn Follower>>,
+}
+
+/// What a long-lived pusher (the watchers) learns from the pipeline: every path's final outcome,
+/// so it knows when the roots it fed are published; and what it knows is already published, so
+/// presence need not ask the server again.
+pub trait Follower: Send + Sync {
+    /// `path` reached its final outcome in this run: published (or present) or failed.
+    fn settled(&self, path: &StorePath, published: bool);
+    /// Whether `path` is known to be published in the repository.
+    fn is_published(&self, path: &StorePath) -> bool;
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -98,13 +111,30 @@ impl Progress {
             tally: Tally::default(),
             started: Instant::now(),
             causes: Mutex::new(Vec::new()),
-            health: OnceLock::new(),
+            health: RwLock::new(None),
+            follower: OnceLock::new(),
         }
     }
 
     /// Connects the client's retry reports to the run's health (see [`failure`]).
     pub fn watch(&self, health: Arc<Health>) {
-        let _ = self.health.set(health);
+        *self.health.write().expect("health lock") = Some(health);
+    }
+
+    /// Connects the long-lived pusher that feeds this tally's runs (see [`Follower`]).
+    pub fn follow(&self, follower: Arc<dyn Follower>) {
+        let _ = self.follower.set(follower);
+    }
+
+    /// Whether the follower knows `path` is published (never, without a follower).
+    pub fn known_published(&self, path: &StorePath) -> bool {
+        self.follower.get().is_some_and(|f| f.is_published(path))
+    }
+
+    fn settled(&self, path: &StorePath, published: bool) {
+        if let Some(follower) = self.follower.get() {
+            follower.settled(path, published);
+        }
     }
 
     /// Reports the prober's pauses and resumptions.
@@ -171,6 +201,10 @@ impl Progress {
         self.reporter.warn(message);
     }
 
+    pub fn note(&self, message: &str) {
+        self.reporter.note(message);
+    }
+
     /// New paths of the closure (already deduplicated).
     pub fn closure_paths(&self, paths: &[Arc<PathInfo>]) {
         add(&self.tally.closure_paths, paths.len() as u64);
@@ -184,6 +218,7 @@ impl Progress {
         add(&self.tally.present, 1);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::PRESENT).increment(1);
         self.reporter.path(PathEvent::Present { path: &info.path });
+        self.settled(&info.path, true);
     }
 
     /// `info` is not pushed: the upstream cache whose key is `key` serves it.
@@ -263,12 +298,14 @@ impl Progress {
         counter!(m::PATHS_TOTAL, "outcome" => label).increment(1);
         self.reporter
             .path(PathEvent::Published { path: &info.path });
+        self.settled(&info.path, true);
     }
 
     pub fn failed(&self, path: &StorePath, failure: &PathFailure) {
         add(&self.tally.failed, 1);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::FAILED).increment(1);
         self.report_failure(&path.to_absolute(), failure);
+        self.settled(path, false);
     }
 
     /// A `--stdin` line that could not be pushed; the rest of the input goes on. Each is
@@ -343,7 +380,8 @@ impl ClientObserver for Progress {
     ) {
         add(&self.tally.retries, 1);
         counter!(m::RETRIES_TOTAL, "reason" => reason.label()).increment(1);
-        if let Some(health) = self.health.get() {
+        let health = self.health.read().expect("health lock").clone();
+        if let Some(health) = health {
             if failure::is_outage(err) {
                 // The prober reports the pause once; a line per retrying request would repeat
                 // the same news for every request in flight.

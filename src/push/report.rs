@@ -72,6 +72,10 @@ pub trait Reporter: Send + Sync {
     /// A request failed and will be tried again after `delay`.
     fn retrying(&self, endpoint: &str, error: &str, delay: Duration);
     fn warn(&self, message: &str);
+    /// A plain line about what the process does (a watcher starting, the server answering).
+    fn note(&self, message: &str) {
+        self.warn(message);
+    }
     /// Called about once a second with the current tally.
     fn status(&self, snapshot: &Snapshot);
     /// The final summary.
@@ -208,6 +212,19 @@ pub fn summary_lines(s: &Snapshot) -> String {
 pub struct LineReporter {
     verbose: bool,
     last_status: Mutex<Instant>,
+    /// Put before every line (`stowix: ` under `watch-exec`, whose command shares the terminal).
+    prefix: &'static str,
+}
+
+/// Puts `prefix` before every line of `text`.
+pub fn prefixed(prefix: &str, text: &str) -> String {
+    if prefix.is_empty() {
+        return text.to_owned();
+    }
+    text.lines()
+        .map(|line| format!("{prefix}{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl LineReporter {
@@ -215,13 +232,19 @@ impl LineReporter {
     pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 
     pub fn new(verbose: bool) -> Self {
+        Self::with_prefix(verbose, "")
+    }
+
+    pub fn with_prefix(verbose: bool, prefix: &'static str) -> Self {
         Self {
             verbose,
             last_status: Mutex::new(Instant::now()),
+            prefix,
         }
     }
 
     fn line(&self, text: &str) {
+        let text = prefixed(self.prefix, text);
         let mut stderr = std::io::stderr().lock();
         let _ = writeln!(stderr, "{text}");
     }
@@ -240,6 +263,10 @@ impl Reporter for LineReporter {
 
     fn warn(&self, message: &str) {
         self.line(&format!("warning: {message}"));
+    }
+
+    fn note(&self, message: &str) {
+        self.line(message);
     }
 
     fn status(&self, snapshot: &Snapshot) {
