@@ -64,24 +64,36 @@ if [ -z "${STOWIX_TEST_DATABASE_URL:-}" ]; then
     fi
     # Debian's package creates cluster <major>/main on port 5432; start it (there may be no
     # init system, so not through systemd).
-    read -r PG_VERSION PG_CLUSTER _ < <(pg_lsclusters -h | awk '$3 == 5432 {print; exit}')
-    if [ -z "${PG_VERSION:-}" ]; then
+    PG_VERSION=
+    read -r PG_VERSION PG_CLUSTER _ < <(pg_lsclusters -h | awk '$3 == 5432 {print; exit}') || :
+    if [ -z "$PG_VERSION" ]; then
       echo "error: no PostgreSQL cluster on port 5432 (pg_lsclusters); create one with" \
         "pg_createcluster --port 5432 <version> main" >&2
       exit 1
     fi
     echo "starting PostgreSQL $PG_VERSION/$PG_CLUSTER" >&2
-    $SUDO pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start
-    for _ in $(seq 50); do pg_answers && break; sleep 0.2; done
+    # The package may have started it already (where an init system runs).
+    $SUDO pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" start 2>/dev/null || :
+    for _ in $(seq 100); do pg_answers && break; sleep 0.2; done
+    if ! pg_answers; then
+      echo "error: PostgreSQL $PG_VERSION/$PG_CLUSTER does not answer on 127.0.0.1:5432 after" \
+        "starting; see /var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log" >&2
+      exit 1
+    fi
+  fi
+  # The tests create and drop their databases with psql.
+  if ! command -v psql >/dev/null; then
+    apt_install postgresql-client
   fi
   # Debian's default pg_hba.conf asks for a password (scram-sha-256) on TCP, and user postgres
   # has none: give local TCP connections trust, as the project's machines have it. Only on a
   # Debian cluster on this machine; another server on the port is the operator's to configure.
   if ! psql -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; then
     HBA=
+    PG_VERSION=
     if command -v pg_lsclusters >/dev/null; then
-      read -r PG_VERSION PG_CLUSTER _ < <(pg_lsclusters -h | awk '$3 == 5432 {print; exit}') || true
-      [ -n "${PG_VERSION:-}" ] && HBA="/etc/postgresql/$PG_VERSION/$PG_CLUSTER/pg_hba.conf"
+      read -r PG_VERSION PG_CLUSTER _ < <(pg_lsclusters -h | awk '$3 == 5432 {print; exit}') || :
+      if [ -n "$PG_VERSION" ]; then HBA="/etc/postgresql/$PG_VERSION/$PG_CLUSTER/pg_hba.conf"; fi
     fi
     if [ -z "$HBA" ] || [ ! -f "$HBA" ]; then
       echo "error: PostgreSQL on 127.0.0.1:5432 refuses user postgres without a password, and" \
