@@ -57,6 +57,10 @@ fi
 # Tests connect with STOWIX_TEST_DATABASE_URL when it is set: then this script leaves the
 # database alone. Otherwise they use postgres://postgres@127.0.0.1:5432/postgres.
 pg_answers() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+# The tests create and drop their databases with psql.
+if ! command -v psql >/dev/null; then
+  apt_install postgresql-client
+fi
 if [ -z "${STOWIX_TEST_DATABASE_URL:-}" ]; then
   if ! pg_answers; then
     if ! command -v pg_lsclusters >/dev/null || [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
@@ -80,10 +84,6 @@ if [ -z "${STOWIX_TEST_DATABASE_URL:-}" ]; then
         "starting; see /var/log/postgresql/postgresql-$PG_VERSION-$PG_CLUSTER.log" >&2
       exit 1
     fi
-  fi
-  # The tests create and drop their databases with psql.
-  if ! command -v psql >/dev/null; then
-    apt_install postgresql-client
   fi
   # Debian's default pg_hba.conf asks for a password (scram-sha-256) on TCP, and user postgres
   # has none: give local TCP connections trust, as the project's machines have it. Only on a
