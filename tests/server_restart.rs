@@ -199,7 +199,7 @@ async fn unfinished_uploads_past_their_expiry_are_deleted_at_start() {
     for (name, _, id) in &uploads[..2] {
         let changed = db
             .execute(
-                "UPDATE uploads SET created_at = created_at - ?1 WHERE id = ?2",
+                "UPDATE uploads SET created_at = created_at - ?1, updated_at = updated_at - ?1 WHERE id = ?2",
                 rusqlite::params![two_hours.as_secs() as i64, id],
             )
             .expect("backdate upload row");

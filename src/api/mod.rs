@@ -134,6 +134,8 @@ pub mod codes {
     /// The server's disk is full (HTTP 507): nothing more can be stored until space is freed.
     pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
     pub const INTERNAL: &str = "internal";
+    /// A backend (the database, the bucket) cannot be reached now: retry shortly (HTTP 503).
+    pub const UNAVAILABLE: &str = "unavailable";
 }
 
 /// `GET api/v1/info`: lets a client check that the target is a Stowix repository and what its

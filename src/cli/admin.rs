@@ -1,8 +1,7 @@
-//! `stowix admin`: repositories and tokens, straight on a server's data directory. SQLite in
-//! WAL mode lets this run while the server does; the server reads repositories and tokens on
-//! every request, so changes apply at once.
-
-use std::path::PathBuf;
+//! `stowix admin`: repositories and tokens, straight on a server's backends (the same flags
+//! and factory as `stowix serve`). It runs while the servers do: SQLite in WAL mode and
+//! PostgreSQL both take its writes, and servers read repositories and tokens on every request,
+//! so changes apply at once on every replica.
 
 use clap::Subcommand;
 
@@ -10,13 +9,12 @@ use super::exit;
 use crate::nix::signing::SecretKey;
 use crate::server::auth::generate_token;
 use crate::server::is_valid_repo_name;
-use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope, SqliteMetadata};
+use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope};
 
 #[derive(clap::Args, Debug)]
 pub struct AdminArgs {
-    /// The server's data directory [default: as `stowix serve`].
-    #[arg(long, env = "STOWIX_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub backends: super::serve::BackendArgs,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -81,32 +79,20 @@ pub enum TokenCommand {
 }
 
 pub fn run(args: AdminArgs) -> i32 {
-    let data_dir = args
-        .data_dir
-        .unwrap_or_else(|| crate::server::config::ServerConfig::default().data_dir);
-    if let Err(err) = std::fs::create_dir_all(&data_dir) {
-        return super::fail(
-            exit::FAILURE,
-            &format!("cannot create data directory {}: {err}", data_dir.display()),
-            None,
-        );
-    }
-    let meta = match SqliteMetadata::open(&data_dir.join("stowix.db")) {
-        Ok(meta) => meta,
-        Err(err) => {
-            return super::fail(
-                exit::FAILURE,
-                &format!(
-                    "cannot open the metadata database in {}: {err}",
-                    data_dir.display()
-                ),
-                None,
-            )
-        }
+    let mut config = match args.backends.load() {
+        Ok(config) => config,
+        Err(message) => return super::fail(exit::USAGE, &message, None),
     };
+    // One command, one connection: the readers' pool is for a server's concurrent requests.
+    config.metadata_readers = 0;
+    let meta = match crate::server::backend::open(&config) {
+        Ok(backends) => backends.meta,
+        Err(message) => return super::fail(exit::FAILURE, &message, None),
+    };
+    let meta = meta.as_ref();
     let result = match args.command {
-        AdminCommand::Repo { command } => repo(&meta, command),
-        AdminCommand::Token { command } => token(&meta, command),
+        AdminCommand::Repo { command } => repo(meta, command),
+        AdminCommand::Token { command } => token(meta, command),
     };
     match result {
         Ok(()) => exit::SUCCESS,

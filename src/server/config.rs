@@ -71,8 +71,20 @@ pub struct ServerConfig {
     pub anonymous_presence_batch: usize,
     /// Serve `/metrics` here instead of on `listen`.
     pub metrics_listen: Option<SocketAddr>,
-    /// SQLite connections for reads, besides the one that writes.
+    /// Database connections for reads, besides the one that writes (SQLite), or the size of
+    /// the connection pool minus one (PostgreSQL).
     pub metadata_readers: usize,
+    /// Metadata database URL: `sqlite:///abs/path.db` or `postgres://user@host:5432/db`;
+    /// unset, `<data_dir>/stowix.db`.
+    pub database: Option<String>,
+    /// NAR storage URL: `file:///abs/dir` or `s3://bucket[/prefix]`; unset, `<data_dir>/store`.
+    pub storage: Option<String>,
+    /// S3 endpoint for self-hosted stores (path-style addressing); unset, AWS.
+    pub s3_endpoint: Option<String>,
+    pub s3_region: String,
+    /// 0: NAR downloads stream through the server. N: they redirect to a presigned URL of the
+    /// bucket valid N seconds, so the bucket (or its CDN) carries the bytes.
+    pub s3_presign_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +115,11 @@ impl Default for ServerConfig {
             anonymous_presence_batch: 1000,
             metrics_listen: None,
             metadata_readers: 4,
+            database: None,
+            storage: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_string(),
+            s3_presign_secs: 0,
         }
     }
 }
@@ -178,6 +195,11 @@ mod tests {
         );
         assert_eq!(parsed.metrics_listen, defaults.metrics_listen);
         assert_eq!(parsed.metadata_readers, defaults.metadata_readers);
+        assert_eq!(parsed.database, defaults.database);
+        assert_eq!(parsed.storage, defaults.storage);
+        assert_eq!(parsed.s3_endpoint, defaults.s3_endpoint);
+        assert_eq!(parsed.s3_region, defaults.s3_region);
+        assert_eq!(parsed.s3_presign_secs, defaults.s3_presign_secs);
     }
 
     #[test]

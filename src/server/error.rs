@@ -87,12 +87,23 @@ impl From<std::io::Error> for ServerError {
     }
 }
 
-impl From<rusqlite::Error> for ServerError {
-    fn from(err: rusqlite::Error) -> Self {
-        if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-            return ServerError::storage_full(format!("SQLite: {err}"));
+impl From<super::metadata::MetaError> for ServerError {
+    fn from(err: super::metadata::MetaError) -> Self {
+        use super::metadata::MetaError;
+        match err {
+            MetaError::Full(detail) => ServerError::storage_full(format!("metadata: {detail}")),
+            // A database restarting or failing over: worth the client's retry, unlike a 500.
+            MetaError::Unavailable(detail) => {
+                tracing::warn!("metadata database unavailable: {detail}");
+                ServerError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::UNAVAILABLE,
+                    "the server's database is unavailable; retry shortly",
+                )
+                .with_retry_after(2)
+            }
+            other => ServerError::internal(other),
         }
-        ServerError::internal(format!("SQLite: {err}"))
     }
 }
 

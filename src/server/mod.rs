@@ -15,15 +15,14 @@
 //! S3-compatible storage and PostgreSQL slot in without touching the routes.
 
 pub mod auth;
+pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod error;
-pub mod metadata;
 pub mod metrics;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
-pub mod storage;
 pub mod upload;
 pub mod verify;
 
@@ -42,10 +41,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 
 use crate::api::codes;
+pub use backend::{metadata, storage};
 use config::ServerConfig;
 use error::{ServerError, ServerResult};
-use metadata::{Metadata, RepoRecord, Scope, SqliteMetadata};
-use storage::{LocalStorage, Storage};
+use metadata::{Metadata, RepoRecord, Scope};
+use storage::Storage;
 
 /// Names that would shadow server-wide routes, or that are too easy to confuse.
 const RESERVED_REPO_NAMES: &[&str] = &["metrics", "healthz", "api", "nar", "nix-cache-info"];
@@ -117,22 +117,13 @@ impl AppState {
             std::fs::create_dir_all(dir)
                 .map_err(|err| format!("cannot create data directory {}: {err}", dir.display()))?;
         }
-        let meta =
-            SqliteMetadata::open_with_readers(&data_dir.join("stowix.db"), config.metadata_readers)
-                .map_err(|err| {
-                    format!(
-                        "cannot open metadata database in {}: {err}",
-                        data_dir.display()
-                    )
-                })?;
-        let storage = LocalStorage::new(data_dir.join("store"))
-            .map_err(|err| format!("cannot create storage in {}: {err}", data_dir.display()))?;
+        let backend::Backends { meta, storage } = backend::open(&config)?;
         Ok(AppState {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads)),
             repo_uploads: Arc::new(Mutex::new(HashMap::new())),
             config,
-            meta: Arc::new(meta),
-            storage: Arc::new(storage),
+            meta,
+            storage,
             uploads_dir,
             tmp_dir,
             upload_locks: Mutex::new(HashMap::new()),
@@ -478,7 +469,7 @@ pub async fn clean_up(state: &AppState) -> ServerResult<()> {
     }
     let cutoff = metadata::now_unix() - (state.config.upload_expiry_hours as i64) * 3600;
     let expired = state
-        .db(move |meta| meta.uploads_created_before(cutoff))
+        .db(move |meta| meta.uploads_inactive_since(cutoff))
         .await?;
     for upload in expired {
         // Expiry counts from the last chunk received, so a slow upload of a huge NAR survives.

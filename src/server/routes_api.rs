@@ -343,6 +343,8 @@ pub async fn create_upload(
         compression: request.compression,
         encoder: request.encoder,
         created_at: now_unix(),
+        staging_id: None,
+        updated_at: now_unix(),
     };
     // The token's id counts its sessions; a push route always has one.
     let token_id = token_id.unwrap_or_default();
@@ -481,6 +483,10 @@ pub async fn upload_chunk(
         }
         other => other?,
     };
+    let touched = record.id.clone();
+    state
+        .db(move |meta| meta.touch_upload(&touched, now_unix()))
+        .await?;
     let offset = held_offset(&state, &record.id).await?;
     Ok(state_response(
         StatusCode::OK,

@@ -196,9 +196,16 @@ pub async fn get_nar(
     Path((_, file)): Path<(String, String)>,
 ) -> ServerResult<Response> {
     parse_nar_file(&file)?;
-    let key = format!("{}/nar/{file}", repo.name);
-    let Some((len, reader)) = state.storage.get(&key).await? else {
-        return Err(ServerError::not_found("no such NAR in this repository"));
+    let not_found = || ServerError::not_found("no such NAR in this repository");
+    // The row, not the bucket, says where the bytes are (and that they were verified).
+    let name = repo.name.clone();
+    let url = format!("nar/{file}");
+    let nar = state
+        .db(move |meta| meta.nar_by_url(&name, &url))
+        .await?
+        .ok_or_else(not_found)?;
+    let Some((len, reader)) = state.storage.get(&nar.object_key).await? else {
+        return Err(not_found());
     };
     // Never Content-Encoding: clients decompress according to the narinfo, and Nix 2.34+
     // fails on a NAR served with `Content-Encoding: xz`.

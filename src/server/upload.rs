@@ -311,6 +311,7 @@ pub async fn verify_and_store(
     let key = format!("{repo}/{url}");
     state.storage.put_file(&key, staged).await?;
     let record = NarRecord {
+        object_key: key,
         url,
         compression: compression.to_string(),
         nar_hash: verified.nar.nar_hash.to_typed_nix32(),

@@ -1,165 +1,40 @@
-//! Repository metadata: repositories and their keys, tokens, stored NARs, published narinfos
-//! and unfinished uploads. [`Metadata`] is the interface the HTTP layer sees; [`SqliteMetadata`]
-//! is the embedded default (one file in the data dir, WAL mode so `stowix admin` can write while
-//! the server runs; one writing connection and a pool of reading ones). A PostgreSQL
-//! implementation plugs in behind the same trait.
-//!
-//! Calls are blocking; async callers go through `tokio::task::spawn_blocking`.
+//! The embedded metadata database: one SQLite file in the data dir, in WAL mode so `stowix
+//! admin` can write while the server runs, with one writing connection and a pool of reading
+//! ones. One machine only: replicas share PostgreSQL instead (`postgres.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-pub type MetaResult<T> = Result<T, rusqlite::Error>;
+use super::{
+    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo,
+    RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart, UploadRecord,
+};
 
-#[derive(Clone, Debug)]
-pub struct RepoRecord {
-    pub name: String,
-    pub private: bool,
-    /// Nix secret key text `name:base64`.
-    pub secret_key: String,
-    pub priority: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    Read,
-    Push,
-}
-
-impl Scope {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Push => "push",
-        }
-    }
-    pub fn parse(text: &str) -> Option<Scope> {
-        match text {
-            "read" => Some(Scope::Read),
-            "push" => Some(Scope::Push),
-            _ => None,
+impl From<rusqlite::Error> for MetaError {
+    fn from(err: rusqlite::Error) -> Self {
+        match err.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => MetaError::Full(err.to_string()),
+            // Still locked after the busy timeout: another process holds the file for long.
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                MetaError::Unavailable(err.to_string())
+            }
+            _ => MetaError::Other(err.to_string()),
         }
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct TokenRecord {
-    pub id: String,
-    /// sha256 of the secret part; the secret itself is never stored.
-    pub secret_sha256: [u8; 32],
-    pub scope: Scope,
-    pub repos: Vec<String>,
-    pub description: String,
-    pub created_at: i64,
-    pub revoked_at: Option<i64>,
-}
+/// Version 1 is the schema of every release before versioning (its statements are idempotent,
+/// so an unversioned database of any age passes through it); each later entry is one step.
+/// `PRAGMA user_version` records how far a database has come.
+const MIGRATIONS: &[&str] = &[V1_SCHEMA, V2_SCALE_OUT];
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NarRecord {
-    /// Relative to the repository URL: `nar/<nix32 file hash>.nar.xz`.
-    pub url: String,
-    pub compression: String,
-    /// `sha256:<nix32>`.
-    pub nar_hash: String,
-    pub nar_size: u64,
-    pub file_hash: String,
-    pub file_size: u64,
-}
+/// The newest schema this binary knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-#[derive(Clone, Debug)]
-pub struct UploadRecord {
-    pub id: String,
-    pub repo: String,
-    pub nar_hash: String,
-    pub nar_size: u64,
-    pub compression: String,
-    pub encoder: String,
-    pub created_at: i64,
-}
-
-/// How many unfinished chunked uploads one token, and one repository, may hold.
-#[derive(Clone, Copy, Debug)]
-pub struct SessionCaps {
-    pub per_token: u64,
-    pub per_repo: u64,
-}
-
-/// What [`Metadata::open_upload`] did.
-#[derive(Clone, Debug)]
-pub enum OpenedUpload {
-    Created(UploadRecord),
-    /// A session for the same NAR, compression and encoder existed: resume it.
-    Existing(UploadRecord),
-    TokenFull,
-    RepoFull,
-}
-
-#[derive(Clone, Debug)]
-pub struct PublishedNarInfo {
-    pub hash: String,
-    pub store_path: String,
-    pub nar_hash: String,
-    /// The signed narinfo text, served as is.
-    pub text: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Presence {
-    Published,
-    NarStored,
-    Missing,
-}
-
-pub trait Metadata: Send + Sync {
-    /// False when a repository of that name exists already.
-    fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool>;
-    fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>>;
-    fn repos(&self) -> MetaResult<Vec<RepoRecord>>;
-
-    fn create_token(&self, token: &TokenRecord) -> MetaResult<()>;
-    fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>>;
-    fn tokens(&self) -> MetaResult<Vec<TokenRecord>>;
-    /// False when there is no such token.
-    fn revoke_token(&self, id: &str, at: i64) -> MetaResult<bool>;
-
-    fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>>;
-    /// For each `(hash part, nar hash)`, in order.
-    fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>>;
-    /// Publishes all of `narinfos` in one transaction; already published ones are left alone.
-    /// Returns, per entry, whether it was newly published.
-    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>>;
-
-    fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>>;
-    fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>>;
-    /// False when a NAR with that URL was already recorded.
-    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool>;
-
-    fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>>;
-    fn delete_upload(&self, id: &str) -> MetaResult<()>;
-    fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>>;
-
-    /// Creates the upload session for `upload`'s (repository, NarHash, compression, encoder),
-    /// or returns the one that exists: one atomic step under a uniqueness rule, so concurrent
-    /// calls for one NAR get one session. A new session counts against `token_id`'s and the
-    /// repository's caps.
-    fn open_upload(
-        &self,
-        upload: &UploadRecord,
-        token_id: &str,
-        caps: SessionCaps,
-    ) -> MetaResult<OpenedUpload>;
-    /// Store paths (absolute) of the published narinfos among `hashes`, in order.
-    fn published_store_paths(
-        &self,
-        repo: &str,
-        hashes: &[String],
-    ) -> MetaResult<Vec<Option<String>>>;
-}
-
-const SCHEMA: &str = "
+const V1_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS repos (
     name TEXT PRIMARY KEY,
     private INTEGER NOT NULL,
@@ -213,18 +88,35 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE INDEX IF NOT EXISTS uploads_by_key ON uploads (repo, nar_hash, compression, encoder);
 ";
 
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+/// Object keys apart from URLs (S3 assembles a chunked upload under its own key), staging
+/// state that any replica can read, and the intents the janitor settles.
+const V2_SCALE_OUT: &str = "
+ALTER TABLE nars ADD COLUMN object_key TEXT NOT NULL DEFAULT '';
+UPDATE nars SET object_key = repo || '/' || url;
+CREATE INDEX nars_by_object_key ON nars (object_key);
+ALTER TABLE uploads ADD COLUMN staging_id TEXT;
+ALTER TABLE uploads ADD COLUMN updated_at INTEGER NOT NULL DEFAULT 0;
+UPDATE uploads SET updated_at = created_at;
+CREATE TABLE upload_parts (
+    upload_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    PRIMARY KEY (upload_id, number)
+);
+CREATE TABLE object_intents (
+    key TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX object_intents_by_age ON object_intents (created_at);
+";
 
 /// The embedded default. One writing connection behind a mutex (SQLite serialises writers
 /// anyway), and a pool of reading connections: in WAL mode readers see every committed write and
 /// neither block nor wait for the writer, so a 20 000-entry presence query holds one reader and
 /// narinfo lookups go on in the others.
 pub struct SqliteMetadata {
+    path: PathBuf,
     conn: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -238,15 +130,14 @@ impl SqliteMetadata {
 
     /// A writer and `readers` reading connections (none: reads go through the writer).
     pub fn open_with_readers(path: &Path, readers: usize) -> MetaResult<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         // WAL lets `stowix admin` and the server use the file at once; NORMAL sync is durable
         // across process crashes, which is what a killed server needs.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA)?;
-        migrate_uploads(&conn)?;
+        migrate(&mut conn)?;
         let readers = (0..readers)
             .map(|_| {
                 let reader = Connection::open(path)?;
@@ -257,6 +148,7 @@ impl SqliteMetadata {
             })
             .collect::<MetaResult<Vec<_>>>()?;
         Ok(SqliteMetadata {
+            path: path.to_path_buf(),
             conn: Mutex::new(conn),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -291,10 +183,35 @@ impl SqliteMetadata {
     }
 }
 
+/// Brings the database to [`SCHEMA_VERSION`], one step per transaction. IMMEDIATE takes the
+/// write lock before the version is read, so a server and `stowix admin` opening one file at
+/// once cannot both apply a step.
+fn migrate(conn: &mut Connection) -> MetaResult<()> {
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(MetaError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found == SCHEMA_VERSION {
+            return Ok(());
+        }
+        tx.execute_batch(MIGRATIONS[found as usize])?;
+        if found == 0 {
+            migrate_uploads(&tx)?;
+        }
+        tx.pragma_update(None, "user_version", found + 1)?;
+        tx.commit()?;
+    }
+}
+
 /// Sessions remember the token that opened them (for its cap), and one NAR key has at most one
 /// session. Databases from before either rule get the column, and lose duplicate sessions
 /// (the oldest is kept; a client resumes or restarts whichever it is handed).
-fn migrate_uploads(conn: &Connection) -> MetaResult<()> {
+fn migrate_uploads(conn: &Connection) -> rusqlite::Result<()> {
     let has_token_id = conn
         .prepare("SELECT 1 FROM pragma_table_info('uploads') WHERE name = 'token_id'")?
         .exists([])?;
@@ -310,7 +227,7 @@ fn migrate_uploads(conn: &Connection) -> MetaResult<()> {
     )
 }
 
-fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> MetaResult<TokenRecord> {
+fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     let id: String = row.get(0)?;
     let secret: Vec<u8> = row.get(1)?;
     let scope: String = row.get(2)?;
@@ -322,7 +239,7 @@ fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> MetaResult<Toke
         conn.prepare_cached("SELECT repo FROM token_repos WHERE token_id = ?1 ORDER BY repo")?;
     let repos = stmt
         .query_map([&id], |r| r.get::<_, String>(0))?
-        .collect::<MetaResult<Vec<_>>>()?;
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(TokenRecord {
         id,
         secret_sha256,
@@ -335,9 +252,10 @@ fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> MetaResult<Toke
     })
 }
 
-fn nar_from_row(row: &rusqlite::Row<'_>) -> MetaResult<NarRecord> {
+fn nar_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<NarRecord> {
     Ok(NarRecord {
         url: row.get(0)?,
+        object_key: row.get(6)?,
         compression: row.get(1)?,
         nar_hash: row.get(2)?,
         nar_size: row.get::<_, i64>(3)? as u64,
@@ -346,7 +264,7 @@ fn nar_from_row(row: &rusqlite::Row<'_>) -> MetaResult<NarRecord> {
     })
 }
 
-fn upload_from_row(row: &rusqlite::Row<'_>) -> MetaResult<UploadRecord> {
+fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
     Ok(UploadRecord {
         id: row.get(0)?,
         repo: row.get(1)?,
@@ -355,11 +273,14 @@ fn upload_from_row(row: &rusqlite::Row<'_>) -> MetaResult<UploadRecord> {
         compression: row.get(4)?,
         encoder: row.get(5)?,
         created_at: row.get(6)?,
+        staging_id: row.get(7)?,
+        updated_at: row.get(8)?,
     })
 }
 
-const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size";
-const UPLOAD_COLUMNS: &str = "id, repo, nar_hash, nar_size, compression, encoder, created_at";
+const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
+const UPLOAD_COLUMNS: &str =
+    "id, repo, nar_hash, nar_size, compression, encoder, created_at, staging_id, updated_at";
 
 impl Metadata for SqliteMetadata {
     fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool> {
@@ -391,6 +312,7 @@ impl Metadata for SqliteMetadata {
                 })
             })
             .optional()
+            .map_err(MetaError::from)
     }
 
     fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
@@ -406,7 +328,7 @@ impl Metadata for SqliteMetadata {
                 priority: row.get(3)?,
             })
         })?;
-        rows.collect()
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn create_token(&self, token: &TokenRecord) -> MetaResult<()> {
@@ -429,7 +351,7 @@ impl Metadata for SqliteMetadata {
                 params![token.id, repo],
             )?;
         }
-        tx.commit()
+        Ok(tx.commit()?)
     }
 
     fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>> {
@@ -440,6 +362,7 @@ impl Metadata for SqliteMetadata {
         )?;
         stmt.query_row([id], |row| token_from_row(&conn, row))
             .optional()
+            .map_err(MetaError::from)
     }
 
     fn tokens(&self) -> MetaResult<Vec<TokenRecord>> {
@@ -449,7 +372,7 @@ impl Metadata for SqliteMetadata {
              FROM tokens ORDER BY created_at, id",
         )?;
         let rows = stmt.query_map([], |row| token_from_row(&conn, row))?;
-        rows.collect()
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn revoke_token(&self, id: &str, at: i64) -> MetaResult<bool> {
@@ -469,6 +392,7 @@ impl Metadata for SqliteMetadata {
             .prepare_cached("SELECT text FROM narinfos WHERE repo = ?1 AND hash = ?2")?
             .query_row([repo, hash], |row| row.get(0))
             .optional()
+            .map_err(MetaError::from)
     }
 
     fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>> {
@@ -524,6 +448,7 @@ impl Metadata for SqliteMetadata {
             ))?
             .query_row([repo, nar_hash], nar_from_row)
             .optional()
+        .map_err(MetaError::from)
     }
 
     fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>> {
@@ -533,12 +458,13 @@ impl Metadata for SqliteMetadata {
             ))?
             .query_row([repo, url], nar_from_row)
             .optional()
+            .map_err(MetaError::from)
     }
 
     fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
         let inserted = self.conn().execute(
-            "INSERT OR IGNORE INTO nars (repo, url, compression, nar_hash, nar_size, file_hash, file_size, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR IGNORE INTO nars (repo, url, compression, nar_hash, nar_size, file_hash, file_size, created_at, object_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 repo,
                 nar.url,
@@ -547,7 +473,8 @@ impl Metadata for SqliteMetadata {
                 nar.nar_size as i64,
                 nar.file_hash,
                 nar.file_size as i64,
-                now_unix()
+                now_unix(),
+                nar.object_key
             ],
         )?;
         Ok(inserted == 1)
@@ -560,21 +487,88 @@ impl Metadata for SqliteMetadata {
             ))?
             .query_row([id], upload_from_row)
             .optional()
+            .map_err(MetaError::from)
     }
 
     fn delete_upload(&self, id: &str) -> MetaResult<()> {
-        self.conn()
-            .execute("DELETE FROM uploads WHERE id = ?1", [id])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM upload_parts WHERE upload_id = ?1", [id])?;
+        tx.execute("DELETE FROM uploads WHERE id = ?1", [id])?;
+        Ok(tx.commit()?)
+    }
+
+    fn uploads_inactive_since(&self, at: i64) -> MetaResult<Vec<UploadRecord>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE updated_at < ?1"
+        ))?;
+        let rows = stmt.query_map([at], upload_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn touch_upload(&self, id: &str, at: i64) -> MetaResult<()> {
+        self.conn().execute(
+            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
+            params![id, at],
+        )?;
         Ok(())
     }
 
-    fn uploads_created_before(&self, at: i64) -> MetaResult<Vec<UploadRecord>> {
+    fn set_upload_staging_id(&self, id: &str, staging_id: &str) -> MetaResult<()> {
+        self.conn().execute(
+            "UPDATE uploads SET staging_id = ?2 WHERE id = ?1",
+            params![id, staging_id],
+        )?;
+        Ok(())
+    }
+
+    fn add_upload_part(
+        &self,
+        id: &str,
+        offset: u64,
+        part: &UploadPart,
+        at: i64,
+    ) -> MetaResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (held, parts): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM upload_parts WHERE upload_id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM uploads WHERE id = ?1")?
+            .exists([id])?;
+        // Numbers are consecutive, so the part list is exactly what assembles the object.
+        if !exists || held != offset as i64 || i64::from(part.number) != parts + 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO upload_parts (upload_id, number, size, etag) VALUES (?1, ?2, ?3, ?4)",
+            params![id, part.number, part.size as i64, part.etag],
+        )?;
+        tx.execute(
+            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
+            params![id, at],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn upload_parts(&self, id: &str) -> MetaResult<Vec<UploadPart>> {
         let conn = self.reader();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE created_at < ?1"
-        ))?;
-        let rows = stmt.query_map([at], upload_from_row)?;
-        rows.collect()
+        let mut stmt = conn.prepare_cached(
+            "SELECT number, size, etag FROM upload_parts WHERE upload_id = ?1 ORDER BY number",
+        )?;
+        let rows = stmt.query_map([id], |row| {
+            Ok(UploadPart {
+                number: row.get(0)?,
+                size: row.get::<_, i64>(1)? as u64,
+                etag: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn open_upload(
@@ -590,7 +584,7 @@ impl Metadata for SqliteMetadata {
         tx.execute(
             &format!(
                 "INSERT INTO uploads ({UPLOAD_COLUMNS}, token_id)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?11, ?7, ?8
                  WHERE (SELECT COUNT(*) FROM uploads WHERE token_id = ?8) < ?9
                    AND (SELECT COUNT(*) FROM uploads WHERE repo = ?2) < ?10
                  ON CONFLICT (repo, nar_hash, compression, encoder) DO NOTHING"
@@ -606,6 +600,7 @@ impl Metadata for SqliteMetadata {
                 token_id,
                 i64::try_from(caps.per_token).unwrap_or(i64::MAX),
                 i64::try_from(caps.per_repo).unwrap_or(i64::MAX),
+                upload.staging_id,
             ],
         )?;
         let current = tx
@@ -656,8 +651,66 @@ impl Metadata for SqliteMetadata {
             .map(|hash| {
                 stmt.query_row(params![repo, hash], |row| row.get(0))
                     .optional()
+                    .map_err(MetaError::from)
             })
             .collect()
+    }
+
+    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
+        self.conn().execute(
+            "INSERT INTO object_intents (key, created_at) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at",
+            params![key, at],
+        )?;
+        Ok(())
+    }
+
+    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
+        self.conn()
+            .execute("DELETE FROM object_intents WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    fn object_intents_before(&self, at: i64, limit: usize) -> MetaResult<Vec<String>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT key FROM object_intents WHERE created_at < ?1 ORDER BY created_at LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![at, limit as i64], |row| row.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn known_object_keys(&self, keys: &[String]) -> MetaResult<Vec<bool>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM nars WHERE object_key = ?1")?;
+        keys.iter().map(|key| Ok(stmt.exists([key])?)).collect()
+    }
+
+    fn ping(&self) -> MetaResult<()> {
+        self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn schema_version(&self) -> MetaResult<i64> {
+        Ok(self
+            .reader()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))?)
+    }
+
+    fn try_singleton(&self, name: &str) -> MetaResult<Option<SingletonGuard>> {
+        // One SQLite file serves one machine, so a lock file beside it is seen by every process
+        // that can open the database.
+        let lock_path = self.path.with_extension(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|err| MetaError::Other(format!("{}: {err}", lock_path.display())))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; the lock lives as long as `file`.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        Ok(locked.then(|| SingletonGuard::new(file)))
     }
 }
 
@@ -674,6 +727,8 @@ mod tests {
             compression: "xz".into(),
             encoder: "e".into(),
             created_at: 0,
+            staging_id: None,
+            updated_at: 0,
         }
     }
 
@@ -689,10 +744,10 @@ mod tests {
         {
             // The uploads table as earlier versions made it, holding a duplicate session.
             let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(V1_SCHEMA).unwrap();
             for id in ["first", "second"] {
                 conn.execute(
-                    &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, 'r', 'n', 1, 'xz', 'e', 0)"),
+                    "INSERT INTO uploads (id, repo, nar_hash, nar_size, compression, encoder, created_at) VALUES (?1, 'r', 'n', 1, 'xz', 'e', 0)",
                     [id],
                 )
                 .unwrap();
@@ -710,6 +765,45 @@ mod tests {
     }
 
     #[test]
+    fn a_database_from_a_newer_stowix_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stowix.db");
+        drop(SqliteMetadata::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        match SqliteMetadata::open(&path) {
+            Err(MetaError::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+            }
+            Err(other) => panic!("expected SchemaTooNew, got {other}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION + 1);
+    }
+
+    #[test]
+    fn the_singleton_has_one_holder_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stowix.db");
+        let first = SqliteMetadata::open(&path).unwrap();
+        let second = SqliteMetadata::open(&path).unwrap();
+        let held = first
+            .try_singleton("janitor")
+            .unwrap()
+            .expect("free at first");
+        assert!(second.try_singleton("janitor").unwrap().is_none());
+        assert!(second.try_singleton("other").unwrap().is_some());
+        drop(held);
+        assert!(second.try_singleton("janitor").unwrap().is_some());
+    }
+
+    #[test]
     fn sessions_are_unique_per_key_and_capped() {
         let dir = tempfile::tempdir().unwrap();
         let meta = SqliteMetadata::open(&dir.path().join("stowix.db")).unwrap();
@@ -724,7 +818,7 @@ mod tests {
         // The unique index refuses a second row for the key, whoever inserts it.
         let duplicate = meta.conn().execute(
             &format!(
-                "INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES ('c', 'r', 'n1', 1, 'xz', 'e', 0)"
+                "INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES ('c', 'r', 'n1', 1, 'xz', 'e', 0, NULL, 0)"
             ),
             [],
         );
