@@ -962,10 +962,21 @@ impl Balancer {
         format!("{}/{name}", self.url())
     }
 
-    /// The access log so far, one entry per request nginx finished.
+    /// The access log so far, one entry per request nginx finished. nginx writes a line just
+    /// after the response has gone out, so a client may be ahead of the log: this waits until
+    /// the log has stopped growing for 200 ms (at most 5 s).
     pub fn access_log(&self) -> Vec<Proxied> {
-        self.access_log_text()
-            .lines()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut text = self.access_log_text();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let again = self.access_log_text();
+            if again == text || Instant::now() > deadline {
+                break;
+            }
+            text = again;
+        }
+        text.lines()
             .map(|line| {
                 let mut fields = line.splitn(5, ' ');
                 let mut next = || fields.next().unwrap_or_default().to_string();
