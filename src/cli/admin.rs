@@ -9,7 +9,8 @@ use super::exit;
 use crate::nix::signing::SecretKey;
 use crate::server::auth::generate_token;
 use crate::server::is_valid_repo_name;
-use crate::server::metadata::{now_unix, Metadata, RepoRecord, Scope};
+use crate::server::config::ServerConfig;
+use crate::server::metadata::{now_unix, MetaError, Metadata, RepoRecord, Scope};
 
 #[derive(clap::Args, Debug)]
 pub struct AdminArgs {
@@ -31,6 +32,20 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The metadata database's schema.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbCommand {
+    /// Apply pending schema migrations (servers also do at start); prints the version before
+    /// and after.
+    Migrate,
+    /// Print the stored schema version and the one this stowix supports, changing nothing.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,14 +100,25 @@ pub fn run(args: AdminArgs) -> i32 {
     };
     // One command, one connection: the readers' pool is for a server's concurrent requests.
     config.metadata_readers = 0;
+    let command = match args.command {
+        // Before the factory: it migrates, and status must also work on a schema too new.
+        AdminCommand::Db { command } => {
+            return match db(&config, command) {
+                Ok(()) => exit::SUCCESS,
+                Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
+            }
+        }
+        command => command,
+    };
     let meta = match crate::server::backend::open(&config) {
         Ok(backends) => backends.meta,
         Err(message) => return super::fail(exit::FAILURE, &message, None),
     };
     let meta = meta.as_ref();
-    let result = match args.command {
+    let result = match command {
         AdminCommand::Repo { command } => repo(meta, command),
         AdminCommand::Token { command } => token(meta, command),
+        AdminCommand::Db { .. } => unreachable!("handled before opening the backends"),
     };
     match result {
         Ok(()) => exit::SUCCESS,
@@ -101,6 +127,43 @@ pub fn run(args: AdminArgs) -> i32 {
 }
 
 type AdminResult = Result<(), (i32, String, Option<String>)>;
+
+fn db(config: &ServerConfig, command: DbCommand) -> AdminResult {
+    let database = crate::server::backend::database_label(config);
+    let failed = |err: MetaError| {
+        (
+            exit::FAILURE,
+            format!("metadata database {database}: {err}"),
+            None,
+        )
+    };
+    match command {
+        DbCommand::Status => {
+            let status = crate::server::backend::schema_status(config).map_err(failed)?;
+            let state = match status.stored.cmp(&status.supported) {
+                std::cmp::Ordering::Equal => "up to date",
+                std::cmp::Ordering::Less => {
+                    "behind: `stowix admin db migrate` (or starting a server) migrates it"
+                }
+                std::cmp::Ordering::Greater => {
+                    "newer than this stowix: upgrade stowix before using it"
+                }
+            };
+            println!("database:       {database}");
+            println!(
+                "schema version: {} (this stowix supports {}): {state}",
+                status.stored, status.supported
+            );
+            Ok(())
+        }
+        DbCommand::Migrate => {
+            let (before, after) = crate::server::backend::migrate(config).map_err(failed)?;
+            println!("database:       {database}");
+            println!("schema version: {before} -> {after}");
+            Ok(())
+        }
+    }
+}
 
 fn internal(err: impl std::fmt::Display) -> (i32, String, Option<String>) {
     (exit::FAILURE, format!("metadata database: {err}"), None)

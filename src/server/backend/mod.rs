@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::ServerConfig;
-use metadata::{Metadata, SqliteMetadata};
+use metadata::{MetaError, MetaResult, Metadata, PostgresMetadata, SqliteMetadata};
 use storage::{LocalStorage, Storage};
 
 pub struct Backends {
@@ -116,34 +116,14 @@ pub fn redact(url: &str) -> String {
 
 /// Opens the configured metadata database (migrating its schema) and storage.
 pub fn open(config: &ServerConfig) -> Result<Backends, String> {
-    let meta: Arc<dyn Metadata> = match DatabaseUrl::of(config)? {
-        DatabaseUrl::Sqlite(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|err| {
-                    format!(
-                        "cannot create the database directory {}: {err}",
-                        dir.display()
-                    )
-                })?;
-            }
-            Arc::new(
-                SqliteMetadata::open_with_readers(&path, config.metadata_readers).map_err(
-                    |err| {
-                        format!(
-                            "cannot open the metadata database {}: {err}",
-                            path.display()
-                        )
-                    },
-                )?,
-            )
-        }
-        DatabaseUrl::Postgres(url) => {
-            return Err(format!(
-                "cannot open {}: PostgreSQL support is not built into this stowix yet",
-                redact(&url)
-            ))
-        }
-    };
+    // A malformed URL is reported as it is, not as a database that failed to open.
+    DatabaseUrl::of(config)?;
+    let meta = open_metadata(config).map_err(|err| {
+        format!(
+            "cannot open the metadata database {}: {err}",
+            database_label(config)
+        )
+    })?;
     let storage: Arc<dyn Storage> = match StorageUrl::of(config)? {
         StorageUrl::Files(root) => Arc::new(
             LocalStorage::new(root.clone())
@@ -156,6 +136,89 @@ pub fn open(config: &ServerConfig) -> Result<Backends, String> {
         }
     };
     Ok(Backends { meta, storage })
+}
+
+/// Connections a server's metadata may use at once: the readers, plus one for writes
+/// (PostgreSQL does both on every connection of its pool).
+pub fn metadata_connections(config: &ServerConfig) -> usize {
+    config.metadata_readers + 1
+}
+
+/// The metadata database alone, migrated to this binary's schema; the error keeps its kind
+/// (a schema too new, an unreachable server) for callers that act on it.
+pub fn open_metadata(config: &ServerConfig) -> MetaResult<Arc<dyn Metadata>> {
+    Ok(match DatabaseUrl::of(config).map_err(MetaError::Other)? {
+        DatabaseUrl::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|err| {
+                    MetaError::Other(format!(
+                        "cannot create the database directory {}: {err}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            Arc::new(SqliteMetadata::open_with_readers(
+                &path,
+                config.metadata_readers,
+            )?)
+        }
+        DatabaseUrl::Postgres(url) => {
+            Arc::new(PostgresMetadata::open(&url, metadata_connections(config))?)
+        }
+    })
+}
+
+/// The database named in `config`, fit for a message: a path, or a URL without its password.
+pub fn database_label(config: &ServerConfig) -> String {
+    match DatabaseUrl::of(config) {
+        Ok(DatabaseUrl::Sqlite(path)) => path.display().to_string(),
+        Ok(DatabaseUrl::Postgres(url)) => redact(&url),
+        Err(_) => config.database.as_deref().map(redact).unwrap_or_default(),
+    }
+}
+
+/// Where a database's schema stands, read without changing anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// 0: nothing created yet.
+    pub stored: i64,
+    /// What this binary migrates to.
+    pub supported: i64,
+}
+
+/// The schema version stored in the configured database, without migrating it (a missing
+/// SQLite file is version 0 and is not created).
+pub fn schema_status(config: &ServerConfig) -> MetaResult<SchemaStatus> {
+    match DatabaseUrl::of(config).map_err(MetaError::Other)? {
+        DatabaseUrl::Sqlite(path) => {
+            let stored = if path.exists() {
+                let conn = rusqlite::Connection::open_with_flags(
+                    &path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .map_err(|err| MetaError::Other(format!("{}: {err}", path.display())))?;
+                conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+                    .map_err(|err| MetaError::Other(format!("{}: {err}", path.display())))?
+            } else {
+                0
+            };
+            Ok(SchemaStatus {
+                stored,
+                supported: metadata::sqlite::SCHEMA_VERSION,
+            })
+        }
+        DatabaseUrl::Postgres(url) => Ok(SchemaStatus {
+            stored: PostgresMetadata::connect(&url, 1)?.stored_version()?,
+            supported: metadata::postgres::SCHEMA_VERSION,
+        }),
+    }
+}
+
+/// Applies the migrations the configured database lacks; returns the versions before and after.
+pub fn migrate(config: &ServerConfig) -> MetaResult<(i64, i64)> {
+    let before = schema_status(config)?.stored;
+    let after = open_metadata(config)?.schema_version()?;
+    Ok((before, after))
 }
 
 #[cfg(test)]

@@ -10,8 +10,10 @@
 //! Errors are [`MetaError`], which says what a caller can do about them (retry, free space,
 //! upgrade) without knowing which database produced them.
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PostgresMetadata;
 pub use sqlite::SqliteMetadata;
 
 /// What went wrong in the metadata database, in terms a caller can act on.

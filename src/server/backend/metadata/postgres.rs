@@ -1,0 +1,1535 @@
+//! PostgreSQL metadata: the backend that lets any number of `stowix serve` replicas (and
+//! `stowix admin`) share one database. Same tables and the same answers as the SQLite backend;
+//! the atomic steps (`open_upload`'s caps, `add_upload_part`'s compare-and-set, `publish`) are
+//! made atomic across replicas with row locks and transaction-scoped advisory locks.
+//!
+//! ```text
+//!  caller thread (spawn_blocking, admin, test)   background runtime (1 thread, owned here)
+//!  ───────────────────────────────────────────   ──────────────────────────────────────────
+//!  Metadata call
+//!    └─► Pool::get ── idle connection ─────┐
+//!          └── none idle: connect ───────────►  tokio_postgres::connect, then one task per
+//!                                           │   connection drives its socket (and notices a
+//!    block_on(client future) ◄── channels ──┴─► lost connection at once: is_closed() is true,
+//!      (on the caller's thread;                 so the pool drops it instead of handing it out)
+//!       a deadline bounds it)                                  │
+//!                                                              ▼
+//!                                                          PostgreSQL
+//! ```
+//!
+//! The client half of a `tokio_postgres` connection is runtime-agnostic (it only talks to the
+//! connection task through channels), so the calling thread polls it with a tiny `block_on` of
+//! its own. That works from any thread, including tokio's `spawn_blocking` threads and a thread
+//! inside another runtime, which a `Runtime::block_on` per call (the `postgres` crate) would not.
+//!
+//! Schema: numbered migration steps applied in one transaction under an advisory lock, so
+//! replicas starting together migrate once; the version is the single row of
+//! `stowix_schema_version`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{
+    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence,
+    PublishedNarInfo, RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart,
+    UploadRecord,
+};
+
+/// The schema this binary writes. A database at a higher version was migrated by a newer
+/// binary, and this one refuses it rather than misread it.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Step N takes the schema from version N-1 to N.
+const MIGRATIONS: &[&str] = &[
+    // 1: the schema as the embedded backend had it before versioning.
+    r#"
+    CREATE TABLE repos (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        private BOOLEAN NOT NULL,
+        secret_key TEXT NOT NULL,
+        priority BIGINT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE tokens (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        secret_sha256 BYTEA NOT NULL,
+        scope TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        revoked_at BIGINT
+    );
+    CREATE TABLE token_repos (
+        token_id TEXT COLLATE "C" NOT NULL REFERENCES tokens(id),
+        repo TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (token_id, repo)
+    );
+    CREATE TABLE nars (
+        repo TEXT COLLATE "C" NOT NULL,
+        url TEXT COLLATE "C" NOT NULL,
+        compression TEXT NOT NULL,
+        nar_hash TEXT COLLATE "C" NOT NULL,
+        nar_size BIGINT NOT NULL,
+        file_hash TEXT NOT NULL,
+        file_size BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (repo, url)
+    );
+    CREATE INDEX nars_by_nar_hash ON nars (repo, nar_hash);
+    CREATE TABLE narinfos (
+        repo TEXT COLLATE "C" NOT NULL,
+        hash TEXT COLLATE "C" NOT NULL,
+        store_path TEXT NOT NULL,
+        nar_hash TEXT NOT NULL,
+        text TEXT NOT NULL,
+        published_at BIGINT NOT NULL,
+        PRIMARY KEY (repo, hash)
+    );
+    CREATE TABLE uploads (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        repo TEXT COLLATE "C" NOT NULL,
+        nar_hash TEXT COLLATE "C" NOT NULL,
+        nar_size BIGINT NOT NULL,
+        compression TEXT COLLATE "C" NOT NULL,
+        encoder TEXT COLLATE "C" NOT NULL,
+        created_at BIGINT NOT NULL,
+        token_id TEXT COLLATE "C" NOT NULL DEFAULT ''
+    );
+    CREATE UNIQUE INDEX uploads_one_per_key ON uploads (repo, nar_hash, compression, encoder);
+    CREATE INDEX uploads_by_token ON uploads (token_id);
+    "#,
+    // 2: objects in a Storage that may be shared (S3), multipart staging, and write intents.
+    r#"
+    ALTER TABLE nars ADD COLUMN object_key TEXT COLLATE "C";
+    UPDATE nars SET object_key = repo || '/' || url;
+    ALTER TABLE nars ALTER COLUMN object_key SET NOT NULL;
+    CREATE INDEX nars_by_object_key ON nars (object_key);
+    ALTER TABLE uploads ADD COLUMN staging_id TEXT;
+    ALTER TABLE uploads ADD COLUMN updated_at BIGINT NOT NULL DEFAULT 0;
+    UPDATE uploads SET updated_at = created_at;
+    CREATE INDEX uploads_by_activity ON uploads (updated_at);
+    CREATE TABLE upload_parts (
+        upload_id TEXT COLLATE "C" NOT NULL REFERENCES uploads(id) ON DELETE CASCADE,
+        number BIGINT NOT NULL,
+        size BIGINT NOT NULL,
+        etag TEXT NOT NULL,
+        PRIMARY KEY (upload_id, number)
+    );
+    CREATE TABLE object_intents (
+        key TEXT COLLATE "C" PRIMARY KEY,
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX object_intents_by_age ON object_intents (created_at);
+    "#,
+];
+
+/// Longest a single metadata call may take, waiting for a connection included. A database
+/// that hangs (rather than refusing) turns into `Unavailable` instead of a stuck request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Used when the URL sets no `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Advisory-lock namespaces: each lock key is a hash of (namespace, name).
+const MIGRATION_LOCK: &str = "stowix schema migration";
+const SINGLETON_LOCK: &str = "stowix singleton";
+const TOKEN_SESSIONS_LOCK: &str = "stowix upload sessions of token";
+const REPO_SESSIONS_LOCK: &str = "stowix upload sessions of repository";
+
+fn advisory_key(namespace: &str, name: &str) -> i64 {
+    let digest = Sha256::new()
+        .chain_update(namespace.as_bytes())
+        .chain_update([0u8])
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(key)
+}
+
+/// PostgreSQL behind the [`Metadata`] trait, with a pool of at most `pool_size` connections.
+pub struct PostgresMetadata {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresMetadata")
+            .field("database", &self.pool.target.shown)
+            .finish()
+    }
+}
+
+impl PostgresMetadata {
+    /// Connects, applies pending migrations, and refuses a schema newer than this binary's.
+    pub fn open(url: &str, pool_size: usize) -> MetaResult<Self> {
+        let meta = Self::connect(url, pool_size)?;
+        meta.migrate()?;
+        Ok(meta)
+    }
+
+    /// Connects without touching the schema (for `stowix admin db status`). One connection is
+    /// made at once, so a wrong URL or a database that is down fails here, not at first use.
+    pub fn connect(url: &str, pool_size: usize) -> MetaResult<Self> {
+        let target = ConnectTarget::parse(url).map_err(MetaError::Other)?;
+        let runtime = BackgroundRuntime::start()?;
+        let pool = Pool {
+            target,
+            runtime,
+            max: pool_size.max(1),
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        };
+        let first = pool.connect()?;
+        pool.put_back(first, false);
+        Ok(PostgresMetadata { pool })
+    }
+
+    /// The version recorded in the database; 0 for a database Stowix never migrated.
+    pub fn stored_version(&self) -> MetaResult<i64> {
+        self.call(true, async |c| {
+            let exists = c
+                .client
+                .query_one(
+                    "SELECT to_regclass('stowix_schema_version') IS NOT NULL",
+                    &[],
+                )
+                .await?
+                .get::<_, bool>(0);
+            if !exists {
+                return Ok(0);
+            }
+            let row = c
+                .client
+                .query_opt("SELECT version FROM stowix_schema_version", &[])
+                .await?;
+            Ok(row.map(|r| r.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+
+    /// Applies the steps the database lacks, all in one transaction under an advisory lock (a
+    /// second replica starting at the same moment waits, then finds nothing left to do).
+    /// Returns the version before and after.
+    pub fn migrate(&self) -> MetaResult<(i64, i64)> {
+        self.call(false, async |c| {
+            let tx = c.client.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&advisory_key(MIGRATION_LOCK, "")],
+            )
+            .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS stowix_schema_version (
+                     one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+                     version BIGINT NOT NULL,
+                     migrated_at BIGINT NOT NULL
+                 )",
+            )
+            .await?;
+            let found = tx
+                .query_opt("SELECT version FROM stowix_schema_version", &[])
+                .await?
+                .map(|row| row.get::<_, i64>(0))
+                .unwrap_or(0);
+            if found > SCHEMA_VERSION {
+                return Err(Fail::Meta(MetaError::SchemaTooNew {
+                    found,
+                    supported: SCHEMA_VERSION,
+                }));
+            }
+            for step in (found.max(0) as usize)..MIGRATIONS.len() {
+                tx.batch_execute(MIGRATIONS[step]).await?;
+            }
+            if found < SCHEMA_VERSION {
+                tx.execute(
+                    "INSERT INTO stowix_schema_version (one, version, migrated_at)
+                     VALUES (TRUE, $1, $2)
+                     ON CONFLICT (one) DO UPDATE SET version = $1, migrated_at = $2",
+                    &[&SCHEMA_VERSION, &now_unix()],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok((found, SCHEMA_VERSION))
+        })
+    }
+
+    /// Runs `op` on a pooled connection, on this thread, within [`CALL_TIMEOUT`]. With `retry`
+    /// (reads only: a write whose reply was lost may have committed), a connection that turns
+    /// out dead after sitting idle is replaced once, so a restarted database costs no failed read.
+    fn call<T>(
+        &self,
+        retry: bool,
+        op: impl AsyncFn(&mut Conn) -> Result<T, Fail>,
+    ) -> MetaResult<T> {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut attempts = if retry { 2 } else { 1 };
+        loop {
+            attempts -= 1;
+            let mut pooled = self.pool.get(deadline)?;
+            let outcome = block_on(op(pooled.conn()), deadline);
+            let failure = match outcome {
+                Some(Ok(value)) => {
+                    pooled.release();
+                    return Ok(value);
+                }
+                Some(Err(Fail::Meta(err))) => {
+                    pooled.release();
+                    return Err(err);
+                }
+                Some(Err(Fail::Pg(err))) => err,
+                None => {
+                    pooled.discard();
+                    return Err(MetaError::Unavailable(format!(
+                        "PostgreSQL at {} did not answer within {} s",
+                        self.pool.target,
+                        CALL_TIMEOUT.as_secs()
+                    )));
+                }
+            };
+            let lost = connection_lost(&failure);
+            let reused = pooled.reused;
+            if lost || pooled.is_closed() {
+                pooled.discard();
+            } else {
+                pooled.release();
+            }
+            if lost && reused && attempts > 0 {
+                tracing::debug!("PostgreSQL connection lost while idle, retrying: {failure}");
+                continue;
+            }
+            return Err(meta_error(&failure, &self.pool.target));
+        }
+    }
+}
+
+/// A failure inside a call: from PostgreSQL, or decided by the call itself.
+enum Fail {
+    Pg(tokio_postgres::Error),
+    Meta(MetaError),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(err: tokio_postgres::Error) -> Self {
+        Fail::Pg(err)
+    }
+}
+
+/// SQLSTATEs that mean the connection (or the server) went away, not that the statement was
+/// wrong: class 08 (connection exception), the 57P0x shutdowns (a restart, or
+/// `pg_terminate_backend`), and too many connections.
+fn lost_state(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
+fn connection_lost(err: &tokio_postgres::Error) -> bool {
+    match err.code() {
+        Some(code) => lost_state(code.code()),
+        None => {
+            err.is_closed()
+                || std::error::Error::source(err)
+                    .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some())
+        }
+    }
+}
+
+/// What a client sees (through `ServerError`, which logs it): the server's message and
+/// SQLSTATE, never the SQL text or the URL's password.
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => err.to_string(),
+    }
+}
+
+fn meta_error(err: &tokio_postgres::Error, target: &ConnectTarget) -> MetaError {
+    let code = err.code().map(|code| code.code());
+    if code == Some("53100") {
+        return MetaError::Full(format!(
+            "PostgreSQL at {target} is out of disk space: {}",
+            describe(err)
+        ));
+    }
+    if connection_lost(err) {
+        return MetaError::Unavailable(format!(
+            "lost the connection to PostgreSQL at {target}: {}",
+            describe(err)
+        ));
+    }
+    MetaError::Other(format!("PostgreSQL at {target}: {}", describe(err)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting: the URL, TLS, and the runtime that drives the sockets.
+
+/// Where to connect, parsed once. `sslmode` and `sslrootcert` are read here (tokio-postgres
+/// knows neither `verify-ca`/`verify-full` nor `sslrootcert`); the rest of the URL is
+/// tokio-postgres's to parse.
+struct ConnectTarget {
+    config: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+    /// `host:port/dbname` for messages: never the password.
+    shown: String,
+}
+
+impl std::fmt::Display for ConnectTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl ConnectTarget {
+    fn parse(text: &str) -> Result<ConnectTarget, String> {
+        let mut url = url::Url::parse(text).map_err(|err| {
+            format!("the database URL is not a valid postgres:// URL ({err}); expected postgres://user@host:5432/dbname")
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(format!(
+                "the database URL must start with postgres://, not {}://",
+                url.scheme()
+            ));
+        }
+        let mut sslmode = String::from("prefer");
+        let mut root_cert = None;
+        let mut has_connect_timeout = false;
+        let mut has_application_name = false;
+        let mut kept = Vec::new();
+        for (key, value) in url.query_pairs() {
+            match key.as_ref() {
+                "sslmode" => sslmode = value.into_owned(),
+                "sslrootcert" => root_cert = Some(value.into_owned()),
+                _ => {
+                    has_connect_timeout |= key == "connect_timeout";
+                    has_application_name |= key == "application_name";
+                    kept.push((key.into_owned(), value.into_owned()));
+                }
+            }
+        }
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
+        let shown = format!(
+            "{}:{}{}",
+            url.host_str().unwrap_or("localhost"),
+            url.port().unwrap_or(5432),
+            url.path()
+        );
+        let mut config: tokio_postgres::Config = url
+            .as_str()
+            .parse()
+            .map_err(|err| format!("the database URL for {shown} is not valid: {err}"))?;
+        if !has_connect_timeout {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if !has_application_name {
+            config.application_name("stowix");
+        }
+        let (mode, tls) = match sslmode.as_str() {
+            "disable" => (SslMode::Disable, None),
+            // libpq's meaning: encrypt, but check the certificate only when a CA is given.
+            "prefer" | "require" => {
+                let verify = root_cert.is_some();
+                let mode = if sslmode == "prefer" {
+                    SslMode::Prefer
+                } else {
+                    SslMode::Require
+                };
+                (mode, Some(tls_config(root_cert.as_deref(), verify)?))
+            }
+            "verify-ca" | "verify-full" => (
+                SslMode::Require,
+                Some(tls_config(root_cert.as_deref(), true)?),
+            ),
+            other => {
+                return Err(format!(
+                    "sslmode={other} in the database URL is not one of disable, prefer, require, verify-ca, verify-full"
+                ))
+            }
+        };
+        config.ssl_mode(mode);
+        Ok(ConnectTarget {
+            config,
+            tls: tls.map(MakeRustlsConnect::new),
+            shown,
+        })
+    }
+}
+
+/// rustls settings for the connection. Verified: against `root_cert` (a PEM file, as libpq's
+/// `sslrootcert`) or else the public web roots, host name included (so `verify-ca` is as strict
+/// as `verify-full`). Not verified: encrypted against passive eavesdropping only, which is what
+/// libpq's `sslmode=require` gives.
+fn tls_config(root_cert: Option<&str>, verify: bool) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| format!("TLS setup for PostgreSQL failed: {err}"))?;
+    if !verify {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|err| format!("cannot read sslrootcert {path}: {err}"))?;
+            for cert in certs {
+                let cert = cert.map_err(|err| format!("cannot read sslrootcert {path}: {err}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|err| format!("sslrootcert {path} holds an unusable certificate: {err}"))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    Ok(builder
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Accepts any server certificate but still checks the handshake signatures.
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One worker thread that drives every connection's socket. Shut down without waiting when
+/// the last holder goes, which may be inside another runtime (where a plain drop would panic).
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    fn start() -> MetaResult<Arc<BackgroundRuntime>> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("stowix-postgres")
+            .enable_all()
+            .build()
+            .map_err(|err| MetaError::Other(format!("cannot start the PostgreSQL I/O thread: {err}")))?;
+        Ok(Arc::new(BackgroundRuntime(Some(runtime))))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime present until drop").handle()
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// One connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+    /// Keeps the runtime driving this connection alive while the connection is.
+    _runtime: Arc<BackgroundRuntime>,
+}
+
+impl Conn {
+    /// Prepared once per connection: later calls skip the parse round trip.
+    async fn prepare(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
+
+/// Opens a connection on the background runtime and waits for it on this thread.
+fn open_connection(target: &ConnectTarget, runtime: &Arc<BackgroundRuntime>) -> MetaResult<Conn> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let config = target.config.clone();
+    let tls = target.tls.clone();
+    runtime.handle().spawn(async move {
+        // Each arm spawns its own connection type; the client halves are the same type.
+        let connected = match tls {
+            Some(tls) => config.connect(tls).await.map(|(client, connection)| {
+                tokio::spawn(drive(connection));
+                client
+            }),
+            None => config.connect(NoTls).await.map(|(client, connection)| {
+                tokio::spawn(drive(connection));
+                client
+            }),
+        };
+        let _ = sender.send(connected);
+    });
+    let waited = target
+        .config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(CONNECT_TIMEOUT)
+        + Duration::from_secs(5);
+    match receiver.recv_timeout(waited) {
+        Ok(Ok(client)) => Ok(Conn {
+            client,
+            statements: HashMap::new(),
+            _runtime: runtime.clone(),
+        }),
+        Ok(Err(err)) => Err(connect_error(&err, target)),
+        Err(_) => Err(MetaError::Unavailable(format!(
+            "PostgreSQL at {target} did not accept a connection within {} s",
+            waited.as_secs()
+        ))),
+    }
+}
+
+async fn drive<F: Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(err) = connection.await {
+        tracing::debug!("PostgreSQL connection ended: {err}");
+    }
+}
+
+/// Refused, unreachable, timed out or shutting down: `Unavailable` (worth retrying). A wrong
+/// password, user or database name: `Other` (retrying will not help).
+fn connect_error(err: &tokio_postgres::Error, target: &ConnectTarget) -> MetaError {
+    match err.code().map(|code| code.code()) {
+        Some(code) if lost_state(code) => MetaError::Unavailable(format!(
+            "PostgreSQL at {target} refused the connection: {}",
+            describe(err)
+        )),
+        Some(_) => MetaError::Other(format!(
+            "PostgreSQL at {target} refused the connection: {}; check the user, password and database name in the database URL",
+            describe(err)
+        )),
+        None => MetaError::Unavailable(format!(
+            "cannot connect to PostgreSQL at {target}: {err}; is the server running and reachable?"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool.
+
+struct Pool {
+    target: ConnectTarget,
+    runtime: Arc<BackgroundRuntime>,
+    max: usize,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Conn>,
+    /// Connections in existence: idle, lent out, or being opened.
+    open: usize,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn connect(&self) -> MetaResult<Conn> {
+        self.lock().open += 1;
+        let conn = open_connection(&self.target, &self.runtime);
+        if conn.is_err() {
+            self.lock().open -= 1;
+            self.freed.notify_one();
+        }
+        conn
+    }
+
+    /// An idle live connection, else a new one while under `max`, else the first one freed.
+    fn get(&self, deadline: Instant) -> MetaResult<Pooled<'_>> {
+        let mut state = self.lock();
+        loop {
+            while let Some(conn) = state.idle.pop() {
+                if conn.client.is_closed() {
+                    state.open -= 1;
+                    continue;
+                }
+                return Ok(Pooled {
+                    pool: self,
+                    conn: Some(conn),
+                    reused: true,
+                });
+            }
+            if state.open < self.max {
+                drop(state);
+                let conn = self.connect()?;
+                return Ok(Pooled {
+                    pool: self,
+                    conn: Some(conn),
+                    reused: false,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(MetaError::Unavailable(format!(
+                    "all {} connections to PostgreSQL at {} stayed busy for {} s; raise metadata_readers if this persists",
+                    self.max,
+                    self.target,
+                    CALL_TIMEOUT.as_secs()
+                )));
+            }
+            state = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+
+    fn put_back(&self, conn: Conn, broken: bool) {
+        let mut state = self.lock();
+        if broken || conn.client.is_closed() {
+            state.open -= 1;
+        } else {
+            state.idle.push(conn);
+        }
+        drop(state);
+        self.freed.notify_one();
+    }
+}
+
+/// A lent connection: back to the pool when released, closed when discarded (or dropped
+/// during a panic, when its state is unknown).
+struct Pooled<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+    /// Taken from the idle list rather than opened for this call.
+    reused: bool,
+}
+
+impl Pooled<'_> {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connection present until released")
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.as_ref().is_none_or(|c| c.client.is_closed())
+    }
+
+    fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn, false);
+        }
+    }
+
+    fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn, true);
+        }
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put_back(conn, true);
+        }
+    }
+}
+
+/// Polls `future` on this thread until it completes or `deadline` passes. The connection task
+/// on the background runtime wakes it when a reply arrives.
+fn block_on<F: Future>(future: F, deadline: Instant) -> Option<F::Output> {
+    struct ThreadWaker(std::thread::Thread);
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return Some(output);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        // A wake before this park makes it return at once; a spurious return just polls again.
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The exclusive lock behind `try_singleton`.
+
+/// Holds a session advisory lock on a connection of its own (outside the pool, so a long
+/// janitor run does not shrink it). Dropping it unlocks; if the process dies the connection
+/// closes and PostgreSQL releases the lock itself.
+struct AdvisoryLockHolder {
+    conn: Option<Conn>,
+    key: i64,
+}
+
+impl Drop for AdvisoryLockHolder {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // Explicitly, so the next holder need not wait for the disconnect to be noticed.
+            let _ = block_on(
+                conn.client
+                    .execute("SELECT pg_advisory_unlock($1)", &[&self.key]),
+                deadline,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows.
+
+fn nar_from_row(row: &tokio_postgres::Row) -> NarRecord {
+    NarRecord {
+        url: row.get(0),
+        compression: row.get(1),
+        nar_hash: row.get(2),
+        nar_size: row.get::<_, i64>(3) as u64,
+        file_hash: row.get(4),
+        file_size: row.get::<_, i64>(5) as u64,
+        object_key: row.get(6),
+    }
+}
+
+fn upload_from_row(row: &tokio_postgres::Row) -> UploadRecord {
+    UploadRecord {
+        id: row.get(0),
+        repo: row.get(1),
+        nar_hash: row.get(2),
+        nar_size: row.get::<_, i64>(3) as u64,
+        compression: row.get(4),
+        encoder: row.get(5),
+        created_at: row.get(6),
+        staging_id: row.get(7),
+        updated_at: row.get(8),
+    }
+}
+
+fn repo_from_row(row: &tokio_postgres::Row) -> RepoRecord {
+    RepoRecord {
+        name: row.get(0),
+        private: row.get(1),
+        secret_key: row.get(2),
+        priority: u32::try_from(row.get::<_, i64>(3)).unwrap_or(u32::MAX),
+    }
+}
+
+fn token_from_row(row: &tokio_postgres::Row) -> TokenRecord {
+    let secret: Vec<u8> = row.get(1);
+    let mut secret_sha256 = [0u8; 32];
+    if secret.len() == 32 {
+        secret_sha256.copy_from_slice(&secret);
+    }
+    let scope: String = row.get(2);
+    TokenRecord {
+        id: row.get(0),
+        secret_sha256,
+        // An unknown scope string can only come from a newer version; read-only is the safe reading.
+        scope: Scope::parse(&scope).unwrap_or(Scope::Read),
+        description: row.get(3),
+        created_at: row.get(4),
+        revoked_at: row.get(5),
+        repos: row.get(6),
+    }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+macro_rules! upload_select {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, repo, nar_hash, nar_size, compression, encoder, created_at, staging_id, updated_at
+             FROM uploads ",
+            $where
+        )
+    };
+}
+
+macro_rules! token_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT t.id, t.secret_sha256, t.scope, t.description, t.created_at, t.revoked_at,
+                    COALESCE(array_agg(r.repo ORDER BY r.repo) FILTER (WHERE r.repo IS NOT NULL),
+                             '{}'::text[])
+             FROM tokens t LEFT JOIN token_repos r ON r.token_id = t.id ",
+            $tail
+        )
+    };
+}
+
+macro_rules! nar_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT url, compression, nar_hash, nar_size, file_hash, file_size, object_key
+             FROM nars ",
+            $tail
+        )
+    };
+}
+
+impl Metadata for PostgresMetadata {
+    fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare(
+                    "INSERT INTO repos (name, private, secret_key, priority, created_at)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
+                )
+                .await?;
+            let inserted = c
+                .client
+                .execute(
+                    &statement,
+                    &[
+                        &repo.name,
+                        &repo.private,
+                        &repo.secret_key,
+                        &i64::from(repo.priority),
+                        &now_unix(),
+                    ],
+                )
+                .await?;
+            Ok(inserted == 1)
+        })
+    }
+
+    fn repo(&self, name: &str) -> MetaResult<Option<RepoRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare("SELECT name, private, secret_key, priority FROM repos WHERE name = $1")
+                .await?;
+            let row = c.client.query_opt(&statement, &[&name]).await?;
+            Ok(row.as_ref().map(repo_from_row))
+        })
+    }
+
+    fn repos(&self) -> MetaResult<Vec<RepoRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare("SELECT name, private, secret_key, priority FROM repos ORDER BY name")
+                .await?;
+            let rows = c.client.query(&statement, &[]).await?;
+            Ok(rows.iter().map(repo_from_row).collect())
+        })
+    }
+
+    fn create_token(&self, token: &TokenRecord) -> MetaResult<()> {
+        self.call(false, async |c| {
+            let insert_token = c
+                .prepare(
+                    "INSERT INTO tokens (id, secret_sha256, scope, description, created_at, revoked_at)
+                     VALUES ($1, $2, $3, $4, $5, NULL)",
+                )
+                .await?;
+            let insert_repo = c
+                .prepare("INSERT INTO token_repos (token_id, repo) VALUES ($1, $2)")
+                .await?;
+            let tx = c.client.transaction().await?;
+            tx.execute(
+                &insert_token,
+                &[
+                    &token.id,
+                    &token.secret_sha256.as_slice(),
+                    &token.scope.as_str(),
+                    &token.description,
+                    &token.created_at,
+                ],
+            )
+            .await?;
+            for repo in &token.repos {
+                tx.execute(&insert_repo, &[&token.id, repo]).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(token_select!("WHERE t.id = $1 GROUP BY t.id"))
+                .await?;
+            let row = c.client.query_opt(&statement, &[&id]).await?;
+            Ok(row.as_ref().map(token_from_row))
+        })
+    }
+
+    fn tokens(&self) -> MetaResult<Vec<TokenRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(token_select!("GROUP BY t.id ORDER BY t.created_at, t.id"))
+                .await?;
+            let rows = c.client.query(&statement, &[]).await?;
+            Ok(rows.iter().map(token_from_row).collect())
+        })
+    }
+
+    fn revoke_token(&self, id: &str, at: i64) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            // An earlier revocation time stays: revoking twice does not move it.
+            let statement = c
+                .prepare("UPDATE tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1")
+                .await?;
+            Ok(c.client.execute(&statement, &[&id, &at]).await? == 1)
+        })
+    }
+
+    fn narinfo(&self, repo: &str, hash: &str) -> MetaResult<Option<String>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare("SELECT text FROM narinfos WHERE repo = $1 AND hash = $2")
+                .await?;
+            let row = c.client.query_opt(&statement, &[&repo, &hash]).await?;
+            Ok(row.map(|row| row.get(0)))
+        })
+    }
+
+    fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>> {
+        let hashes: Vec<&str> = queries.iter().map(|(hash, _)| hash.as_str()).collect();
+        let nar_hashes: Vec<&str> = queries.iter().map(|(_, nar)| nar.as_str()).collect();
+        self.call(true, async |c| {
+            // One round trip for the whole batch: a 20 000-path query is one statement.
+            let statement = c
+                .prepare(
+                    "SELECT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.hash = q.hash),
+                            EXISTS (SELECT 1 FROM nars s WHERE s.repo = $1 AND s.nar_hash = q.nar_hash)
+                     FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS q(hash, nar_hash, i)
+                     ORDER BY q.i",
+                )
+                .await?;
+            let rows = c
+                .client
+                .query(&statement, &[&repo, &hashes, &nar_hashes])
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|row| {
+                    if row.get::<_, bool>(0) {
+                        Presence::Published
+                    } else if row.get::<_, bool>(1) {
+                        Presence::NarStored
+                    } else {
+                        Presence::Missing
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
+        let hashes: Vec<&str> = narinfos.iter().map(|n| n.hash.as_str()).collect();
+        let paths: Vec<&str> = narinfos.iter().map(|n| n.store_path.as_str()).collect();
+        let nar_hashes: Vec<&str> = narinfos.iter().map(|n| n.nar_hash.as_str()).collect();
+        let texts: Vec<&str> = narinfos.iter().map(|n| n.text.as_str()).collect();
+        let inserted = self.call(false, async |c| {
+            // One statement is one transaction: all of the batch is published, or none.
+            let statement = c
+                .prepare(
+                    "INSERT INTO narinfos (repo, hash, store_path, nar_hash, text, published_at)
+                     SELECT $1, q.hash, q.store_path, q.nar_hash, q.text, $6
+                     FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
+                          WITH ORDINALITY AS q(hash, store_path, nar_hash, text, i)
+                     ORDER BY q.i
+                     ON CONFLICT (repo, hash) DO NOTHING
+                     RETURNING hash",
+                )
+                .await?;
+            let rows = c
+                .client
+                .query(
+                    &statement,
+                    &[&repo, &hashes, &paths, &nar_hashes, &texts, &now_unix()],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect::<HashSet<String>>())
+        })?;
+        let mut inserted = inserted;
+        // A hash twice in one batch: the first occurrence is the one that published.
+        Ok(narinfos
+            .iter()
+            .map(|info| inserted.remove(&info.hash))
+            .collect())
+    }
+
+    fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(nar_select!(
+                    "WHERE repo = $1 AND nar_hash = $2 ORDER BY created_at, url LIMIT 1"
+                ))
+                .await?;
+            let row = c.client.query_opt(&statement, &[&repo, &nar_hash]).await?;
+            Ok(row.as_ref().map(nar_from_row))
+        })
+    }
+
+    fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(nar_select!("WHERE repo = $1 AND url = $2"))
+                .await?;
+            let row = c.client.query_opt(&statement, &[&repo, &url]).await?;
+            Ok(row.as_ref().map(nar_from_row))
+        })
+    }
+
+    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare(
+                    "INSERT INTO nars (repo, url, compression, nar_hash, nar_size, file_hash,
+                                       file_size, object_key, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (repo, url) DO NOTHING",
+                )
+                .await?;
+            let inserted = c
+                .client
+                .execute(
+                    &statement,
+                    &[
+                        &repo,
+                        &nar.url,
+                        &nar.compression,
+                        &nar.nar_hash,
+                        &to_i64(nar.nar_size),
+                        &nar.file_hash,
+                        &to_i64(nar.file_size),
+                        &nar.object_key,
+                        &now_unix(),
+                    ],
+                )
+                .await?;
+            Ok(inserted == 1)
+        })
+    }
+
+    fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
+        self.call(true, async |c| {
+            let statement = c.prepare(upload_select!("WHERE id = $1")).await?;
+            let row = c.client.query_opt(&statement, &[&id]).await?;
+            Ok(row.as_ref().map(upload_from_row))
+        })
+    }
+
+    fn delete_upload(&self, id: &str) -> MetaResult<()> {
+        self.call(false, async |c| {
+            // Its parts go with it (ON DELETE CASCADE).
+            let statement = c.prepare("DELETE FROM uploads WHERE id = $1").await?;
+            c.client.execute(&statement, &[&id]).await?;
+            Ok(())
+        })
+    }
+
+    fn uploads_inactive_since(&self, at: i64) -> MetaResult<Vec<UploadRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(upload_select!("WHERE updated_at < $1 ORDER BY updated_at"))
+                .await?;
+            let rows = c.client.query(&statement, &[&at]).await?;
+            Ok(rows.iter().map(upload_from_row).collect())
+        })
+    }
+
+    fn open_upload(
+        &self,
+        upload: &UploadRecord,
+        token_id: &str,
+        caps: SessionCaps,
+    ) -> MetaResult<OpenedUpload> {
+        self.call(false, async |c| {
+            let lock = c
+                .prepare("SELECT pg_advisory_xact_lock($1), pg_advisory_xact_lock($2)")
+                .await?;
+            let insert = c
+                .prepare(
+                    "INSERT INTO uploads (id, repo, nar_hash, nar_size, compression, encoder,
+                                          created_at, token_id, staging_id, updated_at)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $7
+                     WHERE (SELECT COUNT(*) FROM uploads WHERE token_id = $8) < $10
+                       AND (SELECT COUNT(*) FROM uploads WHERE repo = $2) < $11
+                     ON CONFLICT (repo, nar_hash, compression, encoder) DO NOTHING",
+                )
+                .await?;
+            let current = c
+                .prepare(upload_select!(
+                    "WHERE repo = $1 AND nar_hash = $2 AND compression = $3 AND encoder = $4"
+                ))
+                .await?;
+            let held = c
+                .prepare("SELECT COUNT(*) FROM uploads WHERE token_id = $1")
+                .await?;
+            let tx = c.client.transaction().await?;
+            // The counts and the insert must see one state across replicas: READ COMMITTED
+            // alone would let two replicas both see room for the last session. Every opener
+            // takes its token's lock, then its repository's (one order: no deadlock); the
+            // statements after the locks see whatever the previous holder committed.
+            tx.execute(
+                &lock,
+                &[
+                    &advisory_key(TOKEN_SESSIONS_LOCK, token_id),
+                    &advisory_key(REPO_SESSIONS_LOCK, &upload.repo),
+                ],
+            )
+            .await?;
+            tx.execute(
+                &insert,
+                &[
+                    &upload.id,
+                    &upload.repo,
+                    &upload.nar_hash,
+                    &to_i64(upload.nar_size),
+                    &upload.compression,
+                    &upload.encoder,
+                    &upload.created_at,
+                    &token_id,
+                    &upload.staging_id,
+                    &to_i64(caps.per_token),
+                    &to_i64(caps.per_repo),
+                ],
+            )
+            .await?;
+            let row = tx
+                .query_opt(
+                    &current,
+                    &[
+                        &upload.repo,
+                        &upload.nar_hash,
+                        &upload.compression,
+                        &upload.encoder,
+                    ],
+                )
+                .await?;
+            let opened = match row.as_ref().map(upload_from_row) {
+                Some(row) if row.id == upload.id => OpenedUpload::Created(row),
+                Some(row) => OpenedUpload::Existing(row),
+                None => {
+                    let held: i64 = tx.query_one(&held, &[&token_id]).await?.get(0);
+                    if u64::try_from(held).unwrap_or(0) >= caps.per_token {
+                        OpenedUpload::TokenFull
+                    } else {
+                        OpenedUpload::RepoFull
+                    }
+                }
+            };
+            tx.commit().await?;
+            Ok(opened)
+        })
+    }
+
+    fn published_store_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+    ) -> MetaResult<Vec<Option<String>>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT n.store_path
+                     FROM unnest($2::text[]) WITH ORDINALITY AS q(hash, i)
+                     LEFT JOIN narinfos n ON n.repo = $1 AND n.hash = q.hash
+                     ORDER BY q.i",
+                )
+                .await?;
+            let rows = c.client.query(&statement, &[&repo, &hashes]).await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    fn set_upload_staging_id(&self, id: &str, staging_id: &str) -> MetaResult<()> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare("UPDATE uploads SET staging_id = $2 WHERE id = $1")
+                .await?;
+            c.client.execute(&statement, &[&id, &staging_id]).await?;
+            Ok(())
+        })
+    }
+
+    fn add_upload_part(&self, id: &str, offset: u64, part: &UploadPart, at: i64) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let lock = c
+                .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
+                .await?;
+            let recorded = c
+                .prepare(
+                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
+                     WHERE upload_id = $1",
+                )
+                .await?;
+            let insert = c
+                .prepare(
+                    "INSERT INTO upload_parts (upload_id, number, size, etag)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (upload_id, number) DO NOTHING",
+                )
+                .await?;
+            let touch = c
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
+                .await?;
+            let tx = c.client.transaction().await?;
+            // The row lock serialises appends to one upload across replicas; the sum is read
+            // after it is granted, so it includes the part the previous holder committed.
+            if tx.query_opt(&lock, &[&id]).await?.is_none() {
+                return Ok(false);
+            }
+            let row = tx.query_one(&recorded, &[&id]).await?;
+            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
+            // Numbers are consecutive, so the part list is exactly what assembles the object.
+            if held != to_i64(offset) || i64::from(part.number) != parts + 1 {
+                return Ok(false);
+            }
+            let inserted = tx
+                .execute(
+                    &insert,
+                    &[
+                        &id,
+                        &i64::from(part.number),
+                        &to_i64(part.size),
+                        &part.etag,
+                    ],
+                )
+                .await?;
+            if inserted != 1 {
+                return Ok(false);
+            }
+            tx.execute(&touch, &[&id, &at]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn upload_parts(&self, id: &str) -> MetaResult<Vec<UploadPart>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT number, size, etag FROM upload_parts WHERE upload_id = $1 ORDER BY number",
+                )
+                .await?;
+            let rows = c.client.query(&statement, &[&id]).await?;
+            Ok(rows
+                .iter()
+                .map(|row| UploadPart {
+                    number: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+                    size: row.get::<_, i64>(1) as u64,
+                    etag: row.get(2),
+                })
+                .collect())
+        })
+    }
+
+    fn touch_upload(&self, id: &str, at: i64) -> MetaResult<()> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
+                .await?;
+            c.client.execute(&statement, &[&id, &at]).await?;
+            Ok(())
+        })
+    }
+
+    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
+        self.call(false, async |c| {
+            // A retried write refreshes its intent, so the janitor's grace period restarts.
+            let statement = c
+                .prepare(
+                    "INSERT INTO object_intents (key, created_at) VALUES ($1, $2)
+                     ON CONFLICT (key) DO UPDATE SET created_at = EXCLUDED.created_at",
+                )
+                .await?;
+            c.client.execute(&statement, &[&key, &at]).await?;
+            Ok(())
+        })
+    }
+
+    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
+        self.call(false, async |c| {
+            let statement = c
+                .prepare("DELETE FROM object_intents WHERE key = $1")
+                .await?;
+            c.client.execute(&statement, &[&key]).await?;
+            Ok(())
+        })
+    }
+
+    fn object_intents_before(&self, at: i64, limit: usize) -> MetaResult<Vec<String>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT key FROM object_intents WHERE created_at < $1
+                     ORDER BY created_at, key LIMIT $2",
+                )
+                .await?;
+            let rows = c
+                .client
+                .query(&statement, &[&at, &to_i64(limit as u64)])
+                .await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    fn known_object_keys(&self, keys: &[String]) -> MetaResult<Vec<bool>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT EXISTS (SELECT 1 FROM nars WHERE object_key = q.key)
+                     FROM unnest($1::text[]) WITH ORDINALITY AS q(key, i)
+                     ORDER BY q.i",
+                )
+                .await?;
+            let rows = c.client.query(&statement, &[&keys]).await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    fn ping(&self) -> MetaResult<()> {
+        self.call(true, async |c| {
+            c.client.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    fn schema_version(&self) -> MetaResult<i64> {
+        self.stored_version()
+    }
+
+    fn try_singleton(&self, name: &str) -> MetaResult<Option<SingletonGuard>> {
+        let key = advisory_key(SINGLETON_LOCK, name);
+        // Not from the pool: the lock lives as long as this connection, and the guard keeps it.
+        let conn = open_connection(&self.pool.target, &self.pool.runtime)?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let granted = block_on(
+            conn.client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key]),
+            deadline,
+        );
+        match granted {
+            Some(Ok(row)) if row.get::<_, bool>(0) => Ok(Some(SingletonGuard::new(
+                AdvisoryLockHolder {
+                    conn: Some(conn),
+                    key,
+                },
+            ))),
+            Some(Ok(_)) => Ok(None),
+            Some(Err(err)) => Err(meta_error(&err, &self.pool.target)),
+            None => Err(MetaError::Unavailable(format!(
+                "PostgreSQL at {} did not answer within {} s",
+                self.pool.target,
+                CALL_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_keeps_its_options_and_loses_the_ones_handled_here() {
+        let target = ConnectTarget::parse(
+            "postgres://stowix:secret@db.example:6543/cache?sslmode=require&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(target.to_string(), "db.example:6543/cache");
+        assert_eq!(target.config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(target.config.get_application_name(), Some("x"));
+        assert_eq!(target.config.get_dbname(), Some("cache"));
+        assert!(target.tls.is_some());
+        let plain = ConnectTarget::parse("postgres://u@h/d?sslmode=disable").unwrap();
+        assert!(plain.tls.is_none());
+        assert_eq!(plain.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_showing_the_password() {
+        let err = ConnectTarget::parse("postgres://u:hunter2@h/d?sslmode=sometimes")
+            .err()
+            .unwrap();
+        assert!(err.contains("sslmode=sometimes"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = ConnectTarget::parse("mysql://u@h/d").err().unwrap();
+        assert!(err.contains("postgres://"), "{err}");
+        let err = ConnectTarget::parse("postgres://u:hunter2@h/d?nonsense=1")
+            .err()
+            .unwrap();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn advisory_keys_differ_by_namespace_and_name() {
+        assert_ne!(
+            advisory_key(TOKEN_SESSIONS_LOCK, "a"),
+            advisory_key(REPO_SESSIONS_LOCK, "a")
+        );
+        assert_ne!(advisory_key(SINGLETON_LOCK, "a"), advisory_key(SINGLETON_LOCK, "b"));
+        assert_eq!(advisory_key(SINGLETON_LOCK, "a"), advisory_key(SINGLETON_LOCK, "a"));
+    }
+}
