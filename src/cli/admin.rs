@@ -37,6 +37,10 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Run one janitor pass now (servers run one every janitor_interval_secs): abort uploads
+    /// inactive past upload_expiry_hours, delete stored objects no NAR record knows once they
+    /// are older than orphan_grace_secs.
+    Janitor,
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,6 +112,7 @@ pub fn run(args: AdminArgs) -> i32 {
                 Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
             }
         }
+        AdminCommand::Janitor => return janitor(config),
         command => command,
     };
     let meta = match crate::server::backend::open(&config) {
@@ -118,11 +123,53 @@ pub fn run(args: AdminArgs) -> i32 {
     let result = match command {
         AdminCommand::Repo { command } => repo(meta, command),
         AdminCommand::Token { command } => token(meta, command),
-        AdminCommand::Db { .. } => unreachable!("handled before opening the backends"),
+        AdminCommand::Db { .. } | AdminCommand::Janitor => {
+            unreachable!("handled before opening the backends")
+        }
     };
     match result {
         Ok(()) => exit::SUCCESS,
         Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
+    }
+}
+
+/// One janitor pass on the configured backends, with a runtime of its own (the janitor talks
+/// to the bucket asynchronously).
+fn janitor(config: crate::server::config::ServerConfig) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            return super::fail(
+                exit::FAILURE,
+                &format!("cannot start a runtime: {err}"),
+                None,
+            )
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let state = crate::server::AppState::open(config, None)?;
+        crate::server::janitor::run(&state)
+            .await
+            .map_err(|err| err.body.message)
+    });
+    match outcome {
+        Ok(Some(swept)) => {
+            println!(
+                "janitor: {} expired uploads discarded, {} orphan objects deleted",
+                swept.uploads_expired, swept.orphans_deleted
+            );
+            exit::SUCCESS
+        }
+        Ok(None) => super::fail(
+            exit::FAILURE,
+            "another janitor (on a running server) holds the lock",
+            Some("retry in a moment; one pass at a time is the rule across replicas"),
+        ),
+        Err(message) => super::fail(exit::FAILURE, &message, None),
     }
 }
 

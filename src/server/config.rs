@@ -85,6 +85,11 @@ pub struct ServerConfig {
     /// 0: NAR downloads stream through the server. N: they redirect to a presigned URL of the
     /// bucket valid N seconds, so the bucket (or its CDN) carries the bytes.
     pub s3_presign_secs: u64,
+    /// How often `serve` runs the janitor (one replica at a time does the work).
+    pub janitor_interval_secs: u64,
+    /// How old an object the database does not know must be before the janitor deletes it:
+    /// longer than the slowest completion (an object exists before its `nars` row).
+    pub orphan_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +125,8 @@ impl Default for ServerConfig {
             s3_endpoint: None,
             s3_region: "us-east-1".to_string(),
             s3_presign_secs: 0,
+            janitor_interval_secs: 3600,
+            orphan_grace_secs: 86_400,
         }
     }
 }
@@ -200,6 +207,8 @@ mod tests {
         assert_eq!(parsed.s3_endpoint, defaults.s3_endpoint);
         assert_eq!(parsed.s3_region, defaults.s3_region);
         assert_eq!(parsed.s3_presign_secs, defaults.s3_presign_secs);
+        assert_eq!(parsed.janitor_interval_secs, defaults.janitor_interval_secs);
+        assert_eq!(parsed.orphan_grace_secs, defaults.orphan_grace_secs);
     }
 
     #[test]

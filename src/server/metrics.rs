@@ -20,6 +20,8 @@ pub const CONNECTIONS_OPEN: &str = "stowix_server_connections_open";
 pub const CONNECTIONS_EVICTED_TOTAL: &str = "stowix_server_connections_evicted_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_total";
 pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
+pub const STORAGE_SECONDS: &str = "stowix_server_storage_seconds";
+pub const STORAGE_ERRORS_TOTAL: &str = "stowix_server_storage_errors_total";
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -33,6 +35,8 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
             Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.into()),
             DURATION_BUCKETS,
         )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(Matcher::Full(STORAGE_SECONDS.into()), DURATION_BUCKETS)
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
@@ -61,6 +65,15 @@ fn describe() {
         "Compressed NAR bytes received, including chunks later discarded"
     );
     metrics::describe_counter!(NARS_STORED_TOTAL, "NAR files verified and stored");
+    metrics::describe_histogram!(
+        STORAGE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one object-store call (S3 storage), by operation"
+    );
+    metrics::describe_counter!(
+        STORAGE_ERRORS_TOTAL,
+        "Object-store calls that failed (an absent object is not a failure), by operation"
+    );
     metrics::describe_counter!(NARINFOS_PUBLISHED_TOTAL, "narinfos signed and published");
     metrics::describe_counter!(
         UPLOADS_REJECTED_TOTAL,

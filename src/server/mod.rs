@@ -19,10 +19,12 @@ pub mod backend;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod janitor;
 pub mod metrics;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
+pub mod staging;
 pub mod upload;
 pub mod verify;
 
@@ -66,7 +68,9 @@ pub struct AppState {
     pub config: ServerConfig,
     pub meta: Arc<dyn Metadata>,
     pub storage: Arc<dyn Storage>,
-    /// Chunked uploads in progress: `<id>.part`.
+    /// Where chunked uploads wait for completion (the storage backend's choice).
+    pub staging: Arc<dyn staging::ChunkStaging>,
+    /// Chunked uploads in progress on local storage: `<id>.part`.
     pub uploads_dir: PathBuf,
     /// Single-request uploads while they are received and verified.
     pub tmp_dir: PathBuf,
@@ -118,7 +122,9 @@ impl AppState {
                 .map_err(|err| format!("cannot create data directory {}: {err}", dir.display()))?;
         }
         let backend::Backends { meta, storage } = backend::open(&config)?;
+        let staging = storage.chunk_staging();
         Ok(AppState {
+            staging,
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads)),
             repo_uploads: Arc::new(Mutex::new(HashMap::new())),
             config,
@@ -408,13 +414,13 @@ pub(crate) const JSON_BODY_LIMIT: usize = 64 << 20;
 pub fn metrics_router(state: SharedState) -> Router {
     Router::new()
         .route("/metrics", get(routes_cache::metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .with_state(state)
 }
 
 pub fn router(state: SharedState) -> Router {
     let api = format!("/{{repo}}/{}", crate::api::API_PREFIX);
-    let base = Router::new().route("/healthz", get(|| async { "ok\n" }));
+    let base = Router::new().route("/healthz", get(healthz));
     // With its own address, /metrics is not on the public one: a route that is absent
     // answers like any unknown path.
     let base = if state.config.metrics_listen.is_none() {
@@ -460,36 +466,45 @@ pub fn router(state: SharedState) -> Router {
         .with_state(state)
 }
 
-/// Deletes temporary files a crash left behind, and unfinished uploads past their expiry.
+/// Deletes temporary files a crash left behind, then runs the janitor once.
 pub async fn clean_up(state: &AppState) -> ServerResult<()> {
     if let Ok(mut entries) = tokio::fs::read_dir(&state.tmp_dir).await {
         while let Ok(Some(entry)) = entries.next_entry().await {
             let _ = tokio::fs::remove_file(entry.path()).await;
         }
     }
-    let cutoff = metadata::now_unix() - (state.config.upload_expiry_hours as i64) * 3600;
-    let expired = state
-        .db(move |meta| meta.uploads_inactive_since(cutoff))
-        .await?;
-    for upload in expired {
-        // Expiry counts from the last chunk received, so a slow upload of a huge NAR survives.
-        let part = state.uploads_dir.join(format!("{}.part", upload.id));
-        let last_activity = tokio::fs::metadata(&part)
-            .await
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs() as i64);
-        if last_activity.is_some_and(|at| at >= cutoff) {
-            continue;
-        }
-        let lock = state.upload_lock(&upload.id);
-        let _guard = lock.lock().await;
-        let _ = tokio::fs::remove_file(state.uploads_dir.join(format!("{}.part", upload.id))).await;
-        let id = upload.id.clone();
-        state.db(move |meta| meta.delete_upload(&id)).await?;
+    janitor::run(state).await.map(|_| ())
+}
+
+/// `/healthz`: ready when the database and the storage both answer; otherwise 503 with one
+/// line naming what failed, so a load balancer takes this replica out.
+async fn healthz(
+    axum::extract::State(state): axum::extract::State<SharedState>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let meta = Arc::clone(&state.meta);
+    let database = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || meta.ping()),
+    )
+    .await;
+    let failure = match database {
+        Err(_) => Some("database: no answer within 5 s".to_string()),
+        Ok(Err(err)) => Some(format!("database: {err}")),
+        Ok(Ok(Err(err))) => Some(format!("database: {err}")),
+        Ok(Ok(Ok(()))) => match state.storage.health().await {
+            Ok(()) => None,
+            Err(err) => Some(format!("storage: {err}")),
+        },
+    };
+    match failure {
+        None => "ok\n".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", reason.replace('\n', " ")),
+        )
+            .into_response(),
     }
-    Ok(())
 }
 
 /// Serves until SIGINT/SIGTERM, then lets requests in flight finish for the grace period.
@@ -499,7 +514,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
     let listen = config.listen;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let state: SharedState = Arc::new(AppState::open(config, Some(handle))?);
-    clean_up(&state).await.map_err(|err| err.body.message)?;
+    // A bucket that is briefly unreachable must not keep a replica from starting: the next
+    // janitor pass catches up.
+    if let Err(err) = clean_up(&state).await {
+        tracing::warn!("cleanup at start failed: {}", err.body.message);
+    }
     let limits = connection_limits(&state.config)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -533,12 +552,19 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
 
     let janitor_state = Arc::clone(&state);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        let every = Duration::from_secs(janitor_state.config.janitor_interval_secs.max(1));
+        let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(err) = clean_up(&janitor_state).await {
-                tracing::warn!("upload cleanup failed: {}", err.body.message);
+            match janitor::run(&janitor_state).await {
+                Ok(Some(swept)) => tracing::info!(
+                    uploads_expired = swept.uploads_expired,
+                    orphans_deleted = swept.orphans_deleted,
+                    "janitor pass done"
+                ),
+                Ok(None) => tracing::debug!("janitor: another replica holds the lock"),
+                Err(err) => tracing::warn!("janitor failed: {}", err.body.message),
             }
         }
     });

@@ -268,18 +268,6 @@ fn new_upload_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn upload_path(state: &SharedState, id: &str) -> std::path::PathBuf {
-    state.uploads_dir.join(format!("{id}.part"))
-}
-
-async fn held_offset(state: &SharedState, id: &str) -> ServerResult<u64> {
-    match tokio::fs::metadata(upload_path(state, id)).await {
-        Ok(meta) => Ok(meta.len()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(err) => Err(err.into()),
-    }
-}
-
 /// The upload named by the path, if it belongs to this repository.
 async fn find_upload(state: &SharedState, repo: &str, id: &str) -> ServerResult<UploadRecord> {
     let not_found = || {
@@ -363,7 +351,10 @@ pub async fn create_upload(
         OpenedUpload::TokenFull => return Err(too_many_sessions("this token", caps.per_token)),
         OpenedUpload::RepoFull => return Err(too_many_sessions("this repository", caps.per_repo)),
     };
-    let offset = held_offset(&state, &upload.id).await?;
+    // S3: the multipart upload is created here (intent first), or on a later request if the
+    // replica that opened the session died before doing it.
+    state.staging.open(&state, &upload).await?;
+    let offset = state.staging.offset(&state, &upload).await?;
     Ok(state_response(
         status,
         UploadState {
@@ -396,7 +387,7 @@ pub async fn upload_state(
     Path((_, id)): Path<(String, String)>,
 ) -> ServerResult<Response> {
     let record = find_upload(&state, &repo.name, &id).await?;
-    let offset = held_offset(&state, &record.id).await?;
+    let offset = state.staging.offset(&state, &record).await?;
     Ok(state_response(
         StatusCode::OK,
         UploadState {
@@ -435,59 +426,16 @@ pub async fn upload_chunk(
     let _guard = lock.lock().await;
     // Completion may have finished (and removed the upload) while this request waited.
     let record = find_upload(&state, &repo.name, &record.id).await?;
-    let path = upload_path(&state, &record.id);
-    let held = held_offset(&state, &record.id).await?;
-    if declared != held {
-        let mut err = ServerError::new(
-            StatusCode::CONFLICT,
-            codes::OFFSET_MISMATCH,
-            format!("this chunk starts at {declared}, but the server holds {held} bytes: resend from {held}"),
-        );
-        err.body.offset = Some(held);
-        return Err(err);
-    }
-    let mut file = tokio::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(&path)
-        .await?;
     // Sessions from before `max_nar_bytes` was checked at creation may declare any NarSize.
     let max_file_size = max_compressed_size(record.nar_size.min(state.config.max_nar_bytes));
-    let room = max_file_size.saturating_sub(held);
-    let received = upload::receive_into(
-        body,
-        &mut file,
-        state.config.max_chunk_bytes.min(room),
-        upload::BodyPace::new(&state.config),
-    )
-    .await;
-    if let Err(upload::ReceiveError::TooLarge { .. }) = &received {
-        // An oversized chunk is refused whole, so the offset stays where the client expects it.
-        file.set_len(held).await?;
-    }
-    // Every offset this server states (here, in GET, in a 409) is the file's length: the bytes
-    // below it reach the disk before any of those answers, so a power loss cannot take back an
-    // acknowledged chunk. Also after a failed chunk, whose kept bytes a GET reports.
-    file.sync_data().await?;
-    drop(file);
-    match received {
-        Err(upload::ReceiveError::TooLarge { .. }) if room < state.config.max_chunk_bytes => {
-            return Err(ServerError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                codes::PAYLOAD_TOO_LARGE,
-                format!(
-                    "this chunk takes the upload past {max_file_size} bytes, the most a NAR of NarSize {} may compress to",
-                    record.nar_size
-                ),
-            ))
-        }
-        other => other?,
-    };
+    let offset = state
+        .staging
+        .append(&state, &record, declared, body, max_file_size)
+        .await?;
     let touched = record.id.clone();
     state
         .db(move |meta| meta.touch_upload(&touched, now_unix()))
         .await?;
-    let offset = held_offset(&state, &record.id).await?;
     Ok(state_response(
         StatusCode::OK,
         UploadState {
@@ -508,9 +456,11 @@ fn max_compressed_size(nar_size: u64) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-async fn discard_upload(state: &SharedState, id: &str) -> ServerResult<()> {
-    let _ = tokio::fs::remove_file(upload_path(state, id)).await;
-    let id = id.to_string();
+/// Drops the held bytes (the `.part` file; the multipart upload and any assembled object on
+/// S3), then the session.
+async fn discard_upload(state: &SharedState, record: &UploadRecord) -> ServerResult<()> {
+    state.staging.discard(state, record).await?;
+    let id = record.id.clone();
     state.db(move |meta| meta.delete_upload(&id)).await
 }
 
@@ -528,11 +478,11 @@ pub async fn complete_upload(
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;
-    let held = held_offset(&state, &record.id).await?;
+    let held = state.staging.offset(&state, &record).await?;
     if held > request.file_size {
         // The server holds bytes beyond the end of the client's file: this upload can never
         // verify, so it is dropped and the client starts over.
-        discard_upload(&state, &record.id).await?;
+        discard_upload(&state, &record).await?;
         return Err(ServerError::unprocessable(
             codes::FILE_SIZE_MISMATCH,
             format!(
@@ -559,16 +509,21 @@ pub async fn complete_upload(
         nar_hash: Some(parse_nar_hash(&record.nar_hash)?),
         nar_size: Some(record.nar_size),
     };
-    let path = upload_path(&state, &record.id);
-    match upload::verify_and_store(&state, &repo.name, &path, &record.compression, expected).await {
+    match state
+        .staging
+        .complete(&state, &repo.name, &record, expected)
+        .await
+    {
         Ok((stored, newly)) => {
-            discard_upload(&state, &record.id).await?;
+            // The bytes now belong to the stored NAR: only the session goes.
+            let id = record.id.clone();
+            state.db(move |meta| meta.delete_upload(&id)).await?;
             Ok((StatusCode::CREATED, Json(stored_answer(&stored, newly))).into_response())
         }
         Err(err) => {
             // A verified mismatch means these bytes can never become a valid NAR: start over.
             if err.status == StatusCode::UNPROCESSABLE_ENTITY {
-                discard_upload(&state, &record.id).await?;
+                discard_upload(&state, &record).await?;
             }
             Err(err)
         }
@@ -583,7 +538,7 @@ pub async fn abort_upload(
     let record = find_upload(&state, &repo.name, &id).await?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
-    discard_upload(&state, &record.id).await?;
+    discard_upload(&state, &record).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -204,6 +204,21 @@ pub async fn get_nar(
         .db(move |meta| meta.nar_by_url(&name, &url))
         .await?
         .ok_or_else(not_found)?;
+    if state.config.s3_presign_secs > 0 {
+        let expires = std::time::Duration::from_secs(state.config.s3_presign_secs);
+        // The access check above already ran: a private repository's URL goes only to a
+        // token holder, and it is valid for `s3_presign_secs` only.
+        if let Some(url) = state.storage.presign_get(&nar.object_key, expires).await? {
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [
+                    (header::LOCATION, url),
+                    (header::CACHE_CONTROL, "private, no-store".to_string()),
+                ],
+            )
+                .into_response());
+        }
+    }
     let Some((len, reader)) = state.storage.get(&nar.object_key).await? else {
         return Err(not_found());
     };

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::error::{ServerError, ServerResult};
-use super::metadata::NarRecord;
+use super::metadata::{now_unix, NarRecord};
 use super::metrics;
 use super::verify::{self, Verified};
 use super::AppState;
@@ -139,30 +139,68 @@ pub async fn receive_into(
     limit: u64,
     pace: BodyPace,
 ) -> Result<u64, ReceiveError> {
+    let outcome = receive_with(body, limit, pace, Sink::File(file)).await;
+    file.flush().await.map_err(ReceiveError::Io)?;
+    outcome
+}
+
+/// Collects the whole body (at most `limit` bytes) in memory, as the pieces it arrived in: an
+/// S3 part must be complete before it is sent, and a body that breaks off is dropped whole.
+pub async fn receive_to_memory(
+    body: Body,
+    limit: u64,
+    pace: BodyPace,
+) -> Result<(Vec<bytes::Bytes>, u64), ReceiveError> {
+    let mut pieces = Vec::new();
+    let received = receive_with(body, limit, pace, Sink::Memory(&mut pieces)).await?;
+    Ok((pieces, received))
+}
+
+/// Where [`receive_with`] puts the body's pieces.
+enum Sink<'a> {
+    File(&'a mut tokio::fs::File),
+    Memory(&'a mut Vec<bytes::Bytes>),
+}
+
+impl Sink<'_> {
+    async fn put(&mut self, bytes: bytes::Bytes) -> Result<(), ReceiveError> {
+        match self {
+            Sink::File(file) => file.write_all(&bytes).await.map_err(ReceiveError::Io),
+            Sink::Memory(pieces) => {
+                pieces.push(bytes);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Hands each piece of the body to `sink`, at most `limit` bytes in all, at `pace`.
+async fn receive_with(
+    body: Body,
+    limit: u64,
+    pace: BodyPace,
+    mut sink: Sink<'_>,
+) -> Result<u64, ReceiveError> {
     if declared_too_large(&body, limit) {
         return Err(ReceiveError::TooLarge { limit });
     }
     let mut stream = body.into_data_stream();
     let started = Instant::now();
     let mut written = 0u64;
-    let outcome = loop {
-        let next = match pace.next(&mut stream, started, written).await {
-            Err(err) => break Err(err),
-            Ok(None) => break Ok(()),
-            Ok(Some(Err(err))) => break Err(ReceiveError::Client(err.to_string())),
-            Ok(Some(Ok(bytes))) => bytes,
+    loop {
+        let next = match pace.next(&mut stream, started, written).await? {
+            None => return Ok(written),
+            Some(Err(err)) => return Err(ReceiveError::Client(err.to_string())),
+            Some(Ok(bytes)) => bytes,
         };
         metrics::record_received(next.len() as u64);
         if written.saturating_add(next.len() as u64) > limit {
-            break Err(ReceiveError::TooLarge { limit });
+            return Err(ReceiveError::TooLarge { limit });
         }
-        if let Err(err) = file.write_all(&next).await {
-            break Err(ReceiveError::Io(err));
-        }
-        written += next.len() as u64;
-    };
-    file.flush().await.map_err(ReceiveError::Io)?;
-    outcome.map(|()| written)
+        let len = next.len() as u64;
+        sink.put(next).await?;
+        written += len;
+    }
 }
 
 /// Reads a small body (JSON, a narinfo) into memory, at most `limit` bytes, at the same pace as
@@ -265,53 +303,19 @@ pub async fn verify_and_store(
     let verified =
         tokio::task::spawn_blocking(move || verify::verify_file(&path, &compression_owned, limit))
             .await?
-            .map_err(|err| {
-                let (status, code, reason) = match &err {
-                    verify::VerifyError::Io(io) => {
-                        return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
-                    }
-                    verify::VerifyError::UnsupportedCompression(_) => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        codes::UNSUPPORTED_COMPRESSION,
-                        "compression",
-                    ),
-                    verify::VerifyError::InvalidNar(_) => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        codes::INVALID_NAR,
-                        "invalid_nar",
-                    ),
-                    verify::VerifyError::Decompress { .. }
-                    | verify::VerifyError::TrailingData(_) => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        codes::INVALID_NAR,
-                        "bad_compression",
-                    ),
-                    verify::VerifyError::DecoderMemory { .. } => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        codes::DECOMPRESSION_LIMIT,
-                        "decoder_memory",
-                    ),
-                    verify::VerifyError::TooMuchOutput(limit) if limit.declared => (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        codes::NAR_SIZE_MISMATCH,
-                        "nar_size",
-                    ),
-                    verify::VerifyError::TooMuchOutput(_) => (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        codes::PAYLOAD_TOO_LARGE,
-                        "nar_too_large",
-                    ),
-                };
-                reject(reason);
-                ServerError::new(status, code, err.to_string())
-            })?;
+            .map_err(verification_failed)?;
     check_expectations(&verified, &expected)?;
     let file_nix32 = verified.file_hash.to_nix32();
     let url = format!("nar/{file_nix32}{suffix}");
     let key = format!("{repo}/{url}");
+    // Intent first: a crash between the write and the row leaves a key the janitor knows.
+    let intent = key.clone();
+    state
+        .db(move |meta| meta.record_object_intent(&intent, now_unix()))
+        .await?;
     state.storage.put_file(&key, staged).await?;
     let record = NarRecord {
-        object_key: key,
+        object_key: key.clone(),
         url,
         compression: compression.to_string(),
         nar_hash: verified.nar.nar_hash.to_typed_nix32(),
@@ -326,12 +330,64 @@ pub async fn verify_and_store(
         .await?;
     if newly {
         ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
+    } else {
+        // Stored meanwhile by another request; if its bytes live elsewhere (an assembled
+        // chunked upload), the copy just written is nobody's.
+        let (repo_owned, url) = (repo.to_string(), record.url.clone());
+        let existing = state
+            .db(move |meta| meta.nar_by_url(&repo_owned, &url))
+            .await?;
+        if existing.is_some_and(|nar| nar.object_key != key) {
+            state.storage.delete(&key).await?;
+        }
     }
+    state.db(move |meta| meta.clear_object_intent(&key)).await?;
     Ok((record, newly))
 }
 
+/// The answer to a file that failed verification (its rejection is counted by reason).
+pub fn verification_failed(err: verify::VerifyError) -> ServerError {
+    let (status, code, reason) = match &err {
+        verify::VerifyError::Io(io) => {
+            return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
+        }
+        verify::VerifyError::UnsupportedCompression(_) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::UNSUPPORTED_COMPRESSION,
+            "compression",
+        ),
+        verify::VerifyError::InvalidNar(_) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::INVALID_NAR,
+            "invalid_nar",
+        ),
+        verify::VerifyError::Decompress { .. } | verify::VerifyError::TrailingData(_) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::INVALID_NAR,
+            "bad_compression",
+        ),
+        verify::VerifyError::DecoderMemory { .. } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::DECOMPRESSION_LIMIT,
+            "decoder_memory",
+        ),
+        verify::VerifyError::TooMuchOutput(limit) if limit.declared => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            codes::NAR_SIZE_MISMATCH,
+            "nar_size",
+        ),
+        verify::VerifyError::TooMuchOutput(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            "nar_too_large",
+        ),
+    };
+    reject(reason);
+    ServerError::new(status, code, err.to_string())
+}
+
 /// Where decompression stops: just past the declared NarSize, else at the server's cap.
-fn output_limit(
+pub(crate) fn output_limit(
     config: &super::config::ServerConfig,
     declared: Option<u64>,
 ) -> ServerResult<verify::OutputLimit> {
@@ -369,7 +425,7 @@ fn reject(reason: &'static str) {
     ::metrics::counter!(metrics::UPLOADS_REJECTED_TOTAL, "reason" => reason).increment(1);
 }
 
-fn check_expectations(verified: &Verified, expected: &Expected) -> ServerResult<()> {
+pub(crate) fn check_expectations(verified: &Verified, expected: &Expected) -> ServerResult<()> {
     let mismatch = |code: &str,
                     reason: &'static str,
                     what: &str,

@@ -76,7 +76,7 @@ pub enum VerifyError {
     DecoderMemory { compression: String, detail: String },
     #[error("{}", too_much_output(.0))]
     TooMuchOutput(OutputLimit),
-    #[error("reading the staged file: {0}")]
+    #[error("reading the staged upload: {0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -143,7 +143,7 @@ impl<R: Read> Read for CappedReader<'_, R> {
     }
 }
 
-// Large reads: the file is on local disk and the decompressor wants big slices.
+// Large reads: the decompressor wants big slices, and a remote object arrives in big pieces.
 const READ_BUFFER: usize = 1 << 20;
 
 pub fn verify_file(
@@ -151,9 +151,18 @@ pub fn verify_file(
     compression: &str,
     limit: OutputLimit,
 ) -> Result<Verified, VerifyError> {
-    let file = std::fs::File::open(path)?;
+    verify_reader(std::fs::File::open(path)?, compression, limit)
+}
+
+/// [`verify_file`] over any byte source: an object streamed back from S3 (through
+/// `tokio_util::io::SyncIoBridge` on a blocking thread) is read exactly once.
+pub fn verify_reader<R: Read>(
+    source: R,
+    compression: &str,
+    limit: OutputLimit,
+) -> Result<Verified, VerifyError> {
     let hashing = HashingReader {
-        inner: file,
+        inner: source,
         hasher: Sha256::new(),
         bytes: 0,
     };

@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod s3;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -100,6 +101,8 @@ pub struct TestServer {
     /// The database and bucket prefix on the scale-out backend (shared with replicas); None on
     /// the embedded one, where everything is under `data_dir`.
     scaleout: Option<Arc<backends::ScaleoutBackends>>,
+    /// Extra environment of `serve` and `admin` (S3 credentials).
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -138,7 +141,22 @@ impl TestServer {
         }
     }
 
+    /// Starts a server with `toml` as its config file and `env` added to its environment (and
+    /// to that of `stowix admin` runs): how the S3 tests hand over credentials. The backends
+    /// are the ones `toml` names, whatever the run's backend.
+    pub fn start_with_env(toml: &str, env: Vec<(String, String)>) -> Self {
+        Self::start_env(Some(toml), None, env)
+    }
+
     fn start_inner(toml: Option<&str>, scaleout: Option<Arc<backends::ScaleoutBackends>>) -> Self {
+        Self::start_env(toml, scaleout, Vec::new())
+    }
+
+    fn start_env(
+        toml: Option<&str>,
+        scaleout: Option<Arc<backends::ScaleoutBackends>>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let root = tempfile::Builder::new()
             .prefix("stowix-test-")
             .tempdir()
@@ -163,6 +181,7 @@ impl TestServer {
             child: None,
             url: String::new(),
             scaleout,
+            env,
         };
         server.spawn();
         server
@@ -185,6 +204,7 @@ impl TestServer {
         if let Some(backends) = &self.scaleout {
             backends.apply(&mut cmd);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -302,6 +322,7 @@ impl TestServer {
         if let Some(backends) = &self.scaleout {
             backends.apply(&mut cmd);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(args).output().expect("run `stowix admin`")
     }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use super::config::ServerConfig;
 use metadata::{MetaError, MetaResult, Metadata, PostgresMetadata, SqliteMetadata};
-use storage::{LocalStorage, Storage};
+use storage::{LocalStorage, S3Storage, Storage};
 
 pub struct Backends {
     pub meta: Arc<dyn Metadata>,
@@ -129,10 +129,25 @@ pub fn open(config: &ServerConfig) -> Result<Backends, String> {
             LocalStorage::new(root.clone())
                 .map_err(|err| format!("cannot create storage in {}: {err}", root.display()))?,
         ),
-        StorageUrl::S3 { bucket, .. } => {
-            return Err(format!(
-                "cannot open s3://{bucket}: S3 storage is not built into this stowix yet"
-            ))
+        StorageUrl::S3 { bucket, prefix } => {
+            if config.max_chunk_bytes < storage::s3::MIN_PART_BYTES {
+                return Err(format!(
+                    "max_chunk_bytes = {} is under S3's {}-byte part minimum: raise it for S3 storage",
+                    config.max_chunk_bytes,
+                    storage::s3::MIN_PART_BYTES
+                ));
+            }
+            let url = if prefix.is_empty() {
+                format!("s3://{bucket}")
+            } else {
+                format!("s3://{bucket}/{prefix}")
+            };
+            let endpoint = config.s3_endpoint.as_deref().unwrap_or("");
+            Arc::new(S3Storage::new(storage::s3::S3Store::open(
+                &url,
+                endpoint,
+                &config.s3_region,
+            )?))
         }
     };
     Ok(Backends { meta, storage })

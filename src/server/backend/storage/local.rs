@@ -1,10 +1,13 @@
 //! The embedded default storage: files under `<data dir>/store`, named by their keys.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{is_safe_key, ObjectReader, Storage};
+use super::{is_safe_key, Listed, ObjectReader, Storage};
+use crate::server::staging::{ChunkStaging, LocalStaging};
 
 pub struct LocalStorage {
     root: PathBuf,
@@ -55,6 +58,29 @@ impl Storage for LocalStorage {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(err) => Err(err),
         }
+    }
+
+    async fn delete(&self, key: &str) -> std::io::Result<()> {
+        match tokio::fs::remove_file(self.path_of(key)?).await {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list(&self, _prefix: &str) -> std::io::Result<Option<Vec<Listed>>> {
+        Ok(None)
+    }
+
+    async fn presign_get(&self, _key: &str, _expires: Duration) -> std::io::Result<Option<String>> {
+        Ok(None)
+    }
+
+    async fn health(&self) -> std::io::Result<()> {
+        tokio::fs::metadata(&self.root).await.map(|_| ())
+    }
+
+    fn chunk_staging(&self) -> Arc<dyn ChunkStaging> {
+        Arc::new(LocalStaging)
     }
 }
 

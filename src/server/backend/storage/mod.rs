@@ -2,18 +2,32 @@
 //! is the embedded default (files under `<data dir>/store`), and an S3-compatible bucket plugs
 //! in behind the same trait.
 //!
-//! Uploads are staged as local files first (see `upload.rs`) and verified before
-//! [`Storage::put_file`] makes them visible, so a reader never sees a partial or unverified NAR.
+//! Single-request uploads are staged as local files first (see `upload.rs`) and verified
+//! before [`Storage::put_file`] makes them visible; chunked uploads go through the backend's
+//! [`ChunkStaging`] (`staging.rs`: `.part` files locally, multipart uploads on S3). Either way a
+//! reader never sees a partial or unverified NAR: NAR GETs find objects through `nars` rows.
+//!
+//! ```text
+//!   handlers ──► Storage ──┬─ local.rs  files under <data dir>/store
+//!                          └─ s3.rs     objects under s3://bucket/prefix (object_store)
+//!   handlers ──► ChunkStaging (Storage::chunk_staging) ──┬─ LocalStaging
+//!                                                        └─ S3Staging (multipart)
+//! ```
 
 pub mod local;
+pub mod s3;
 
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
+use crate::server::staging::ChunkStaging;
 pub use local::LocalStorage;
+pub use s3::{Listed, S3Storage};
 
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -24,6 +38,19 @@ pub trait Storage: Send + Sync {
     async fn put_file(&self, key: &str, staged: &Path) -> std::io::Result<()>;
     /// The object's length and a reader, or `None` when absent.
     async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>>;
+    /// Deletes the object; an absent one is not an error.
+    async fn delete(&self, key: &str) -> std::io::Result<()>;
+    /// Every object under `prefix` with its age, for the janitor's sweep; `None` where the
+    /// backend is not swept (local files: nothing there is written without its row's
+    /// transaction following on the same machine).
+    async fn list(&self, prefix: &str) -> std::io::Result<Option<Vec<Listed>>>;
+    /// A URL anyone may GET the object from for `expires`; `None` where there is none (local
+    /// files are always served by the server).
+    async fn presign_get(&self, key: &str, expires: Duration) -> std::io::Result<Option<String>>;
+    /// Readiness: the backend answers (for `/healthz`).
+    async fn health(&self) -> std::io::Result<()>;
+    /// Where the chunks of resumable uploads wait until completion.
+    fn chunk_staging(&self) -> Arc<dyn ChunkStaging>;
 }
 
 /// Object keys are built by the server from validated parts (`<repo>/nar/<nix32>.nar.xz`);
