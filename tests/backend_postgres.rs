@@ -83,7 +83,12 @@ fn push_and_substitute_through_a_server_on_postgres() {
     let url = server.repo_url(&repo);
     let first = push_common::push_with(&url, Some(&token), &[&root], &[]);
     first.assert_code(exit::SUCCESS);
-    assert_eq!(first.summary_count("uploaded"), expected, "{}", first.stderr);
+    assert_eq!(
+        first.summary_count("uploaded"),
+        expected,
+        "{}",
+        first.stderr
+    );
     assert_eq!(count(&db, "narinfos"), expected);
     assert_eq!(count(&db, "nars"), expected);
     assert_eq!(count(&db, "uploads"), 0, "no session left open");

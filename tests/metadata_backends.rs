@@ -212,7 +212,8 @@ fn repositories_and_tokens(b: &Backend) {
     // Byte order, whatever the database's locale: "A" < "z".
     assert_eq!(names, ["Alpha", "zeta"]);
 
-    m.create_token(&token("t2", &["zeta", "Alpha"], 20)).unwrap();
+    m.create_token(&token("t2", &["zeta", "Alpha"], 20))
+        .unwrap();
     m.create_token(&token("t1", &[], 10)).unwrap();
     assert!(
         m.create_token(&token("t1", &["zeta"], 30)).is_err(),
@@ -242,18 +243,23 @@ fn repositories_and_tokens(b: &Backend) {
 
 fn nars_presence_and_store_paths(b: &Backend) {
     let m = &*b.meta;
-    assert!(m.insert_nar("r", &nar("nar/a.nar.xz", "sha256:na")).unwrap());
-    assert!(!m.insert_nar("r", &nar("nar/a.nar.xz", "sha256:other")).unwrap());
+    assert!(m
+        .insert_nar("r", &nar("nar/a.nar.xz", "sha256:na"))
+        .unwrap());
+    assert!(!m
+        .insert_nar("r", &nar("nar/a.nar.xz", "sha256:other"))
+        .unwrap());
     let stored = m.nar_by_url("r", "nar/a.nar.xz").unwrap().unwrap();
-    assert_eq!(stored, nar("nar/a.nar.xz", "sha256:na"), "sizes above 4 GiB survive");
+    assert_eq!(
+        stored,
+        nar("nar/a.nar.xz", "sha256:na"),
+        "sizes above 4 GiB survive"
+    );
     assert_eq!(m.nar_by_hash("r", "sha256:na").unwrap(), Some(stored));
     assert!(m.nar_by_hash("other", "sha256:na").unwrap().is_none());
     assert!(m.nar_by_url("r", "nar/b.nar.xz").unwrap().is_none());
 
-    assert_eq!(
-        m.publish("r", &[narinfo("p1", "one")]).unwrap(),
-        vec![true]
-    );
+    assert_eq!(m.publish("r", &[narinfo("p1", "one")]).unwrap(), vec![true]);
     let queries: Vec<(String, String)> = [
         ("p1", "sha256:zz"),
         ("p2", "sha256:na"),
@@ -283,7 +289,8 @@ fn nars_presence_and_store_paths(b: &Backend) {
     assert!(answers[..20_000].iter().all(|p| *p == Presence::Missing));
 
     assert_eq!(
-        m.published_store_paths("r", &["p9".into(), "p1".into()]).unwrap(),
+        m.published_store_paths("r", &["p9".into(), "p1".into()])
+            .unwrap(),
         [None, Some("/nix/store/p1-x".to_string())]
     );
     assert_eq!(m.narinfo("r", "p1").unwrap().as_deref(), Some("one"));
@@ -352,10 +359,7 @@ fn upload_sessions_are_unique_per_nar_and_capped(b: &Backend) {
 }
 
 /// Runs `work(i)` on `n` threads released at once, and returns the results in thread order.
-fn race<T: Send + 'static>(
-    n: usize,
-    work: impl Fn(usize) -> T + Send + Sync + 'static,
-) -> Vec<T> {
+fn race<T: Send + 'static>(n: usize, work: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
     let barrier = Arc::new(Barrier::new(n));
     let work = Arc::new(work);
     let handles: Vec<_> = (0..n)
@@ -378,8 +382,12 @@ fn concurrent_opens_of_one_nar_get_one_session(b: &Backend) {
         per_repo: 100,
     };
     let results = race(8, move |i| {
-        m.open_upload(&upload(&format!("s{i}"), "r", "same"), &format!("t{i}"), caps)
-            .unwrap()
+        m.open_upload(
+            &upload(&format!("s{i}"), "r", "same"),
+            &format!("t{i}"),
+            caps,
+        )
+        .unwrap()
     });
     let created: Vec<&UploadRecord> = results
         .iter()
@@ -500,7 +508,9 @@ fn concurrent_part_appends_at_one_offset_admit_one(b: &Backend) {
             }
             let total: u64 = parts.iter().map(|p| p.size).sum();
             let number = parts.len() as u32 + 1;
-            if m.add_upload_part("u", total, &part(number, 10), 4_000).unwrap() {
+            if m.add_upload_part("u", total, &part(number, 10), 4_000)
+                .unwrap()
+            {
                 won += 1;
             }
         }
@@ -541,7 +551,10 @@ fn upload_lifecycle(b: &Backend) {
     assert!(m.add_upload_part("old", 0, &part(1, 10), 6_001).unwrap());
     m.delete_upload("old").unwrap();
     assert!(m.upload("old").unwrap().is_none());
-    assert!(m.upload_parts("old").unwrap().is_empty(), "parts go with it");
+    assert!(
+        m.upload_parts("old").unwrap().is_empty(),
+        "parts go with it"
+    );
     // A new session may reuse the id space without inheriting parts.
     m.open_upload(&upload("old", "r", "n3"), "t", CAPS).unwrap();
     assert!(m.upload_parts("old").unwrap().is_empty());
@@ -553,8 +566,14 @@ fn object_intents_and_known_keys(b: &Backend) {
     m.record_object_intent("k/old", 100).unwrap();
     m.record_object_intent("k/new", 900).unwrap();
     m.record_object_intent("k/mid", 500).unwrap();
-    assert_eq!(m.object_intents_before(1_000, 10).unwrap(), ["k/old", "k/mid", "k/new"]);
-    assert_eq!(m.object_intents_before(1_000, 2).unwrap(), ["k/old", "k/mid"]);
+    assert_eq!(
+        m.object_intents_before(1_000, 10).unwrap(),
+        ["k/old", "k/mid", "k/new"]
+    );
+    assert_eq!(
+        m.object_intents_before(1_000, 2).unwrap(),
+        ["k/old", "k/mid"]
+    );
     assert_eq!(m.object_intents_before(500, 10).unwrap(), ["k/old"]);
     // Recording again (a retried write) restarts the grace period.
     m.record_object_intent("k/old", 950).unwrap();
@@ -564,17 +583,25 @@ fn object_intents_and_known_keys(b: &Backend) {
     assert!(m.object_intents_before(600, 10).unwrap().is_empty());
 
     m.insert_nar("r", &nar("nar/x.nar.xz", "sha256:x")).unwrap();
-    let keys: Vec<String> = ["objects/nar/x.nar.xz", "objects/nar/y.nar.xz", "r/nar/x.nar.xz"]
-        .iter()
-        .map(|k| k.to_string())
-        .collect();
+    let keys: Vec<String> = [
+        "objects/nar/x.nar.xz",
+        "objects/nar/y.nar.xz",
+        "r/nar/x.nar.xz",
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .collect();
     assert_eq!(m.known_object_keys(&keys).unwrap(), [true, false, false]);
     assert!(m.known_object_keys(&[]).unwrap().is_empty());
 }
 
 fn singleton_is_exclusive_across_handles(b: &Backend) {
     let other = b.reopen().expect("a second handle");
-    let held = b.meta.try_singleton("janitor").unwrap().expect("free at first");
+    let held = b
+        .meta
+        .try_singleton("janitor")
+        .unwrap()
+        .expect("free at first");
     assert!(
         other.try_singleton("janitor").unwrap().is_none(),
         "a second holder through another handle"
@@ -661,7 +688,10 @@ fn postgres_recovers_from_lost_connections() {
     // Fill the pool with several idle connections.
     let m = Arc::clone(&b.meta);
     race(4, move |_| m.repos().unwrap().len());
-    assert!(db.terminate_connections() >= 1, "no connection to terminate");
+    assert!(
+        db.terminate_connections() >= 1,
+        "no connection to terminate"
+    );
     // The first call may notice the loss (Unavailable) or already be on a new connection.
     match b.meta.create_repo(&repo("s", false, 40)) {
         Ok(created) => assert!(created),
@@ -685,7 +715,9 @@ fn postgres_replicas_starting_together_migrate_once() {
     let db = TestDatabase::create();
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(config_for(&dir, db.url().to_string()));
-    let opened = race(4, move |_| open(&config).map(|m| m.schema_version().unwrap()));
+    let opened = race(4, move |_| {
+        open(&config).map(|m| m.schema_version().unwrap())
+    });
     for result in opened {
         assert_eq!(result.unwrap(), 2);
     }

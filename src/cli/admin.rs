@@ -8,8 +8,8 @@ use clap::Subcommand;
 use super::exit;
 use crate::nix::signing::SecretKey;
 use crate::server::auth::generate_token;
-use crate::server::is_valid_repo_name;
 use crate::server::config::ServerConfig;
+use crate::server::is_valid_repo_name;
 use crate::server::metadata::{now_unix, MetaError, Metadata, RepoRecord, Scope};
 
 #[derive(clap::Args, Debug)]

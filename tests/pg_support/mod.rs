@@ -36,21 +36,21 @@ pub fn query(url: &str, sql: &str) -> Result<Vec<Option<String>>, String> {
             .build()
             .map_err(|err| err.to_string())?;
         runtime.block_on(async move {
-            let mut config: tokio_postgres::Config =
-                url.parse().map_err(|err| format!("{err}"))?;
+            let mut config: tokio_postgres::Config = url.parse().map_err(|err| format!("{err}"))?;
             config.connect_timeout(Duration::from_secs(5));
             let (client, connection) = config
                 .connect(tokio_postgres::NoTls)
                 .await
                 .map_err(|err| format!("{err}"))?;
             let driver = tokio::spawn(connection);
-            let messages = client
-                .simple_query(&sql)
-                .await
-                .map_err(|err| match err.as_db_error() {
-                    Some(db) => format!("{} ({})", db.message(), db.code().code()),
-                    None => err.to_string(),
-                })?;
+            let messages =
+                client
+                    .simple_query(&sql)
+                    .await
+                    .map_err(|err| match err.as_db_error() {
+                        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                        None => err.to_string(),
+                    })?;
             drop(client);
             let _ = driver.await;
             Ok(messages

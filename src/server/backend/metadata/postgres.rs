@@ -38,9 +38,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence,
-    PublishedNarInfo, RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart,
-    UploadRecord,
+    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo,
+    RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart, UploadRecord,
 };
 
 /// The schema this binary writes. A database at a higher version was migrated by a newer
@@ -488,16 +487,14 @@ fn tls_config(root_cert: Option<&str>, verify: bool) -> Result<rustls::ClientCon
                 .map_err(|err| format!("cannot read sslrootcert {path}: {err}"))?;
             for cert in certs {
                 let cert = cert.map_err(|err| format!("cannot read sslrootcert {path}: {err}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|err| format!("sslrootcert {path} holds an unusable certificate: {err}"))?;
+                roots.add(cert).map_err(|err| {
+                    format!("sslrootcert {path} holds an unusable certificate: {err}")
+                })?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    Ok(builder
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// Accepts any server certificate but still checks the handshake signatures.
@@ -560,12 +557,17 @@ impl BackgroundRuntime {
             .thread_name("stowix-postgres")
             .enable_all()
             .build()
-            .map_err(|err| MetaError::Other(format!("cannot start the PostgreSQL I/O thread: {err}")))?;
+            .map_err(|err| {
+                MetaError::Other(format!("cannot start the PostgreSQL I/O thread: {err}"))
+            })?;
         Ok(Arc::new(BackgroundRuntime(Some(runtime))))
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
-        self.0.as_ref().expect("runtime present until drop").handle()
+        self.0
+            .as_ref()
+            .expect("runtime present until drop")
+            .handle()
     }
 }
 
@@ -758,7 +760,9 @@ struct Pooled<'a> {
 
 impl Pooled<'_> {
     fn conn(&mut self) -> &mut Conn {
-        self.conn.as_mut().expect("connection present until released")
+        self.conn
+            .as_mut()
+            .expect("connection present until released")
     }
 
     fn is_closed(&self) -> bool {
@@ -1314,7 +1318,13 @@ impl Metadata for PostgresMetadata {
         })
     }
 
-    fn add_upload_part(&self, id: &str, offset: u64, part: &UploadPart, at: i64) -> MetaResult<bool> {
+    fn add_upload_part(
+        &self,
+        id: &str,
+        offset: u64,
+        part: &UploadPart,
+        at: i64,
+    ) -> MetaResult<bool> {
         self.call(false, async |c| {
             let lock = c
                 .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
@@ -1349,12 +1359,7 @@ impl Metadata for PostgresMetadata {
             let inserted = tx
                 .execute(
                     &insert,
-                    &[
-                        &id,
-                        &i64::from(part.number),
-                        &to_i64(part.size),
-                        &part.etag,
-                    ],
+                    &[&id, &i64::from(part.number), &to_i64(part.size), &part.etag],
                 )
                 .await?;
             if inserted != 1 {
@@ -1471,12 +1476,12 @@ impl Metadata for PostgresMetadata {
             deadline,
         );
         match granted {
-            Some(Ok(row)) if row.get::<_, bool>(0) => Ok(Some(SingletonGuard::new(
-                AdvisoryLockHolder {
+            Some(Ok(row)) if row.get::<_, bool>(0) => {
+                Ok(Some(SingletonGuard::new(AdvisoryLockHolder {
                     conn: Some(conn),
                     key,
-                },
-            ))),
+                })))
+            }
             Some(Ok(_)) => Ok(None),
             Some(Err(err)) => Err(meta_error(&err, &self.pool.target)),
             None => Err(MetaError::Unavailable(format!(
@@ -1529,7 +1534,13 @@ mod tests {
             advisory_key(TOKEN_SESSIONS_LOCK, "a"),
             advisory_key(REPO_SESSIONS_LOCK, "a")
         );
-        assert_ne!(advisory_key(SINGLETON_LOCK, "a"), advisory_key(SINGLETON_LOCK, "b"));
-        assert_eq!(advisory_key(SINGLETON_LOCK, "a"), advisory_key(SINGLETON_LOCK, "a"));
+        assert_ne!(
+            advisory_key(SINGLETON_LOCK, "a"),
+            advisory_key(SINGLETON_LOCK, "b")
+        );
+        assert_eq!(
+            advisory_key(SINGLETON_LOCK, "a"),
+            advisory_key(SINGLETON_LOCK, "a")
+        );
     }
 }
