@@ -245,8 +245,8 @@ impl PostgresMetadata {
                     supported: SCHEMA_VERSION,
                 }));
             }
-            for step in (found.max(0) as usize)..MIGRATIONS.len() {
-                tx.batch_execute(MIGRATIONS[step]).await?;
+            for step in MIGRATIONS.iter().skip(found.max(0) as usize) {
+                tx.batch_execute(step).await?;
             }
             if found < SCHEMA_VERSION {
                 tx.execute(
