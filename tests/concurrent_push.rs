@@ -90,18 +90,12 @@ async fn concurrent_pushes_of_overlapping_closures() {
         .metric("stowix_server_narinfos_published_total")
         .await;
     assert_eq!(published as usize, closure.len(), "narinfos published");
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     assert!(report.serves_all_of(&closure), "{report:?}");
     assert_eq!(report.served.len(), closure.len());
 
     // Each NAR stored once: one file per distinct NAR hash, and the same count in the database.
-    let files = invariants::stored_nar_files(fx.server.data_dir(), &fx.repo);
+    let files = fx.server.stored_nar_objects(&fx.repo);
     assert_eq!(
         files.len(),
         nar_hashes.len(),

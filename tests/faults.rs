@@ -89,7 +89,7 @@ impl Scenario {
         let report = invariants::check(
             &self.fx.url,
             &self.fx.public_key,
-            Some(self.fx.server.data_dir()),
+            Some(&self.fx.server),
             &self.closure,
         )
         .await;
@@ -102,7 +102,7 @@ impl Scenario {
         let report = invariants::check(
             &self.fx.url,
             &self.fx.public_key,
-            Some(self.fx.server.data_dir()),
+            Some(&self.fx.server),
             &self.closure,
         )
         .await;

@@ -52,7 +52,7 @@ where
 
 /// NAR hashes the server holds for the repository (its database, read-only).
 fn stored_nar_hashes(fx: &Fixture) -> BTreeSet<String> {
-    invariants::stored_nar_hashes(fx.server.data_dir(), &fx.repo)
+    fx.server.stored_nar_hashes(&fx.repo)
 }
 
 /// Paths a run reported as uploaded (`uploaded: /nix/store/...: ...`).
@@ -124,14 +124,7 @@ async fn client_killed_at_several_points_then_the_rerun_completes() {
     let closure = common::closure_of(std::slice::from_ref(&root));
     assert_eq!(closure.len(), 5);
     let slow = ["--max-upload-rate", "128KiB"];
-    let check = || {
-        invariants::check(
-            &fx.url,
-            &fx.public_key,
-            Some(fx.server.data_dir()),
-            &closure,
-        )
-    };
+    let check = || invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure);
 
     // 1. During publication: as soon as this run publishes its first path (a small one; the
     // large NAR has many seconds of upload left at the rate limit).
@@ -230,19 +223,13 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
 
     fx.server.restart();
     fx.url = fx.server.repo_url(&fx.repo);
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     assert!(
         report.serves_none_of(&[big.clone(), root.clone()]),
         "a half-uploaded NAR or its dependent is served after the crash: {report:?}"
     );
     // Every NAR file in the store is one the database knows (no half-written file published).
-    let files = invariants::stored_nar_files(fx.server.data_dir(), &fx.repo);
+    let files = fx.server.stored_nar_objects(&fx.repo);
     assert_eq!(
         files.len(),
         stored_nar_hashes(&fx).len(),
@@ -255,13 +242,7 @@ async fn server_killed_during_uploads_restarts_clean_and_the_next_push_completes
     let rerun = finished(cmd.output().unwrap());
     rerun.assert_code(exit::SUCCESS);
     assert_no_reupload(&rerun.stderr, &held, "after the crash");
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     assert!(report.serves_all_of(&closure), "{report:?}");
 
     // The received-bytes counter restarted with the server: this is the re-run alone. It
@@ -311,13 +292,7 @@ async fn client_killed_at_random_moments_then_the_rerun_completes() {
         let text = run.kill(&what);
         assert_left_mid_way(&fx, &big_nar_hash, &root, &what, &text).await;
         assert_no_reupload(&text, &held, &what);
-        invariants::check(
-            &fx.url,
-            &fx.public_key,
-            Some(fx.server.data_dir()),
-            &closure,
-        )
-        .await;
+        invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     }
 
     let held = stored_nar_hashes(&fx);
@@ -326,13 +301,7 @@ async fn client_killed_at_random_moments_then_the_rerun_completes() {
     let last = finished(cmd.output().unwrap());
     last.assert_code(exit::SUCCESS);
     assert_no_reupload(&last.stderr, &held, &format!("final run (seed {seed})"));
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     assert!(report.serves_all_of(&closure), "seed {seed}: {report:?}");
 
     // Each kill may cost the chunk in flight and the small single-request NARs in flight.

@@ -62,7 +62,7 @@ async fn a_corrupt_store_path_fails_alone_with_a_repair_hint() {
     let report = invariants::check(
         &fx.url,
         &fx.public_key,
-        Some(fx.server.data_dir()),
+        Some(&fx.server),
         &[victim.clone(), dependent.clone(), bystander.clone()],
     )
     .await;
@@ -73,7 +73,7 @@ async fn a_corrupt_store_path_fails_alone_with_a_repair_hint() {
     assert!(report.serves_all_of(std::slice::from_ref(&bystander)));
     // No NAR of the victim was kept, neither of its recorded nor of its current contents.
     let tampered = common::sha256_nix32(&common::nix_store_dump(std::path::Path::new(&victim)));
-    let stored = invariants::stored_nar_hashes(fx.server.data_dir(), &fx.repo);
+    let stored = fx.server.stored_nar_hashes(&fx.repo);
     assert!(!stored.contains(&tampered), "{stored:?}");
     let recorded = Command::new("nix-store")
         .args(["-q", "--hash", &victim])
@@ -148,7 +148,7 @@ async fn an_unreadable_file_fails_its_path_naming_the_file() {
     let report = invariants::check(
         &fx.url,
         &fx.public_key,
-        Some(fx.server.data_dir()),
+        Some(&fx.server),
         &[victim.clone(), bystander.clone()],
     )
     .await;
@@ -268,12 +268,6 @@ async fn https_to_a_plain_http_port_is_a_tls_error() {
         "token echoed: {}",
         pushed.stderr
     );
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &[dep, top],
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &[dep, top]).await;
     assert!(report.served.is_empty(), "{report:?}");
 }

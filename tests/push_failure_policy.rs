@@ -120,15 +120,14 @@ async fn file_size(fx: &Fixture, path: &str) -> f64 {
 /// it receives at most the NARs the server did not hold, less the partial uploads it held,
 /// plus one chunk per partial upload and one per upload job (a single-request NAR in flight).
 async fn rerun_resumes(fx: &Fixture, root: &str, closure: &[String]) {
-    let held = invariants::stored_nar_hashes(fx.server.data_dir(), &fx.repo);
+    let held = fx.server.stored_nar_hashes(&fx.repo);
     let (partial_bytes, partial_count) = partial_uploads(fx.server.data_dir());
     let before = fx.received_bytes().await;
     let mut cmd = push_command(&fx.url, Some(&fx.token), &["--verbose", root]);
     cmd.env("STOWIX_CHUNK_SIZE", CHUNK.to_string());
     let rerun = finished(cmd.output().unwrap());
     rerun.assert_code(exit::SUCCESS);
-    let report =
-        invariants::check(&fx.url, &fx.public_key, Some(fx.server.data_dir()), closure).await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), closure).await;
     assert!(report.serves_all_of(closure), "{report:?}");
     let mut missing = 0.0;
     for path in closure {
@@ -191,13 +190,7 @@ async fn a_token_revoked_mid_push_ends_it_within_5_s_with_one_error() {
         "{after} bytes arrived after the revocation\n{}",
         pushed.stderr
     );
-    invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
 }
 
 /// Lines starting with `prefix` printed after the first line containing `marker`.
@@ -266,13 +259,7 @@ async fn a_server_gone_for_good_ends_the_push_after_the_retry_timeout() {
 
     fx.server.restart();
     fx.url = fx.server.repo_url(&fx.repo);
-    invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     rerun_resumes(&fx, &root, &closure).await;
 }
 
@@ -307,13 +294,7 @@ async fn a_server_restarted_within_the_retry_timeout_is_ridden_out() {
         "no resumption reported\n{}",
         pushed.stderr
     );
-    let report = invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     assert!(report.serves_all_of(&closure), "{report:?}");
     // Everything arrived once, but for at most one chunk per NAR in flight at the kill.
     let mut stored = 0.0;
@@ -378,8 +359,7 @@ async fn bad_stdin_lines_fail_alone_and_the_rest_is_pushed() {
         "{}",
         pushed.stderr
     );
-    let report =
-        invariants::check(&fx.url, &fx.public_key, Some(fx.server.data_dir()), &good).await;
+    let report = invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &good).await;
     assert!(report.serves_all_of(&good), "{report:?}\n{}", pushed.stderr);
 }
 
@@ -407,13 +387,7 @@ async fn ctrl_c_stops_within_2_s_with_the_summary_and_the_rerun_resumes() {
         pushed.stderr
     );
     assert!(pushed.stderr.contains("summary:"), "{}", pushed.stderr);
-    invariants::check(
-        &fx.url,
-        &fx.public_key,
-        Some(fx.server.data_dir()),
-        &closure,
-    )
-    .await;
+    invariants::check(&fx.url, &fx.public_key, Some(&fx.server), &closure).await;
     rerun_resumes(&fx, &root, &closure).await;
 }
 

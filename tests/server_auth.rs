@@ -259,7 +259,7 @@ impl Setup {
             .status();
         assert_eq!(got, 404, "narinfo published despite refused credentials");
         assert!(
-            !dir_contains_file_with(self.server.data_dir(), &self.path.xz_upload().0),
+            !self.server.stores_file_with(&self.path.xz_upload().0),
             "NAR stored despite refused credentials"
         );
         self.assert_uploads_untouched().await;

@@ -235,8 +235,8 @@ async fn nar_not_matching_its_nar_hash_is_rejected_and_nothing_stored() {
     let (status, _) = get_narinfo(&url, &path.hash).await;
     assert_eq!(status, 404);
     assert!(
-        !dir_contains_file_with(server.data_dir(), &file),
-        "the rejected NAR file is still in the data dir"
+        !server.stores_file_with(&file),
+        "the rejected NAR file is still stored"
     );
 
     // The honest upload then works.
@@ -271,7 +271,7 @@ async fn file_hash_and_size_are_checked() {
     assert!((400..500).contains(&status), "{status} {err:?}");
     assert_eq!(err.code, api::codes::NAR_SIZE_MISMATCH);
 
-    assert!(!dir_contains_file_with(server.data_dir(), &file));
+    assert!(!server.stores_file_with(&file));
     let pres = presence(&url, &token, &[&path]).await;
     assert_eq!(pres.missing, vec![path.hash.clone()]);
 }

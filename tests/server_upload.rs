@@ -201,7 +201,7 @@ async fn completing_with_wrong_file_hash_or_size_fails_and_stores_nothing() {
         let pres = presence(&url, &token, &[&path]).await;
         assert_eq!(pres.missing, vec![path.hash.clone()], "after wrong {what}");
     }
-    assert!(!dir_contains_file_with(server.data_dir(), &file));
+    assert!(!server.stores_file_with(&file));
 }
 
 #[tokio::test]
@@ -221,7 +221,7 @@ async fn single_upload_over_the_limit_is_refused() {
         .send()
         .await;
     assert_too_large(resp, "single upload over max_single_upload_bytes").await;
-    assert!(!dir_contains_file_with(server.data_dir(), &file));
+    assert!(!server.stores_file_with(&file));
     let pres = presence(&url, &token, &[&path]).await;
     assert_eq!(pres.missing, vec![path.hash.clone()]);
     // Under the limit is fine.

@@ -22,6 +22,7 @@
 
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod monitoring;
 pub mod s3;
 
@@ -98,33 +99,65 @@ pub struct TestServer {
     log: Arc<Mutex<fs::File>>,
     child: Option<Child>,
     url: String,
+    /// The database and bucket prefix on the scale-out backend (shared with replicas); None on
+    /// the embedded one, where everything is under `data_dir`.
+    scaleout: Option<Arc<backends::ScaleoutBackends>>,
     /// Extra environment of `serve` and `admin` (S3 credentials).
     env: Vec<(String, String)>,
 }
 
 impl TestServer {
-    /// Starts a server with default settings.
+    /// Starts a server with default settings, on the backend of this run
+    /// ([`backends::backend`]).
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(None, Self::run_backends())
     }
 
     /// Starts a server with `toml` as its `--config` file (`--listen` and `--data-dir` are
     /// still given on the command line and override the file).
     pub fn start_with_config(toml: &str) -> Self {
-        Self::start_inner(Some(toml))
+        Self::start_inner(Some(toml), Self::run_backends())
+    }
+
+    /// Starts a server on fresh scale-out backends (PostgreSQL + S3) whatever the run's
+    /// backend: for tests of replicas, which only exist there.
+    pub fn start_scaleout(toml: Option<&str>) -> Self {
+        Self::start_inner(toml, Some(backends::ScaleoutBackends::new()))
+    }
+
+    /// Starts another replica sharing `first`'s database and bucket prefix (its own data dir,
+    /// log and port). Panics when `first` runs on the embedded backend.
+    pub fn start_replica_of(first: &TestServer, toml: Option<&str>) -> Self {
+        let shared = first
+            .scaleout
+            .clone()
+            .expect("replicas share scale-out backends: start the first with start_scaleout");
+        Self::start_inner(toml, Some(shared))
+    }
+
+    fn run_backends() -> Option<Arc<backends::ScaleoutBackends>> {
+        match backends::backend() {
+            backends::Backend::Embedded => None,
+            backends::Backend::Scaleout => Some(backends::ScaleoutBackends::new()),
+        }
     }
 
     /// Starts a server with `toml` as its config file and `env` added to its environment (and
-    /// to that of `stowix admin` runs): how the S3 tests hand over credentials.
+    /// to that of `stowix admin` runs): how the S3 tests hand over credentials. The backends
+    /// are the ones `toml` names, whatever the run's backend.
     pub fn start_with_env(toml: &str, env: Vec<(String, String)>) -> Self {
-        Self::start_env(Some(toml), env)
+        Self::start_env(Some(toml), None, env)
     }
 
-    fn start_inner(toml: Option<&str>) -> Self {
-        Self::start_env(toml, Vec::new())
+    fn start_inner(toml: Option<&str>, scaleout: Option<Arc<backends::ScaleoutBackends>>) -> Self {
+        Self::start_env(toml, scaleout, Vec::new())
     }
 
-    fn start_env(toml: Option<&str>, env: Vec<(String, String)>) -> Self {
+    fn start_env(
+        toml: Option<&str>,
+        scaleout: Option<Arc<backends::ScaleoutBackends>>,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let root = tempfile::Builder::new()
             .prefix("stowix-test-")
             .tempdir()
@@ -148,6 +181,7 @@ impl TestServer {
             log,
             child: None,
             url: String::new(),
+            scaleout,
             env,
         };
         server.spawn();
@@ -167,6 +201,9 @@ impl TestServer {
             .arg(&self.data_dir);
         if let Some(config) = &self.config {
             cmd.arg("--config").arg(config);
+        }
+        if let Some(backends) = &self.scaleout {
+            backends.apply(&mut cmd);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info")
@@ -245,13 +282,27 @@ impl TestServer {
         format!("{}/{name}", self.url)
     }
 
+    /// The embedded backend's data dir, for tests that inspect it. On the scale-out backend
+    /// the server keeps nothing there that such a test could check, so this panics: run the
+    /// test on the embedded backend only (scripts/test.sh lists what runs on scale-out).
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        self.embedded_dir()
     }
 
-    /// The temporary directory holding the data dir, the log and the config.
+    /// The temporary directory holding the data dir, the log and the config (embedded backend
+    /// only, like [`TestServer::data_dir`]).
     pub fn root(&self) -> &Path {
+        self.embedded_dir();
         self.root.path()
+    }
+
+    fn embedded_dir(&self) -> &Path {
+        assert!(
+            self.scaleout.is_none(),
+            "this test inspects the embedded data dir, which the scale-out backend does not \
+             use: leave it out of the STOWIX_TEST_BACKEND=scaleout run in scripts/test.sh"
+        );
+        &self.data_dir
     }
 
     /// Everything the server wrote to stdout and stderr so far.
@@ -265,16 +316,15 @@ impl TestServer {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// Runs `stowix admin --data-dir DIR ARGS...` and returns its raw output.
+    /// Runs `stowix admin --data-dir DIR [backend flags] ARGS...` and returns its raw output.
     pub fn admin_output(&self, args: &[&str]) -> Output {
-        Command::new(stowix_bin())
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .expect("run `stowix admin`")
+        let mut cmd = Command::new(stowix_bin());
+        cmd.arg("admin").arg("--data-dir").arg(&self.data_dir);
+        if let Some(backends) = &self.scaleout {
+            backends.apply(&mut cmd);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.args(args).output().expect("run `stowix admin`")
     }
 
     /// Runs `stowix admin --data-dir DIR ARGS...`, panics unless it succeeds, returns stdout.

