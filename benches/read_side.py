@@ -3,7 +3,7 @@
 and NAR GETs per second from `stowix serve`, next to nginx serving the very same files as
 static files, on the same machine in the same run, under the same `wrk` load.
 
-    python3 benches/read_side.py                       # embedded default, writes docs/benchmarks.md
+    python3 benches/read_side.py                       # embedded default, into docs/benchmarks.md
     python3 benches/read_side.py --reps 3 --duration 10 --out /tmp/read.md
     python3 benches/read_side.py --database postgres://... --storage s3://b/p --s3-endpoint http://...
 
@@ -214,7 +214,8 @@ def main():
     ap.add_argument("--storage")
     ap.add_argument("--s3-endpoint", dest="s3_endpoint")
     ap.add_argument("--label", default="embedded default (SQLite + local files)")
-    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks-read-side.md"))
+    ap.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"),
+                    help="the report goes between this file's read-side markers (appended if absent)")
     args = ap.parse_args()
     if not Path(args.stowix).exists():
         log("building the release binary")
@@ -280,8 +281,17 @@ def write_report(args, results):
         lines.append(f"| {name}{extra} | {s_rps:,.0f} | {n_rps:,.0f} | {s_rps / n_rps:.2f} | {s_p99:.2f} ms | "
                      f"{n_p99:.2f} ms | {s_spread:.0f}% / {n_spread:.0f}% |")
     lines.append("")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    section = "\n".join(lines)
+    start, end = "<!-- read-side:start -->", "<!-- read-side:end -->"
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else ""
+    block = f"{start}\n{section}{end}\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text + ("\n" if text else "") + block
+    out.write_text(text)
+    print(section)
 
 
 if __name__ == "__main__":

@@ -93,47 +93,12 @@ async fn wait_published(
     started.elapsed()
 }
 
-/// Escapes `s` for a double-quoted Nix string (so `$out` stays a shell variable).
-fn nix_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '$' => out.push_str("\\$"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// Writes a Nix file whose attributes `d0`, `d1`, ... are `drvs` (builder /bin/sh, a fresh
 /// nonce so nothing is built before) and `all` lists them; `nix-build` runs inside the
 /// commands under test.
 fn write_expr(dir: &Path, drvs: &[Drv]) -> PathBuf {
-    let nonce = common::nonce();
-    let mut expr = String::from("rec {\n");
-    for (i, d) in drvs.iter().enumerate() {
-        let mut deps = String::new();
-        for (k, dep) in d.deps.iter().enumerate() {
-            deps.push_str(&format!(" dep{k} = d{dep};"));
-        }
-        expr.push_str(&format!(
-            "  d{i} = derivation {{ name = {}; system = builtins.currentSystem; \
-             builder = \"/bin/sh\"; args = [ \"-c\" {} ]; nonce = \"{nonce}\";{deps} }};\n",
-            nix_string(&d.name),
-            nix_string(&d.script)
-        ));
-    }
-    expr.push_str("  all = [");
-    for i in 0..drvs.len() {
-        expr.push_str(&format!(" d{i}"));
-    }
-    expr.push_str(" ];\n}\n");
     let file = dir.join("fixture.nix");
-    std::fs::write(&file, expr).expect("write fixture.nix");
+    std::fs::write(&file, common::derivations_expr(drvs)).expect("write fixture.nix");
     file
 }
 

@@ -696,12 +696,12 @@ fn nix_string(s: &str) -> String {
     out
 }
 
-/// Builds `drvs` with `nix-build` (input-addressed outputs, fresh for every call thanks to a
-/// random nonce) and returns their output paths in the same order.
-pub fn build_derivations(drvs: &[Drv]) -> Vec<String> {
-    require_nix();
+/// A Nix expression whose attributes `d0`, `d1`, ... are `drvs` (builder /bin/sh, input
+/// addressed, with a fresh nonce so nothing is built before) and whose `all` lists them in
+/// order.
+pub fn derivations_expr(drvs: &[Drv]) -> String {
     let nonce = nonce();
-    let mut expr = String::from("let\n");
+    let mut expr = String::from("rec {\n");
     for (i, d) in drvs.iter().enumerate() {
         let mut deps = String::new();
         for (k, dep) in d.deps.iter().enumerate() {
@@ -715,17 +715,25 @@ pub fn build_derivations(drvs: &[Drv]) -> Vec<String> {
             nix_string(&d.script)
         ));
     }
-    expr.push_str("in [");
+    expr.push_str("  all = [");
     for i in 0..drvs.len() {
         expr.push_str(&format!(" d{i}"));
     }
-    expr.push_str(" ]\n");
+    expr.push_str(" ];\n}\n");
+    expr
+}
 
+/// Builds `drvs` with `nix-build` (input-addressed outputs, fresh for every call thanks to a
+/// random nonce) and returns their output paths in the same order.
+pub fn build_derivations(drvs: &[Drv]) -> Vec<String> {
+    require_nix();
+    let expr = derivations_expr(drvs);
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("fixture.nix");
     fs::write(&file, &expr).expect("write fixture.nix");
     let out = Command::new("nix-build")
         .arg(&file)
+        .args(["-A", "all"])
         .arg("--no-out-link")
         .args(["--option", "substituters", ""])
         .output()
