@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite over the backend matrix: every test on the embedded backend (SQLite
-# + local disk), then the server, push, fault, kill/resume and concurrency test files again on
-# the scale-out backend (a PostgreSQL database and a SeaweedFS bucket prefix per test,
+# + local disk), then the server and push test files listed below again on the scale-out
+# backend (a PostgreSQL database and a SeaweedFS bucket prefix per test,
 # STOWIX_TEST_BACKEND=scaleout). Installs and starts what is missing first
 # (scripts/install-prerequisites.sh).
 #
