@@ -63,21 +63,6 @@ fn nix(args: &[&str], netrc: Option<&std::path::Path>) -> Result<String, String>
     }
 }
 
-fn netrc(dir: &std::path::Path, url: &str, token: &str) -> std::path::PathBuf {
-    let host = url::Url::parse(url)
-        .unwrap()
-        .host_str()
-        .unwrap()
-        .to_string();
-    let path = dir.join("netrc");
-    std::fs::write(
-        &path,
-        format!("machine {host}\nlogin nix\npassword {token}\n"),
-    )
-    .unwrap();
-    path
-}
-
 /// The listing Nix itself writes for `path`, from a `file://` cache.
 fn listing_by_nix(path: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +94,7 @@ async fn nix_copy_writes_logs_listings_and_debuginfo(private: bool) {
     let marker = nonce();
     let (out, drv, build_id) = build_with_log_and_debuginfo(&marker);
     let dir = tempfile::tempdir().unwrap();
-    let push_netrc = netrc(dir.path(), &url, &push);
+    let push_netrc = netrc_file(dir.path(), &url, &push);
 
     let to = format!("{url}?write-nar-listing=1&index-debug-info=true");
     nix(
@@ -125,7 +110,7 @@ async fn nix_copy_writes_logs_listings_and_debuginfo(private: bool) {
 
     let reader = if private { Some(read.as_str()) } else { None };
     let read_dir = tempfile::tempdir().unwrap();
-    let read_netrc = reader.map(|token| netrc(read_dir.path(), &url, token));
+    let read_netrc = reader.map(|token| netrc_file(read_dir.path(), &url, token));
 
     // `nix log` finds the log through the narinfo's Deriver.
     let log = nix(&["log", "--store", &url, &out], read_netrc.as_deref()).expect("nix log --store");

@@ -67,25 +67,34 @@ pub async fn get_file(
     if !is_valid_hash_part(hash) {
         return Err(invalid_hash_part(hash));
     }
-    let key = format!("{}/{hash}", repo.name);
-    let text = match state.narinfos.get(&key) {
-        Some(text) => text,
-        None => {
-            let hash = hash.to_string();
-            let name = repo.name.clone();
-            let Some(text) = state.db(move |meta| meta.narinfo(&name, &hash)).await? else {
-                return Err(ServerError::not_found("no such path in this repository"));
-            };
-            let text: std::sync::Arc<str> = text.into();
-            state.narinfos.insert(key, std::sync::Arc::clone(&text));
-            text
-        }
+    let Some(text) = published_narinfo(&state, &repo.name, hash).await? else {
+        return Err(ServerError::not_found("no such path in this repository"));
     };
     Ok((
         [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
         Body::from(bytes::Bytes::from_owner(ArcText(text))),
     )
         .into_response())
+}
+
+/// The published narinfo of `hash`, from the cache when it holds it (misses go to the
+/// database every time: a path published a moment ago is found at once).
+pub(super) async fn published_narinfo(
+    state: &SharedState,
+    repo: &str,
+    hash: &str,
+) -> ServerResult<Option<std::sync::Arc<str>>> {
+    let key = format!("{repo}/{hash}");
+    if let Some(text) = state.narinfos.get(&key) {
+        return Ok(Some(text));
+    }
+    let (name, lookup) = (repo.to_string(), hash.to_string());
+    let Some(text) = state.db(move |meta| meta.narinfo(&name, &lookup)).await? else {
+        return Ok(None);
+    };
+    let text: std::sync::Arc<str> = text.into();
+    state.narinfos.insert(key, std::sync::Arc::clone(&text));
+    Ok(Some(text))
 }
 
 /// Lets a cached narinfo be a response body without copying it.
@@ -259,17 +268,27 @@ pub async fn get_nar(
     };
     // Never Content-Encoding: clients decompress according to the narinfo, and Nix 2.34+
     // fails on a NAR served with `Content-Encoding: xz`.
-    Ok((
+    Ok(stream_object(len, reader, "application/x-nix-nar"))
+}
+
+/// A stored object as a response body, streamed. The read buffer follows the object's size:
+/// 256 KiB for a NAR, no more than the object for a small listing or link.
+pub(super) fn stream_object(
+    len: u64,
+    reader: super::storage::ObjectReader,
+    content_type: &'static str,
+) -> Response {
+    let buffer = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .clamp(4 << 10, 256 << 10);
+    (
         [
-            (header::CONTENT_TYPE, "application/x-nix-nar".to_string()),
+            (header::CONTENT_TYPE, content_type.to_string()),
             (header::CONTENT_LENGTH, len.to_string()),
         ],
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            reader,
-            256 << 10,
-        )),
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, buffer)),
     )
-        .into_response())
+        .into_response()
 }
 
 pub async fn put_nar(

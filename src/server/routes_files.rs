@@ -18,6 +18,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ServerError, ServerResult};
+use super::routes_cache::{published_narinfo, stream_object};
 use super::upload::{self, BodyPace, ReceiveError};
 use super::{Authorized, CacheReadAccess, PushAccess, SharedState};
 use crate::api::codes;
@@ -62,7 +63,7 @@ pub async fn get_log(
             .get(&log_key(&repo.name, encoding, &drv))
             .await?
         {
-            let mut response = stream(len, reader, "text/plain; charset=utf-8");
+            let mut response = stream_object(len, reader, "text/plain; charset=utf-8");
             if *encoding != "identity" {
                 response
                     .headers_mut()
@@ -136,17 +137,15 @@ pub async fn put_log(
 
 /// `GET <hash>.ls`: the listing of a published path's NAR.
 pub async fn get_listing(state: &SharedState, repo: &str, hash: String) -> ServerResult<Response> {
-    let name = repo.to_string();
     let not_found = || ServerError::not_found("no listing for this path in this repository");
     // Only a published path has a listing: the narinfo says which NAR it is.
-    let text = state
-        .db(move |meta| meta.narinfo(&name, &hash))
+    let text = published_narinfo(state, repo, &hash)
         .await?
         .ok_or_else(not_found)?;
     let info = NarInfo::parse(&text).map_err(ServerError::internal)?;
     let key = upload::listing_key(repo, &info.nar_hash);
     match state.storage.get(&key).await? {
-        Some((len, reader)) => Ok(stream(len, reader, "application/json")),
+        Some((len, reader)) => Ok(stream_object(len, reader, "application/json")),
         None => Err(not_found()),
     }
 }
@@ -192,7 +191,7 @@ pub async fn get_debuginfo(
         .get(&format!("{}/debuginfo/{id}", repo.name))
         .await?
     {
-        Some((len, reader)) => Ok(stream(len, reader, "application/json")),
+        Some((len, reader)) => Ok(stream_object(len, reader, "application/json")),
         None => Err(ServerError::not_found(
             "no debug info link for this build id",
         )),
@@ -237,18 +236,4 @@ pub async fn put_debuginfo(
         .await?;
     ::metrics::counter!(super::metrics::FILES_STORED_TOTAL, "kind" => "debuginfo").increment(1);
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-fn stream(len: u64, reader: super::storage::ObjectReader, content_type: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type.to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            reader,
-            64 << 10,
-        )),
-    )
-        .into_response()
 }

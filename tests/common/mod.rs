@@ -1378,7 +1378,8 @@ pub fn narinfo_field<'a>(narinfo: &'a str, key: &str) -> Option<&'a str> {
 // Real Nix against the server
 // ---------------------------------------------------------------------------------------------
 
-fn netrc_file(dir: &Path, repo_url: &str, token: &str) -> PathBuf {
+/// A netrc file in `dir` giving `token` as the password for `repo_url`'s host.
+pub fn netrc_file(dir: &Path, repo_url: &str, token: &str) -> PathBuf {
     let host = url::Url::parse(repo_url)
         .expect("repo url")
         .host_str()
