@@ -58,23 +58,55 @@ fn count(db: &TestDatabase, table: &str) -> u64 {
         .unwrap()
 }
 
+/// A server on a fresh PostgreSQL database, with a repository and a push token made by
+/// `stowix admin` on the same database.
+struct OnPostgres {
+    db: TestDatabase,
+    server: TestServer,
+    data_dir: std::path::PathBuf,
+    repo: String,
+    public_key: String,
+    token: String,
+}
+
+impl OnPostgres {
+    fn start(prefix: &str) -> Self {
+        let db = TestDatabase::create();
+        let server = TestServer::start_with_config(&format!("database = \"{}\"\n", db.url()));
+        let data_dir = server.data_dir().to_path_buf();
+        let repo = common::unique_name(prefix);
+        let public_key = admin_ok(&db, &data_dir, &["repo", "create", &repo])
+            .trim()
+            .to_string();
+        let token = admin_ok(
+            &db,
+            &data_dir,
+            &["token", "create", "--repo", &repo, "--scope", "push"],
+        )
+        .trim()
+        .to_string();
+        OnPostgres {
+            db,
+            server,
+            data_dir,
+            repo,
+            public_key,
+            token,
+        }
+    }
+}
+
 #[test]
 fn push_and_substitute_through_a_server_on_postgres() {
     common::require_nix();
-    let db = TestDatabase::create();
-    let server = TestServer::start_with_config(&format!("database = \"{}\"\n", db.url()));
-    let data_dir = server.data_dir().to_path_buf();
-    let repo = common::unique_name("pg");
-    let public_key = admin_ok(&db, &data_dir, &["repo", "create", &repo])
-        .trim()
-        .to_string();
-    let token = admin_ok(
-        &db,
-        &data_dir,
-        &["token", "create", "--repo", &repo, "--scope", "push"],
-    )
-    .trim()
-    .to_string();
+    let OnPostgres {
+        db,
+        server,
+        data_dir,
+        repo,
+        public_key,
+        token,
+    } = OnPostgres::start("pg");
     assert_eq!(count(&db, "repos"), 1, "the repository is in PostgreSQL");
     assert!(
         admin_ok(&db, &data_dir, &["repo", "list"]).contains(&repo),
@@ -156,20 +188,14 @@ fn admin_db_migrate_and_status_on_postgres() {
 #[test]
 fn a_push_survives_the_database_dropping_every_connection() {
     common::require_nix();
-    let db = TestDatabase::create();
-    let server = TestServer::start_with_config(&format!("database = \"{}\"\n", db.url()));
-    let data_dir = server.data_dir().to_path_buf();
-    let repo = common::unique_name("pgloss");
-    let public_key = admin_ok(&db, &data_dir, &["repo", "create", &repo])
-        .trim()
-        .to_string();
-    let token = admin_ok(
-        &db,
-        &data_dir,
-        &["token", "create", "--repo", &repo, "--scope", "push"],
-    )
-    .trim()
-    .to_string();
+    let OnPostgres {
+        db,
+        server,
+        repo,
+        public_key,
+        token,
+        ..
+    } = OnPostgres::start("pgloss");
     let closure = common::realistic_closure();
     let small_root = closure.last().unwrap().clone();
     // Incompressible, in 64 KiB chunks: dozens of metadata calls per upload.

@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
+pub use super::backends::free_port;
 
 /// A GET from synchronous test code: the status and body, or `None` when nothing answered.
 pub fn blocking_get(url: &str) -> Option<(u16, String)> {
