@@ -59,9 +59,12 @@ struct Started {
     scanner: Scanner,
 }
 
-/// Offline checks, the database and its mark (before anything can become valid unseen), then
-/// the connection. `Err(code)` after the error was printed.
-fn prepare(flags: &PushFlags, since_start: bool) -> Result<(Prepared, Scanner), i32> {
+/// Offline checks, the database and its mark (before anything can become valid unseen), and
+/// the runtime the connection will run on. `Err(code)` after the error was printed.
+fn prepare(
+    flags: &PushFlags,
+    since_start: bool,
+) -> Result<(tokio::runtime::Runtime, Prepared, Scanner), i32> {
     set_line_prefix(PREFIX);
     let prepared = Prepared::check(flags)?;
     Prepared::check_nix()?;
@@ -71,7 +74,7 @@ fn prepare(flags: &PushFlags, since_start: bool) -> Result<(Prepared, Scanner), 
     } else {
         Scanner::start_at(db, 0)
     };
-    Ok((prepared, scanner))
+    Ok((runtime()?, prepared, scanner))
 }
 
 /// `wait_for_server`: see [`Session::connect`]; the mark is already taken, so nothing that
@@ -158,12 +161,8 @@ fn handle_signals(
 }
 
 pub fn run_store(args: WatchStoreArgs) -> i32 {
-    let (prepared, scanner) = match prepare(&args.flags, args.since_start) {
+    let (runtime, prepared, scanner) = match prepare(&args.flags, args.since_start) {
         Ok(ready) => ready,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
         Err(code) => return code,
     };
     runtime.block_on(async move {
@@ -206,12 +205,8 @@ pub fn run_store(args: WatchStoreArgs) -> i32 {
 }
 
 pub fn run_exec(args: WatchExecArgs) -> i32 {
-    let (prepared, scanner) = match prepare(&args.flags, true) {
+    let (runtime, prepared, scanner) = match prepare(&args.flags, true) {
         Ok(ready) => ready,
-        Err(code) => return code,
-    };
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
         Err(code) => return code,
     };
     runtime.block_on(async move {
