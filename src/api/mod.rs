@@ -136,6 +136,8 @@ pub mod codes {
     pub const INTERNAL: &str = "internal";
     /// A backend (the database, the bucket) cannot be reached now: retry shortly (HTTP 503).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// A pin named a store path the repository has not published.
+    pub const NOT_PUBLISHED: &str = "not_published";
 }
 
 /// `GET api/v1/info`: lets a client check that the target is a Stowix repository and what its
@@ -301,4 +303,45 @@ pub struct PublishRejection {
     /// `missing_references`, `nar_not_stored`, `nar_size_mismatch`, `bad_request`.
     pub code: String,
     pub message: String,
+}
+
+/// `POST api/v1/pins/{name}` (push token): pins published store paths under `name` as its next
+/// revision. A pinned path keeps its whole closure whatever the repository's retention policy.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinRequest {
+    /// Absolute store paths, each published in the repository (else `not_published`).
+    pub store_paths: Vec<String>,
+    /// Keep only the newest `keep` revisions of this pin (the new one included); absent keeps
+    /// the pin's current setting (all revisions for a new pin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+}
+
+/// One revision of a pin, as `POST` answers it and `GET api/v1/pins` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinRevision {
+    pub name: String,
+    /// 1 for a pin's first revision, then one more for each `POST`.
+    pub revision: u64,
+    /// Absolute store paths.
+    pub store_paths: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinResponse {
+    /// The revision this request created.
+    pub created: PinRevision,
+    /// Revisions of the pin that `keep` dropped.
+    #[serde(default)]
+    pub dropped_revisions: Vec<u64>,
+}
+
+/// `GET api/v1/pins` (read token on a private repository): the live revisions of every pin.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PinList {
+    pub pins: Vec<PinRevision>,
 }
