@@ -305,6 +305,28 @@ pub struct PublishRejection {
     pub message: String,
 }
 
+/// Pin names go into URLs and command lines: 1 to 100 of `A-Z a-z 0-9 . _ + -`, not starting
+/// with `.` or `-`. `Err` says what is wrong.
+pub fn check_pin_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 100 {
+        return Err(format!(
+            "pin name {name:?} must be 1 to 100 characters long"
+        ));
+    }
+    if name.starts_with(['.', '-']) {
+        return Err(format!("pin name {name:?} must not start with '.' or '-'"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-')))
+    {
+        return Err(format!(
+            "pin name {name:?} contains {bad:?}: use letters, digits and . _ + -"
+        ));
+    }
+    Ok(())
+}
+
 /// `POST api/v1/pins/{name}` (push token): pins published store paths under `name` as its next
 /// revision. A pinned path keeps its whole closure whatever the repository's retention policy.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod exit;
+pub mod pin;
 pub mod push;
 pub mod serve;
 pub mod watch;
@@ -41,6 +42,8 @@ pub enum NixCommand {
     WatchStore(watch::WatchStoreArgs),
     /// Run a command and push every store path that becomes valid while it runs.
     WatchExec(watch::WatchExecArgs),
+    /// Pin published store paths under a name, so garbage collection keeps their closures.
+    Pin(pin::PinArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -56,6 +59,9 @@ pub fn run() -> i32 {
         Command::Nix {
             command: NixCommand::WatchExec(args),
         } => watch::run_exec(args),
+        Command::Nix {
+            command: NixCommand::Pin(args),
+        } => pin::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Admin(args) => admin::run(args),
     }

@@ -40,7 +40,7 @@ const PUSH_GATEWAY_JOB: &str = "stowix_push";
 /// A token from the command line or environment; `Debug` never shows it, and clap never
 /// echoes it because it is validated after parsing, not by clap.
 #[derive(Clone)]
-pub struct SecretArg(String);
+pub struct SecretArg(pub(crate) String);
 
 impl From<String> for SecretArg {
     fn from(text: String) -> Self {
@@ -68,8 +68,22 @@ pub struct PushArgs {
     #[arg(long)]
     pub stdin: bool,
 
+    /// After the push, pin the STORE_PATH arguments under NAME as its next revision: pinned
+    /// paths keep their whole closure whatever the repository's retention policy. Only a push
+    /// that published every path pins.
+    #[arg(long, value_name = "NAME", conflicts_with = "stdin", value_parser = parse_pin_name)]
+    pub pin: Option<String>,
+
+    /// With --pin: keep only the newest N revisions of the pin (this one included).
+    #[arg(long, value_name = "N", requires = "pin", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+
     #[command(flatten)]
     pub flags: PushFlags,
+}
+
+pub(crate) fn parse_pin_name(text: &str) -> Result<String, String> {
+    crate::api::check_pin_name(text).map(|()| text.to_owned())
 }
 
 /// Every flag of `stowix nix push` that is not about which paths: shared with `watch-store`
@@ -517,8 +531,30 @@ async fn push_async(args: PushArgs, prepared: Prepared, roots: Vec<crate::nix::S
         config,
         gateway,
     } = session;
-    let result = push::run(client, &info, roots, config, Arc::clone(&progress), cancel).await;
-    conclude(result, &progress, metrics, gateway.as_deref()).await
+    let pin_roots: Vec<String> = roots.paths.iter().map(|p| p.to_absolute()).collect();
+    let result = push::run(
+        Arc::clone(&client),
+        &info,
+        roots,
+        config,
+        Arc::clone(&progress),
+        cancel,
+    )
+    .await;
+    let code = conclude(result, &progress, metrics, gateway.as_deref()).await;
+    match args.pin {
+        Some(name) if code == exit::SUCCESS => {
+            super::pin::pin(&client, &name, pin_roots, args.keep).await
+        }
+        Some(name) => {
+            eprintln!(
+                "{}not pinned as {name}: the push did not publish every path",
+                line_prefix()
+            );
+            code
+        }
+        None => code,
+    }
 }
 
 async fn conclude(
@@ -595,7 +631,7 @@ async fn push_metrics(metrics: &Metrics, gateway: Option<&str>, progress: &Progr
     }
 }
 
-fn client_exit_code(err: &ClientError) -> i32 {
+pub(crate) fn client_exit_code(err: &ClientError) -> i32 {
     match err {
         ClientError::Auth { .. } => exit::AUTH,
         ClientError::Unreachable { .. } | ClientError::NotStowix { .. } => exit::UNREACHABLE,

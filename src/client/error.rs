@@ -24,6 +24,8 @@ pub enum Endpoint {
     Narinfos,
     /// `PUT log/<drv>`: a build log.
     Log,
+    /// `POST api/v1/pins/<name>`.
+    Pins,
 }
 
 impl Endpoint {
@@ -39,6 +41,7 @@ impl Endpoint {
             Self::UploadAbort => "upload_abort",
             Self::Narinfos => "narinfos",
             Self::Log => "log",
+            Self::Pins => "pins",
         }
     }
 }

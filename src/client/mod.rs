@@ -338,6 +338,25 @@ impl PushClient {
         Ok(answer)
     }
 
+    /// `POST api/v1/pins/<name>`: pins published paths under `name` as its next revision.
+    pub async fn pin(
+        &self,
+        name: &str,
+        request: &api::PinRequest,
+    ) -> Result<api::PinResponse, ClientError> {
+        let url = self.url(&format!("pins/{name}"));
+        let body = json_body(request)?;
+        let limit = answer_limit_for(body.len());
+        let mut answer: api::PinResponse = self
+            .call_limited(&self.retry, Endpoint::Pins, limit, &mut 0, || {
+                json_request(self.http.post(url.clone()), body.clone())
+            })
+            .await?;
+        // Printed in the summary.
+        answer.created.name = error::escape_server_text(&answer.created.name);
+        Ok(answer)
+    }
+
     /// `PUT <repo>/log/<drv>` (a cache route, not the push API): the build log of `drv`, as
     /// `nix store copy-log --to` stores it.
     pub async fn put_log(&self, drv: &StorePath, log: Bytes) -> Result<(), ClientError> {

@@ -199,10 +199,71 @@ impl<F: FnMut(Bytes) -> std::io::Result<()>> Write for PieceWriter<F> {
     }
 }
 
+/// Repair rounds after the first: enough for a collector that runs again while a repair round
+/// pushes, few enough that a repository that keeps losing paths fails the push instead of
+/// looping.
+pub const REPAIR_ROUNDS: u32 = 2;
+
 /// Runs the whole pipeline for `roots` against the repository described by `info`.
 /// Per-path failures are counted in `progress`; only run-wide failures are errors. Every stage,
 /// thread and helper task has ended when this returns, whatever the outcome.
+///
+/// A path the server refuses because it no longer holds a reference or NAR that presence
+/// reported (garbage collection ran in between) is not a failure: a repair round pushes it
+/// again, and its new presence answers name what must be uploaded again.
 pub async fn run(
+    client: Arc<PushClient>,
+    info: &RepoInfo,
+    roots: Roots,
+    config: PushConfig,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<(), PushError> {
+    let mut result = run_round(
+        Arc::clone(&client),
+        info,
+        roots,
+        config.clone(),
+        Arc::clone(&progress),
+        cancel.clone(),
+    )
+    .await;
+    let mut round = 0;
+    let mut deferred = progress.take_deferred();
+    while result.is_ok() && !deferred.is_empty() && round < REPAIR_ROUNDS {
+        round += 1;
+        progress.warn(&format!(
+            "{} {} could not be published because the repository collected paths they need \
+             while this push ran: pushing them again (repair round {round} of {REPAIR_ROUNDS})",
+            deferred.len(),
+            if deferred.len() == 1 { "path" } else { "paths" },
+        ));
+        progress.set_repairing(Some(deferred.iter().map(|(info, _)| &info.path)));
+        let roots = Roots {
+            paths: deferred.iter().map(|(info, _)| info.path.clone()).collect(),
+            stdin: false,
+            tolerant: false,
+        };
+        result = run_round(
+            Arc::clone(&client),
+            info,
+            roots,
+            config.clone(),
+            Arc::clone(&progress),
+            cancel.clone(),
+        )
+        .await;
+        deferred = progress.take_deferred();
+    }
+    // Out of rounds (or the run failed): what is still deferred fails with its refusal.
+    for (info, failure) in deferred {
+        progress.failed(&info.path, &failure);
+    }
+    progress.set_repairing(None::<[&crate::nix::StorePath; 0]>);
+    result
+}
+
+async fn run_round(
     client: Arc<PushClient>,
     info: &RepoInfo,
     roots: Roots,

@@ -2,6 +2,7 @@
 //! and the [`Reporter`](super::report::Reporter); stages never print and never touch metric
 //! names themselves.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -88,6 +89,13 @@ pub struct Progress {
     health: RwLock<Option<Arc<Health>>>,
     /// Told every path's final outcome, and asked which paths are known to be published.
     follower: OnceLock<Arc<dyn Follower>>,
+    /// Paths the current round could not publish because the repository lost something they
+    /// need while the push ran (see [`Progress::deferred`]): the next round pushes them again.
+    deferred: Mutex<Vec<(Arc<PathInfo>, PathFailure)>>,
+    /// During a repair round: the hash parts it repairs. Every path of its closure was already
+    /// counted by an earlier round, so only these paths' outcomes count as new; a path outside
+    /// them that the round uploads again moves from "present" to its new outcome.
+    repairing: RwLock<Option<HashSet<String>>>,
 }
 
 /// What a long-lived pusher (the watchers) learns from the pipeline: every path's final outcome,
@@ -113,6 +121,55 @@ impl Progress {
             causes: Mutex::new(Vec::new()),
             health: RwLock::new(None),
             follower: OnceLock::new(),
+            deferred: Mutex::new(Vec::new()),
+            repairing: RwLock::new(None),
+        }
+    }
+
+    /// `info` was refused because the repository no longer has one of its references or its
+    /// NAR (garbage collection ran between the presence answer and the publication). Not an
+    /// outcome: [`Progress::take_deferred`] hands it to a repair round.
+    /// `failure` is what the path fails with if no repair round remains.
+    pub fn deferred(&self, info: &Arc<PathInfo>, failure: PathFailure) {
+        self.reporter.path(PathEvent::Deferred {
+            path: &info.path,
+            reason: &failure.to_string(),
+        });
+        self.deferred
+            .lock()
+            .expect("deferred lock")
+            .push((Arc::clone(info), failure));
+    }
+
+    pub fn take_deferred(&self) -> Vec<(Arc<PathInfo>, PathFailure)> {
+        std::mem::take(&mut *self.deferred.lock().expect("deferred lock"))
+    }
+
+    /// Starts a repair round for `paths` (see the `repairing` field), or ends repairs with
+    /// `None`.
+    pub fn set_repairing<'a>(&self, paths: Option<impl IntoIterator<Item = &'a StorePath>>) {
+        *self.repairing.write().expect("repairing lock") =
+            paths.map(|p| p.into_iter().map(|p| p.hash_part().to_owned()).collect());
+    }
+
+    /// Whether an outcome of `path` was already counted by an earlier round: true in a repair
+    /// round for every path but those it repairs.
+    fn counted_before(&self, path: &StorePath) -> bool {
+        self.repairing
+            .read()
+            .expect("repairing lock")
+            .as_ref()
+            .is_some_and(|repairing| !repairing.contains(path.hash_part()))
+    }
+
+    /// A path counted present by an earlier round that this repair round publishes again or
+    /// fails: it leaves "present" for its new outcome.
+    fn recount_present(&self, path: &StorePath) {
+        if self.counted_before(path) {
+            let _ = self
+                .tally
+                .present
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 
@@ -207,6 +264,9 @@ impl Progress {
 
     /// New paths of the closure (already deduplicated).
     pub fn closure_paths(&self, paths: &[Arc<PathInfo>]) {
+        if self.repairing.read().expect("repairing lock").is_some() {
+            return;
+        }
         add(&self.tally.closure_paths, paths.len() as u64);
         add(
             &self.tally.closure_nar_bytes,
@@ -215,6 +275,10 @@ impl Progress {
     }
 
     pub fn present(&self, info: &PathInfo) {
+        if self.counted_before(&info.path) {
+            self.settled(&info.path, true);
+            return;
+        }
         add(&self.tally.present, 1);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::PRESENT).increment(1);
         self.reporter.path(PathEvent::Present { path: &info.path });
@@ -223,6 +287,9 @@ impl Progress {
 
     /// `info` is not pushed: the upstream cache whose key is `key` serves it.
     pub fn upstream(&self, info: &PathInfo, key: &str) {
+        if self.counted_before(&info.path) {
+            return;
+        }
         add(&self.tally.upstream, 1);
         add(&self.tally.upstream_nar_bytes, info.nar_size);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::UPSTREAM).increment(1);
@@ -288,6 +355,7 @@ impl Progress {
     }
 
     pub fn published(&self, info: &PathInfo, after_upload: bool) {
+        self.recount_present(&info.path);
         add(&self.tally.published, 1);
         let label = if after_upload {
             add(&self.tally.published_after_upload, 1);
@@ -302,6 +370,7 @@ impl Progress {
     }
 
     pub fn failed(&self, path: &StorePath, failure: &PathFailure) {
+        self.recount_present(path);
         add(&self.tally.failed, 1);
         counter!(m::PATHS_TOTAL, "outcome" => outcome::FAILED).increment(1);
         self.report_failure(&path.to_absolute(), failure);

@@ -19,7 +19,7 @@ use super::failure::{Health, PathFailure, Stop};
 use super::metrics::stage;
 use super::progress::Progress;
 use super::{PathRef, PublishEvent};
-use crate::api::{PublishEntry, PublishRequest, UpstreamProof};
+use crate::api::{codes, PublishEntry, PublishRequest, UpstreamProof};
 use crate::client::PushClient;
 use crate::nix::StorePath;
 
@@ -47,6 +47,9 @@ pub struct Ledger {
     /// Paths an upstream cache serves: they satisfy references, and requests carry their
     /// proofs.
     upstream: HashMap<String, PathRef>,
+    /// Refused because the repository lost a reference or the NAR after presence said it
+    /// held them: left to a repair round, with what they fail with if none remains.
+    deferred: Vec<(PathRef, PathFailure)>,
 }
 
 /// What the stage must report after a ledger step.
@@ -220,14 +223,46 @@ impl Ledger {
         self.uploaded.contains(info.path.hash_part())
     }
 
-    /// Paths that never became ready (their references never arrived: a bug upstream).
-    pub fn stranded(&mut self) -> Vec<PathRef> {
-        self.waiting.drain().map(|(_, (info, _))| info).collect()
+    /// `info` was refused for something the repository lost while the push ran (see
+    /// [`is_repairable`]). Its dependents keep waiting for it, and [`Ledger::finish`] defers them
+    /// with it.
+    pub fn defer(&mut self, info: PathRef, failure: PathFailure) {
+        self.unpublish(info.path.hash_part());
+        self.deferred.push((info, failure));
+    }
+
+    /// What is left when the input has ended: paths to hand to a repair round, and paths that
+    /// never became ready although nothing they wait for was deferred (a bug upstream).
+    pub fn finish(&mut self) -> (Vec<(PathRef, PathFailure)>, Vec<PathRef>) {
+        let waiting: Vec<PathRef> = self.waiting.drain().map(|(_, (info, _))| info).collect();
+        let mut deferred = std::mem::take(&mut self.deferred);
+        if deferred.is_empty() {
+            return (deferred, waiting);
+        }
+        // Whatever still waits can only wait (directly or through other waiting paths) for a
+        // deferred path: the repair round publishes them in order.
+        let because = deferred[0].0.path.to_absolute();
+        deferred.extend(waiting.into_iter().map(|info| {
+            (
+                info,
+                PathFailure::ReferenceFailed {
+                    reference: because.clone(),
+                },
+            )
+        }));
+        (deferred, Vec::new())
     }
 
     pub fn unpublish(&mut self, hash: &str) {
         self.published.remove(hash);
     }
+}
+
+/// A refusal that means the repository lost, after presence answered, something the path
+/// needs: a reference or its NAR, collected by garbage collection or deleted by an
+/// administrator. Pushing again repairs it; any other refusal would be refused again.
+pub fn is_repairable(code: &str) -> bool {
+    code == codes::MISSING_REFERENCES || code == codes::NAR_NOT_STORED
 }
 
 pub fn entry(info: &PathRef) -> PublishEntry {
@@ -323,20 +358,10 @@ pub async fn run(
         progress.busy(stage::PUBLISH, started.elapsed());
         match answer {
             Ok(answer) => {
-                let rejected: HashMap<&str, PathFailure> = answer
+                let rejected: HashMap<&str, &crate::api::PublishRejection> = answer
                     .rejected
                     .iter()
-                    .map(|r| {
-                        (
-                            r.hash.as_str(),
-                            PathFailure::Refused {
-                                step: "publication",
-                                status: None,
-                                code: r.code.clone(),
-                                message: r.message.clone(),
-                            },
-                        )
-                    })
+                    .map(|r| (r.hash.as_str(), r))
                     .collect();
                 let newly: HashSet<&str> = answer.published.iter().map(String::as_str).collect();
                 for info in batch {
@@ -350,10 +375,20 @@ pub async fn run(
                                 }
                             }
                         }
-                        Some(reason) => {
-                            ledger.unpublish(info.path.hash_part());
-                            let verdicts = ledger.fail(info, reason.clone());
-                            report(&progress, verdicts);
+                        Some(rejection) => {
+                            let failure = PathFailure::Refused {
+                                step: "publication",
+                                status: None,
+                                code: rejection.code.clone(),
+                                message: rejection.message.clone(),
+                            };
+                            if is_repairable(&rejection.code) {
+                                ledger.defer(info, failure);
+                            } else {
+                                ledger.unpublish(info.path.hash_part());
+                                let verdicts = ledger.fail(info, failure);
+                                report(&progress, verdicts);
+                            }
                         }
                     }
                 }
@@ -370,7 +405,11 @@ pub async fn run(
             }
         }
     }
-    for info in ledger.stranded() {
+    let (deferred, stranded) = ledger.finish();
+    for (info, failure) in deferred {
+        progress.deferred(&info, failure);
+    }
+    for info in stranded {
         progress.failed(&info.path, &PathFailure::Stranded);
     }
 }
@@ -429,7 +468,40 @@ mod tests {
         ledger.stored(Arc::clone(&lib), true);
         assert_eq!(names(&ledger.take_batch(10)), ["lib", "app"]);
         assert!(ledger.was_uploaded(&app));
-        assert!(ledger.stranded().is_empty());
+        assert!(ledger.finish().1.is_empty());
+    }
+
+    #[test]
+    fn a_deferred_path_takes_its_waiting_dependents_to_the_repair_round_and_fails_nothing() {
+        let mut ledger = Ledger::default();
+        let base = path('a', "base", &[]);
+        let mid = path('b', "mid", &[&base]);
+        let other = path('c', "other", &[]);
+        ledger.stored(Arc::clone(&base), true);
+        ledger.stored(Arc::clone(&other), true);
+        let sent = ledger.take_batch(10);
+        assert_eq!(names(&sent), ["base", "other"]);
+        // The server lost a reference of base: it is deferred, not failed.
+        ledger.defer(Arc::clone(&base), PathFailure::Stranded);
+        // mid arrives after the refusal: it must wait for base, not go up on its own.
+        assert!(ledger.stored(Arc::clone(&mid), true).failed.is_empty());
+        assert_eq!(ledger.batch_len(), 0);
+        let (deferred, stranded) = ledger.finish();
+        let mut deferred: Vec<&str> = deferred.iter().map(|(p, _)| p.path.name()).collect();
+        deferred.sort_unstable();
+        assert_eq!(deferred, ["base", "mid"]);
+        assert!(stranded.is_empty());
+    }
+
+    #[test]
+    fn without_a_deferral_a_path_that_never_becomes_ready_is_stranded() {
+        let mut ledger = Ledger::default();
+        let base = path('a', "base", &[]);
+        let mid = path('b', "mid", &[&base]);
+        ledger.stored(Arc::clone(&mid), true);
+        let (deferred, stranded) = ledger.finish();
+        assert!(deferred.is_empty());
+        assert_eq!(names(&stranded), ["mid"]);
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub enum PathEvent<'a> {
     Published {
         path: &'a StorePath,
     },
+    /// Not published in this round because the repository no longer holds something the path
+    /// needs (collected while the push ran): the push sends it again in a repair round.
+    Deferred {
+        path: &'a StorePath,
+        reason: &'a str,
+    },
     /// The first failure with its cause; `subject` is the store path or the input line.
     Failed {
         subject: &'a str,
@@ -118,6 +124,9 @@ fn event_line(event: &PathEvent<'_>, verbose: bool) -> Option<String> {
             if retries == 1 { "retry" } else { "retries" }
         )),
         PathEvent::Published { path } => Some(format!("published: {path}")),
+        PathEvent::Deferred { path, reason } => {
+            Some(format!("deferred to a repair round: {path}: {reason}"))
+        }
     }
 }
 
