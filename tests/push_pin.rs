@@ -86,7 +86,7 @@ fn nix_pin_pins_published_paths_and_refuses_others_with_their_own_exit_codes() {
     assert!(pin_list(&fixture).contains(&published));
 
     let refused = pin_command(&fixture, &fixture.token, &["stable", &unpublished]);
-    refused.assert_code(8);
+    refused.assert_code(9);
     assert!(
         refused.stderr.contains(&unpublished) && refused.stderr.contains("push the path first"),
         "{}",

@@ -18,6 +18,6 @@ pub const UNREACHABLE: i32 = 6;
 /// until its administrator makes room; a re-run then resumes.
 pub const SERVER_FULL: i32 = 7;
 /// A pin named a store path the repository has not published (`nix pin`, `nix push --pin`).
-pub const NOT_PUBLISHED: i32 = 8;
+pub const NOT_PUBLISHED: i32 = 9;
 /// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.
 pub const INTERRUPTED: i32 = 130;

@@ -19,7 +19,7 @@ use crate::push::{closure, Progress};
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Exit codes: 0 pinned, 2 usage, 3 auth, 6 server unreachable, 8 a path is not published in the repository."
+    after_help = "Exit codes: 0 pinned, 2 usage, 3 auth, 6 server unreachable, 9 a path is not published in the repository."
 )]
 pub struct PinArgs {
     /// The pin: letters, digits and . _ + - (e.g. release-2026.12).
