@@ -1,0 +1,254 @@
+//! Retention under load, with real Nix: the server collects every second with an aggressive
+//! policy while pushes and substitutions run. Throughout and afterwards the repository must
+//! never serve a narinfo whose NAR or references are missing, every push must finish (its
+//! repair rounds re-upload what the collector took under it) or finish on a re-run, and a
+//! pinned closure must substitute with signatures every time.
+
+mod common;
+mod push_common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use push_common::*;
+use stowix::nix::narinfo::NarInfo;
+use stowix::nix::signing::PublicKey;
+
+/// How long pushes and substitutions race the collector.
+const LOAD: Duration = Duration::from_secs(30);
+
+/// What [`check_whole`] found wrong, one line per problem.
+type Problems = Vec<String>;
+
+/// The invariant, over HTTP as a substituter sees it: for each of `paths` the repository
+/// serves a narinfo for, its signature verifies with `key`, its NAR downloads and matches
+/// FileHash, FileSize, NarHash and NarSize, and every reference's narinfo is served too.
+/// Paths it no longer serves are fine: collecting is allowed, breaking a closure is not.
+async fn check_whole(url: &str, key: &PublicKey, paths: &BTreeSet<String>) -> Problems {
+    let client = http();
+    let mut problems = Vec::new();
+    for path in paths {
+        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+        let response = client
+            .get(format!("{url}/{hash}.narinfo"))
+            .send()
+            .await
+            .expect("GET narinfo");
+        if response.status() == 404 {
+            continue;
+        }
+        let text = response.text().await.expect("narinfo body");
+        let info = match NarInfo::parse(&text) {
+            Ok(info) => info,
+            Err(err) => {
+                problems.push(format!("{path}: {err}"));
+                continue;
+            }
+        };
+        if !info
+            .sigs
+            .iter()
+            .any(|sig| key.verify(&info.fingerprint(), sig))
+        {
+            problems.push(format!(
+                "{path}: no valid signature by the repository's key"
+            ));
+        }
+        for reference in &info.references {
+            let status = client
+                .get(format!("{url}/{}.narinfo", reference.hash_part()))
+                .send()
+                .await
+                .expect("GET reference narinfo")
+                .status();
+            if status != 200 {
+                problems.push(format!(
+                    "{path}: its reference {} answers {status}",
+                    reference.to_absolute()
+                ));
+            }
+        }
+        let nar = client
+            .get(format!("{url}/{}", info.url))
+            .send()
+            .await
+            .expect("GET NAR");
+        if nar.status() != 200 {
+            problems.push(format!(
+                "{path}: its NAR {} answers {}",
+                info.url,
+                nar.status()
+            ));
+            continue;
+        }
+        let file = nar.bytes().await.expect("NAR body").to_vec();
+        if Some(file.len() as u64) != info.file_size
+            || info.file_hash.map(|h| h.to_nix32()) != Some(sha256_nix32(&file))
+        {
+            problems.push(format!(
+                "{path}: its NAR file does not match FileHash/FileSize"
+            ));
+            continue;
+        }
+        let nar = match info.compression.as_str() {
+            "xz" => unxz(&file),
+            "none" => file,
+            other => {
+                problems.push(format!("{path}: unexpected compression {other}"));
+                continue;
+            }
+        };
+        if nar.len() as u64 != info.nar_size || sha256_nix32(&nar) != info.nar_hash.to_nix32() {
+            problems.push(format!("{path}: its NAR does not match NarHash/NarSize"));
+        }
+    }
+    problems
+}
+
+/// Most pushes one run makes: their closures are built up front, in one `nix-build`.
+const ROUNDS: usize = 40;
+
+/// `[base, (mid_i, top_i) for each round]`: every mid refers to the one shared base, and every
+/// top to its mid plus `size` random bytes, so that its upload takes a while at a limited rate.
+/// Pushes after the first find the base present, and the collector may take it before their
+/// publication: what repair rounds are for.
+fn load_closures(size: u64) -> Vec<String> {
+    let mut drvs = vec![Drv::new("load-base", "echo base > $out")];
+    for round in 0..ROUNDS {
+        let mid = drvs.len();
+        drvs.push(Drv::new(&format!("load-mid-{round}"), "echo $dep0 > $out").deps(&[0]));
+        drvs.push(
+            Drv::new(
+                &format!("load-top-{round}"),
+                &format!("{{ echo $dep0; /usr/bin/head -c {size} /dev/urandom; }} > $out"),
+            )
+            .deps(&[mid]),
+        );
+    }
+    build_derivations(&drvs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_second() {
+    require_nix();
+    // No grace beyond the policy: the collector may take any path not used for 2 s, and
+    // last uses are written every second.
+    let server = TestServer::start_with_config(
+        "gc_interval_secs = 1\ngc_grace_secs = 1\nlast_use_flush_secs = 1\n",
+    );
+    let repo = unique_name("load");
+    let public_key = server.create_repo(&repo, false);
+    let key = PublicKey::parse(&public_key).unwrap();
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    server.admin(&["repo", "configure", &repo, "--retention", "2s"]);
+
+    let pinned = build_derivations(&[
+        Drv::new("pinned-lib", "echo lib > $out"),
+        Drv::new("pinned-app", "echo $dep0 > $out").deps(&[0]),
+    ]);
+    push_with(&url, Some(&token), &["--pin", "stable", &pinned[1]], &[]).assert_code(0);
+    let closures = load_closures(150_000);
+
+    let pushed: Arc<Mutex<BTreeSet<String>>> =
+        Arc::new(Mutex::new(pinned.iter().cloned().collect()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + LOAD;
+
+    // One push per round, each ~1.5 s long at this rate: the shared base, present since the
+    // first, is collectible 2 s after its last use.
+    let pusher = {
+        let (url, token, pushed, stop) = (
+            url.clone(),
+            token.clone(),
+            Arc::clone(&pushed),
+            Arc::clone(&stop),
+        );
+        std::thread::spawn(move || {
+            let (mut runs, mut repairs, mut reruns) = (0, 0, 0);
+            for round in 0..ROUNDS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let closure = [
+                    &closures[0],
+                    &closures[1 + 2 * round],
+                    &closures[2 + 2 * round],
+                ];
+                let args = ["--max-upload-rate", "100K", closure[2].as_str()];
+                let first = push_with(&url, Some(&token), &args, &[]);
+                runs += 1;
+                if first.stderr.contains("repair round") {
+                    repairs += 1;
+                }
+                if first.code != 0 {
+                    // Failing cleanly is allowed; not finishing on a re-run is not.
+                    reruns += 1;
+                    let again = push_with(&url, Some(&token), &args, &[]);
+                    assert_eq!(
+                        again.code, 0,
+                        "a re-run did not finish the push.\nfirst run:\n{}\nre-run:\n{}",
+                        first.stderr, again.stderr
+                    );
+                }
+                pushed.lock().unwrap().extend(closure.map(String::clone));
+            }
+            (runs, repairs, reruns)
+        })
+    };
+    // Substitutions of the pinned closure, with signatures required, the whole time.
+    let substituter = {
+        let (url, public_key, stop) = (url.clone(), public_key.clone(), Arc::clone(&stop));
+        let top = pinned[1].clone();
+        std::thread::spawn(move || {
+            let mut copies = 0;
+            while !stop.load(Ordering::Relaxed) {
+                nix_copy_from(&url, &public_key, &[top.clone()], None)
+                    .unwrap_or_else(|e| panic!("substituting the pinned closure failed: {e}"));
+                copies += 1;
+            }
+            copies
+        })
+    };
+
+    // The invariant at sampled moments while everything runs.
+    let mut samples = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let paths = pushed.lock().unwrap().clone();
+        let problems = check_whole(&url, &key, &paths).await;
+        assert!(problems.is_empty(), "mid-run: {}", problems.join("\n"));
+        samples += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (runs, repairs, reruns) = pusher.join().expect("pusher");
+    let copies = substituter.join().expect("substituter");
+
+    // Let the collector take what it will, then the invariant once more.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let paths = pushed.lock().unwrap().clone();
+    let problems = check_whole(&url, &key, &paths).await;
+    assert!(
+        problems.is_empty(),
+        "after the run: {}",
+        problems.join("\n")
+    );
+    let removed = server.metric("stowix_server_gc_paths_removed_total").await;
+    eprintln!(
+        "{runs} pushes ({repairs} with a repair round, {reruns} re-run), {copies} substitutions, \
+         {samples} invariant samples, {removed} paths collected"
+    );
+    assert!(
+        removed > 0.0,
+        "the collector removed nothing: the test proved nothing"
+    );
+    assert!(
+        runs >= 3 && copies >= 3,
+        "too little load: {runs} pushes, {copies} substitutions"
+    );
+    nix_copy_from(&url, &public_key, &[pinned[1].clone()], None)
+        .expect("the pinned closure after the run");
+}
