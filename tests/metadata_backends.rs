@@ -20,8 +20,9 @@ use std::thread;
 use pg_support::TestDatabase;
 use stowix::server::backend;
 use stowix::server::backend::metadata::{
-    MetaError, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo, RepoRecord, Scope,
-    SessionCaps, TokenRecord, UploadPart, UploadRecord,
+    MetaError, Metadata, NarRecord, OpenedUpload, PathDeletion, PinCreated, Presence,
+    PublishState, PublishedNarInfo, RepoRecord, RetentionPolicy, Scope, SessionCaps, TokenRecord,
+    UploadPart, UploadRecord,
 };
 use stowix::server::config::ServerConfig;
 
@@ -124,6 +125,14 @@ conformance!(
     object_intents_and_known_keys,
     singleton_is_exclusive_across_handles,
     a_newer_schema_is_refused,
+    retention_policy_and_usage,
+    publication_checks_references_and_nars_in_its_transaction,
+    collection_keeps_roots_closures_and_pins_and_sweeps_referrers_first,
+    a_publication_during_a_collection_keeps_what_it_references,
+    last_use_only_rises,
+    unreferenced_nars_wait_for_their_grace,
+    path_deletion_refuses_dependents_unless_asked,
+    pins_number_revisions_and_keep_the_last,
 );
 
 fn repo(name: &str, private: bool, priority: u32) -> RepoRecord {
@@ -690,6 +699,309 @@ fn a_newer_schema_is_refused(b: &Backend) {
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL only.
+
+/// A 32-character hash part made of `c`.
+fn h(c: char) -> String {
+    std::iter::repeat_n(c, 32).collect()
+}
+
+/// A published narinfo of `h(c)` naming the NAR `nar/<h(c)>.nar.xz` and referencing `refs`.
+fn path(c: char, refs: &[char]) -> PublishedNarInfo {
+    let hash = h(c);
+    let references: Vec<String> = refs.iter().map(|r| format!("{}-{r}", h(*r))).collect();
+    PublishedNarInfo {
+        hash: hash.clone(),
+        store_path: format!("/nix/store/{hash}-{c}"),
+        nar_hash: format!("sha256:{hash}"),
+        text: format!(
+            "StorePath: /nix/store/{hash}-{c}\nURL: nar/{hash}.nar.xz\nReferences: {}\n",
+            references.join(" ")
+        ),
+    }
+}
+
+/// Stores the NAR `path(c, ..)` names, `size` bytes.
+fn store_nar(m: &dyn Metadata, repo: &str, c: char, size: u64) {
+    let mut record = nar(&format!("nar/{}.nar.xz", h(c)), &format!("sha256:{}", h(c)));
+    record.file_size = size;
+    assert!(m.insert_nar(repo, &record).unwrap());
+}
+
+/// Stores the NARs and publishes `paths` at `at`, each newly.
+fn publish_at(m: &dyn Metadata, repo: &str, paths: &[(char, &[char])], at: i64) {
+    for (c, _) in paths {
+        store_nar(m, repo, *c, 100);
+    }
+    let infos: Vec<PublishedNarInfo> = paths.iter().map(|(c, r)| path(*c, r)).collect();
+    let states = m.publish_checked(repo, &infos, at).unwrap();
+    assert!(states.iter().all(|s| *s == PublishState::New), "{states:?}");
+}
+
+fn published(m: &dyn Metadata, repo: &str, chars: &[char]) -> Vec<bool> {
+    let hashes: Vec<String> = chars.iter().map(|c| h(*c)).collect();
+    m.published_store_paths(repo, &hashes)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.is_some())
+        .collect()
+}
+
+/// Runs a whole collection of `repo` with every path last used before `cutoff` out of the
+/// roots; returns the removed hash parts' first characters, sorted.
+fn collect(m: &dyn Metadata, repo: &str, cutoff: i64, now: i64) -> String {
+    let mut session = m.gc_session(repo).unwrap();
+    session.mark(cutoff).unwrap();
+    session.dead().unwrap();
+    let mut removed = Vec::new();
+    loop {
+        let swept = session.sweep(2, now).unwrap();
+        if swept.paths.is_empty() {
+            break;
+        }
+        removed.extend(swept.paths.into_iter().map(|p| p.hash.chars().next().unwrap()));
+    }
+    removed.sort();
+    removed.into_iter().collect()
+}
+
+fn retention_policy_and_usage(b: &Backend) {
+    let m = &*b.meta;
+    m.create_repo(&repo("r", false, 40)).unwrap();
+    assert_eq!(m.policy("r").unwrap(), Some(RetentionPolicy::default()));
+    assert_eq!(m.policy("absent").unwrap(), None);
+    let policy = RetentionPolicy {
+        retention_secs: Some(30 * 86_400),
+        max_size_bytes: Some(200 << 30),
+    };
+    assert!(m.set_policy("r", &policy).unwrap());
+    assert!(!m.set_policy("absent", &policy).unwrap());
+    assert_eq!(b.reopen().unwrap().policy("r").unwrap(), Some(policy));
+    publish_at(m, "r", &[('a', &[]), ('b', &['a'])], 10);
+    store_nar(m, "r", 'u', 7);
+    let usage = m.usage("r").unwrap();
+    assert_eq!((usage.paths, usage.nars, usage.bytes), (2, 3, 207));
+}
+
+fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
+    let m = &*b.meta;
+    store_nar(m, "r", 'a', 1);
+    store_nar(m, "r", 'b', 1);
+    // b references a, which is neither published nor in the batch.
+    assert_eq!(
+        m.publish_checked("r", &[path('b', &['a', 'b'])], 1).unwrap(),
+        vec![PublishState::MissingReferences(vec![h('a')])]
+    );
+    // In one batch, in any order, they go together; a NAR not stored refuses its path and,
+    // transitively, what references it.
+    assert_eq!(
+        m.publish_checked("r", &[path('c', &['b']), path('b', &['a']), path('a', &[])], 1)
+            .unwrap(),
+        vec![
+            PublishState::NarGone(format!("nar/{}.nar.xz", h('c'))),
+            PublishState::New,
+            PublishState::New
+        ]
+    );
+    store_nar(m, "r", 'd', 1);
+    assert_eq!(
+        m.publish_checked("r", &[path('d', &['c']), path('a', &[])], 1)
+            .unwrap(),
+        vec![
+            PublishState::MissingReferences(vec![h('c')]),
+            PublishState::Already
+        ]
+    );
+    // The default `publish` reports the same as booleans.
+    store_nar(m, "r", 'e', 1);
+    assert_eq!(m.publish("r", &[path('e', &['a', 'b'])]).unwrap(), vec![true]);
+}
+
+fn collection_keeps_roots_closures_and_pins_and_sweeps_referrers_first(b: &Backend) {
+    let m = &*b.meta;
+    // c -> b -> a (old), d (old), e (new), p (old, pinned) -> q (old).
+    publish_at(m, "r", &[('a', &[]), ('b', &['a']), ('c', &['b']), ('d', &[]), ('q', &[]), ('p', &['q'])], 100);
+    publish_at(m, "r", &[('e', &[])], 300);
+    m.touch_paths("r", &[(h('c'), 250)]).unwrap();
+    assert!(matches!(
+        m.create_pin("r", "rel", &[h('p')], None, 100).unwrap(),
+        PinCreated::Created { .. }
+    ));
+    {
+        let mut session = m.gc_session("r").unwrap();
+        assert_eq!(session.oldest_use().unwrap(), Some(100));
+        let live = session.mark(200).unwrap();
+        // c (used at 250) keeps b and a; e is new; p is pinned and keeps q.
+        assert_eq!((live.paths, live.bytes), (6, 600));
+        let dead = session.dead().unwrap();
+        assert_eq!((dead.paths, dead.nars, dead.bytes), (1, 1, 100));
+        assert_eq!(session.mark(260).unwrap().paths, 3);
+        let dead = session.dead().unwrap();
+        assert_eq!(dead.paths, 4);
+        // Batches of one: c goes before b, b before a; d any time.
+        let mut order = Vec::new();
+        loop {
+            let swept = session.sweep(1, 999).unwrap();
+            if swept.paths.is_empty() {
+                break;
+            }
+            assert_eq!(swept.nars_orphaned, 1);
+            order.push(swept.paths[0].hash.chars().next().unwrap());
+        }
+        let position = |c| order.iter().position(|x| *x == c).unwrap();
+        assert!(position('c') < position('b') && position('b') < position('a'), "{order:?}");
+        assert_eq!(order.len(), 4);
+    }
+    assert_eq!(
+        published(m, "r", &['a', 'b', 'c', 'd', 'e', 'p', 'q']),
+        [false, false, false, false, true, true, true]
+    );
+    assert_eq!(m.usage("r").unwrap().paths, 3);
+    // Their NARs are marked, not deleted.
+    assert_eq!(m.usage("r").unwrap().nars, 7);
+    assert_eq!(m.collectible_nars("r", 999).unwrap(), (0, 0));
+    assert_eq!(m.collectible_nars("r", 1000).unwrap(), (4, 400));
+}
+
+fn a_publication_during_a_collection_keeps_what_it_references(b: &Backend) {
+    let m = &*b.meta;
+    // b -> a, both old: candidates. Then x, published after the mark, references b.
+    publish_at(m, "r", &[('a', &[]), ('b', &['a'])], 100);
+    let mut session = m.gc_session("r").unwrap();
+    session.mark(200).unwrap();
+    assert_eq!(session.dead().unwrap().paths, 2);
+    publish_at(m, "r", &[('x', &['b'])], 300);
+    assert!(session.sweep(10, 400).unwrap().paths.is_empty());
+    drop(session);
+    assert_eq!(published(m, "r", &['a', 'b', 'x']), [true, true, true]);
+    // And the other way round: once b is gone, a publication referencing it is refused.
+    assert!(matches!(
+        m.delete_paths("r", &[h('b')], true).unwrap(),
+        PathDeletion::Deleted { .. }
+    ));
+    store_nar(m, "r", 'y', 1);
+    assert_eq!(
+        m.publish_checked("r", &[path('y', &['b'])], 500).unwrap(),
+        vec![PublishState::MissingReferences(vec![h('b')])]
+    );
+}
+
+fn last_use_only_rises(b: &Backend) {
+    let m = &*b.meta;
+    publish_at(m, "r", &[('a', &[]), ('b', &[])], 100);
+    m.touch_paths("r", &[(h('a'), 500), (h('a'), 300), (h('z'), 900)]).unwrap();
+    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('b')), 400)]).unwrap();
+    m.touch_paths("r", &[(h('b'), 50)]).unwrap();
+    assert_eq!(collect(m, "r", 401, 1000), "b");
+    assert_eq!(collect(m, "r", 501, 1000), "a");
+}
+
+fn unreferenced_nars_wait_for_their_grace(b: &Backend) {
+    let m = &*b.meta;
+    publish_at(m, "r", &[('a', &[])], 100);
+    store_nar(m, "r", 'u', 5);
+    // Created just now (real clock): not older than `created_before` yet.
+    assert_eq!(m.mark_unpublished_nars("r", 0, 10, false).unwrap(), 0);
+    let later = stowix::server::metadata::now_unix() + 10;
+    assert_eq!(m.mark_unpublished_nars("r", later, 1000, true).unwrap(), 1);
+    assert_eq!(m.collectible_nars("r", 2000).unwrap(), (0, 0));
+    assert_eq!(m.mark_unpublished_nars("r", later, 1000, false).unwrap(), 1);
+    assert_eq!(m.collectible_nars("r", 1000).unwrap(), (0, 0));
+    assert_eq!(m.collectible_nars("r", 1001).unwrap(), (1, 5));
+    // Publishing a path naming a marked NAR revives it.
+    store_nar(m, "r", 'v', 6);
+    assert_eq!(m.mark_unpublished_nars("r", later, 1000, false).unwrap(), 1);
+    publish_at_existing(m, "r", 'v');
+    let taken = m.take_collectible_nars("r", 5000, 10).unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].url, format!("nar/{}.nar.xz", h('u')));
+    assert!(m.nar_by_url("r", &taken[0].url).unwrap().is_none());
+    assert!(m.take_collectible_nars("r", 5000, 10).unwrap().is_empty());
+    assert_eq!(m.usage("r").unwrap().nars, 2);
+}
+
+fn publish_at_existing(m: &dyn Metadata, repo: &str, c: char) {
+    assert_eq!(
+        m.publish_checked(repo, &[path(c, &[])], 1).unwrap(),
+        vec![PublishState::New]
+    );
+}
+
+fn path_deletion_refuses_dependents_unless_asked(b: &Backend) {
+    let m = &*b.meta;
+    publish_at(m, "r", &[('a', &[]), ('b', &['a']), ('c', &['b']), ('d', &[])], 100);
+    match m.delete_paths("r", &[h('a')], false).unwrap() {
+        PathDeletion::Refused { mut dependents } => {
+            dependents.sort();
+            assert_eq!(
+                dependents,
+                vec![format!("/nix/store/{}-b", h('b')), format!("/nix/store/{}-c", h('c'))]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(published(m, "r", &['a', 'b', 'c']), [true, true, true]);
+    match m.delete_paths("r", &[h('d')], false).unwrap() {
+        PathDeletion::Deleted { paths, nars } => {
+            assert_eq!(paths.len(), 1);
+            assert_eq!(nars.len(), 1);
+            assert_eq!(nars[0].url, format!("nar/{}.nar.xz", h('d')));
+        }
+        other => panic!("{other:?}"),
+    }
+    match m.delete_paths("r", &[h('a')], true).unwrap() {
+        PathDeletion::Deleted { paths, nars } => {
+            assert_eq!(paths.len(), 3);
+            assert_eq!(nars.len(), 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.usage("r").unwrap().paths, 0);
+    assert_eq!(m.usage("r").unwrap().nars, 0);
+}
+
+fn pins_number_revisions_and_keep_the_last(b: &Backend) {
+    let m = &*b.meta;
+    publish_at(m, "r", &[('a', &[]), ('b', &[]), ('c', &[])], 100);
+    assert_eq!(
+        m.create_pin("r", "rel", &[h('a'), h('z')], None, 1).unwrap(),
+        PinCreated::NotPublished(vec![h('z')])
+    );
+    for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {
+        let keep = if i == 2 { Some(2) } else { None };
+        match m.create_pin("r", "rel", &[h(c)], keep, 10 + i as i64).unwrap() {
+            PinCreated::Created { pin, dropped } => {
+                assert_eq!(pin.revision, i as u64 + 1);
+                assert_eq!(pin.store_paths, vec![format!("/nix/store/{}-{c}", h(c))]);
+                assert_eq!(dropped, if i == 2 { vec![1] } else { vec![] });
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    m.create_pin("r", "other", &[h('a')], None, 20).unwrap();
+    let pins = m.pins(Some("r")).unwrap();
+    let listed: Vec<(&str, u64, Option<u32>)> =
+        pins.iter().map(|p| (p.name.as_str(), p.revision, p.keep)).collect();
+    assert_eq!(listed, vec![("other", 1, None), ("rel", 2, Some(2)), ("rel", 3, Some(2))]);
+    assert_eq!(m.pins(None).unwrap().len(), 3);
+    assert!(m.pins(Some("s")).unwrap().is_empty());
+    // A new revision without keep keeps the pin's setting.
+    match m.create_pin("r", "rel", &[h('a')], None, 30).unwrap() {
+        PinCreated::Created { pin, dropped } => {
+            assert_eq!((pin.revision, pin.keep), (4, Some(2)));
+            assert_eq!(dropped, vec![2]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Revision 2 (b) was dropped: b goes; c (revision 3) and a (4, and "other") stay.
+    assert_eq!(collect(m, "r", 1000, 1000), "b");
+    assert_eq!(m.delete_pin("r", "rel", Some(3)).unwrap(), 1);
+    assert_eq!(m.delete_pin("r", "rel", Some(3)).unwrap(), 0);
+    assert_eq!(collect(m, "r", 1000, 1000), "c");
+    assert_eq!(m.delete_pin("r", "rel", None).unwrap(), 1);
+    assert_eq!(m.delete_pin("r", "other", None).unwrap(), 1);
+    assert!(m.pins(None).unwrap().is_empty());
+    assert_eq!(collect(m, "r", 1000, 1000), "a");
+}
 
 #[test]
 fn postgres_recovers_from_lost_connections() {

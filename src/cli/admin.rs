@@ -38,10 +38,66 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Collect garbage now by each repository's retention policy (servers collect every
+    /// gc_interval_secs); prints the paths, NARs and bytes removed.
+    Gc {
+        /// Only this repository.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Print what a real run would remove, removing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Collect as if the time were this (Unix seconds): e.g. with --dry-run, what a
+        /// collection in 30 days would remove. Default: now.
+        #[arg(long, value_name = "UNIX_SECONDS")]
+        now: Option<i64>,
+    },
+    /// Published store paths.
+    Path {
+        #[command(subcommand)]
+        command: PathCommand,
+    },
+    /// Pins (created by `stowix nix push --pin` and `stowix nix pin`).
+    Pin {
+        #[command(subcommand)]
+        command: PinCommand,
+    },
     /// Run one janitor pass now (servers run one every janitor_interval_secs): abort uploads
     /// inactive past upload_expiry_hours, delete stored objects no NAR record knows once they
     /// are older than orphan_grace_secs.
     Janitor,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PathCommand {
+    /// Remove a published path now, its NAR object included (a leaked secret must not wait
+    /// for garbage collection). Refuses while other published paths reference it.
+    Delete {
+        #[arg(long)]
+        repo: String,
+        /// `/nix/store/<hash>-<name>`, or the 32-character hash part.
+        path: String,
+        /// Also remove every published path that references it (transitively), and list them.
+        #[arg(long)]
+        with_dependents: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PinCommand {
+    /// List the live revisions of every pin.
+    List {
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// Delete a pin (all its revisions), or one revision.
+    Delete {
+        #[arg(long)]
+        repo: String,
+        name: String,
+        #[arg(long)]
+        revision: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,6 +128,13 @@ pub enum RepoCommand {
         name: String,
         #[command(flatten)]
         upstream: UpstreamArgs,
+        /// Collect paths not used for this long (`90s`, `12h`, `30d`); `none` clears it.
+        #[arg(long, value_name = "DURATION")]
+        retention: Option<String>,
+        /// Evict least recently used paths until the kept NARs fit (`200GiB`; B, KiB, MiB,
+        /// GiB, TiB); `none` clears it.
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
     },
     /// Show a repository's substituter settings and public key.
     Show {
@@ -160,6 +223,15 @@ pub fn run(args: AdminArgs) -> i32 {
             }
         }
         AdminCommand::Janitor => return janitor(config),
+        AdminCommand::Gc { repo, dry_run, now } => return gc(config, repo, dry_run, now),
+        AdminCommand::Path {
+            command:
+                PathCommand::Delete {
+                    repo,
+                    path,
+                    with_dependents,
+                },
+        } => return path_delete(config, &repo, &path, with_dependents),
         command => command,
     };
     let meta = match crate::server::backend::open(&config) {
@@ -170,7 +242,11 @@ pub fn run(args: AdminArgs) -> i32 {
     let result = match command {
         AdminCommand::Repo { command } => repo(meta, command),
         AdminCommand::Token { command } => token(meta, command),
-        AdminCommand::Db { .. } | AdminCommand::Janitor => {
+        AdminCommand::Pin { command } => pin(meta, command),
+        AdminCommand::Db { .. }
+        | AdminCommand::Janitor
+        | AdminCommand::Gc { .. }
+        | AdminCommand::Path { .. } => {
             unreachable!("handled before opening the backends")
         }
     };
@@ -180,22 +256,26 @@ pub fn run(args: AdminArgs) -> i32 {
     }
 }
 
-/// One janitor pass on the configured backends, with a runtime of its own (the janitor talks
-/// to the bucket asynchronously).
-fn janitor(config: crate::server::config::ServerConfig) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+fn admin_runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            return super::fail(
+        .map_err(|err| {
+            super::fail(
                 exit::FAILURE,
                 &format!("cannot start a runtime: {err}"),
                 None,
             )
-        }
+        })
+}
+
+/// One janitor pass on the configured backends, with a runtime of its own (the janitor talks
+/// to the bucket asynchronously).
+fn janitor(config: crate::server::config::ServerConfig) -> i32 {
+    let runtime = match admin_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         let state = crate::server::AppState::open(config, None)?;
@@ -328,6 +408,15 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
             for key in &repo.upstream_keys {
                 println!("upstream key:      {key}");
             }
+            let policy = meta.policy(&repo.name).map_err(internal)?.unwrap_or_default();
+            let usage = meta.usage(&repo.name).map_err(internal)?;
+            println!("retention:         {}", describe_policy(&policy));
+            println!("paths:             {}", usage.paths);
+            println!(
+                "stored:            {} in {} NARs",
+                format_size(usage.bytes),
+                usage.nars
+            );
             println!();
             println!("# nix.conf");
             println!("extra-substituters = {url}");
@@ -343,19 +432,46 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
             }
             Ok(())
         }
-        RepoCommand::Configure { name, upstream } => {
+        RepoCommand::Configure {
+            name,
+            upstream,
+            retention,
+            max_size,
+        } => {
             require_repo(meta, &name)?;
-            let Some(keys) = upstream.keys()? else {
+            let keys = upstream.keys()?;
+            let retention = retention
+                .map(|text| parse_setting(&text, "--retention", parse_duration))
+                .transpose()?;
+            let max_size = max_size
+                .map(|text| parse_setting(&text, "--max-size", parse_size))
+                .transpose()?;
+            if keys.is_none() && retention.is_none() && max_size.is_none() {
                 return Err((
                     exit::USAGE,
                     "nothing to configure".into(),
-                    Some("give --upstream-key KEY (repeatable) or --no-upstream-keys".into()),
+                    Some("give --upstream-key KEY (repeatable), --no-upstream-keys, --retention DURATION or --max-size SIZE".into()),
                 ));
-            };
-            if !meta.set_upstream_keys(&name, &keys).map_err(internal)? {
-                return Err((exit::USAGE, format!("no repository named '{name}'"), None));
             }
-            eprintln!("repository '{name}': {} upstream key(s)", keys.len());
+            if let Some(keys) = keys {
+                if !meta.set_upstream_keys(&name, &keys).map_err(internal)? {
+                    return Err((exit::USAGE, format!("no repository named '{name}'"), None));
+                }
+                eprintln!("repository '{name}': {} upstream key(s)", keys.len());
+            }
+            if retention.is_some() || max_size.is_some() {
+                let mut policy = meta.policy(&name).map_err(internal)?.unwrap_or_default();
+                if let Some(retention) = retention {
+                    policy.retention_secs = retention;
+                }
+                if let Some(max_size) = max_size {
+                    policy.max_size_bytes = max_size;
+                }
+                if !meta.set_policy(&name, &policy).map_err(internal)? {
+                    return Err((exit::USAGE, format!("no repository named '{name}'"), None));
+                }
+                eprintln!("repository '{name}': {}", describe_policy(&policy));
+            }
             Ok(())
         }
         RepoCommand::List => {
@@ -424,5 +540,297 @@ fn token(meta: &dyn Metadata, command: TokenCommand) -> AdminResult {
                 ))
             }
         }
+    }
+}
+
+/// `none` clears a setting; anything else goes through `parse`.
+fn parse_setting(
+    text: &str,
+    flag: &str,
+    parse: fn(&str) -> Option<u64>,
+) -> Result<Option<u64>, (i32, String, Option<String>)> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    match parse(text) {
+        Some(value) => Ok(Some(value)),
+        None => Err((
+            exit::USAGE,
+            format!("{flag} {text:?} is not valid"),
+            Some(match flag {
+                "--retention" => "give a duration such as 90s, 45m, 12h or 30d, or none".into(),
+                _ => "give a size such as 500MiB, 200GiB or 2TiB (B, KiB, MiB, GiB, TiB), or none"
+                    .into(),
+            }),
+        )),
+    }
+}
+
+/// `90s`, `45m`, `12h`, `30d`, `2w` → seconds; zero and overflow are refused.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: u64 = number.parse().ok()?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    number.checked_mul(scale).filter(|&secs| secs > 0)
+}
+
+/// `200GiB`, `500MiB`, `1024B` → bytes (binary units); zero and overflow are refused.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: u64 = number.parse().ok()?;
+    let scale: u64 = match unit {
+        "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(scale).filter(|&bytes| bytes > 0)
+}
+
+fn format_duration(secs: u64) -> String {
+    for (unit, scale) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs % scale == 0 {
+            return format!("{}{unit}", secs / scale);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes >= 1 << shift {
+            return format!("{:.1} {unit} ({bytes} B)", bytes as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+fn describe_policy(policy: &crate::server::metadata::RetentionPolicy) -> String {
+    let age = match policy.retention_secs {
+        Some(secs) => format!("paths unused for {} are collected", format_duration(secs)),
+        None => "no age limit".into(),
+    };
+    let size = match policy.max_size_bytes {
+        Some(bytes) => format!("max size {}", format_size(bytes)),
+        None => "no size limit".into(),
+    };
+    format!("{age}; {size}")
+}
+
+/// One collection on the configured backends (the same engine as `serve`'s schedule).
+fn gc(config: ServerConfig, repo: Option<String>, dry_run: bool, now: Option<i64>) -> i32 {
+    let runtime = match admin_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let outcome = runtime.block_on(async {
+        let state = crate::server::AppState::open(config, None).map_err(|m| (exit::FAILURE, m))?;
+        if let Some(name) = &repo {
+            let lookup = name.clone();
+            if state
+                .db(move |meta| meta.repo(&lookup))
+                .await
+                .map_err(|err| (exit::FAILURE, err.body.message))?
+                .is_none()
+            {
+                return Err((exit::USAGE, format!("no repository named '{name}'")));
+            }
+        }
+        let options = crate::server::gc::GcOptions {
+            repo,
+            dry_run,
+            now: now.unwrap_or_else(crate::server::gc::now),
+            grace_secs: state.config.gc_grace_secs,
+            orphan_grace_secs: state.config.orphan_grace_secs,
+        };
+        crate::server::gc::run(&state, &options)
+            .await
+            .map_err(|err| (exit::FAILURE, err.body.message))
+    });
+    match outcome {
+        Ok(Some(done)) => {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for r in &done {
+                println!(
+                    "{}: {verb} {} paths; {} NARs marked unreferenced; {verb} {} NARs, {} bytes; kept {} paths ({} bytes); policy: {}{}",
+                    r.repo,
+                    r.paths_removed,
+                    r.nars_marked,
+                    r.nars_deleted,
+                    r.bytes_freed,
+                    r.kept_paths,
+                    r.kept_bytes,
+                    describe_policy(&r.policy),
+                    if r.over_max_size { " (over max size: pins and the grace period keep more)" } else { "" }
+                );
+                for path in &r.removed {
+                    println!("  {path}");
+                }
+            }
+            exit::SUCCESS
+        }
+        Ok(None) => super::fail(
+            exit::FAILURE,
+            "another collection (on a running server) holds the lock",
+            Some("retry in a moment; one collection at a time is the rule across replicas"),
+        ),
+        Err((code, message)) => super::fail(code, &message, None),
+    }
+}
+
+/// The hash part of `/nix/store/<hash>-<name>` or of a bare hash part.
+fn hash_part_of(text: &str) -> Option<String> {
+    let text = text.trim();
+    let hash = match crate::nix::StorePath::from_absolute(text) {
+        Ok(path) => path.hash_part().to_string(),
+        Err(_) => text.to_string(),
+    };
+    crate::nix::store_path::is_valid_hash_part(&hash).then_some(hash)
+}
+
+fn path_delete(config: ServerConfig, repo: &str, path: &str, with_dependents: bool) -> i32 {
+    let Some(hash) = hash_part_of(path) else {
+        return super::fail(
+            exit::USAGE,
+            &format!("{path:?} is neither a store path nor a hash part"),
+            Some("give /nix/store/<hash>-<name> or the 32-character hash"),
+        );
+    };
+    let runtime = match admin_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let repo = repo.to_string();
+    let outcome = runtime.block_on(async {
+        let state = crate::server::AppState::open(config, None).map_err(|m| (exit::FAILURE, m, None::<String>))?;
+        let failed = |err: crate::server::error::ServerError| (exit::FAILURE, err.body.message, None);
+        let (name, lookup) = (repo.clone(), hash.clone());
+        let (found, published) = state
+            .db(move |meta| Ok((meta.repo(&name)?, meta.published_store_paths(&name, &[lookup])?)))
+            .await
+            .map_err(failed)?;
+        if found.is_none() {
+            return Err((exit::USAGE, format!("no repository named '{repo}'"), None));
+        }
+        if published.first().cloned().flatten().is_none() {
+            return Err((
+                exit::USAGE,
+                format!("repository '{repo}' publishes no path with hash {hash}"),
+                None,
+            ));
+        }
+        let name = repo.clone();
+        let deletion = state
+            .db(move |meta| meta.delete_paths(&name, &[hash], with_dependents))
+            .await
+            .map_err(failed)?;
+        match deletion {
+            crate::server::metadata::PathDeletion::Refused { dependents } => Err((
+                exit::REFUSED,
+                format!(
+                    "{} published path(s) reference it: {}",
+                    dependents.len(),
+                    dependents.join(", ")
+                ),
+                Some("delete those first, or add --with-dependents to delete them too".into()),
+            )),
+            crate::server::metadata::PathDeletion::Deleted { paths, nars } => {
+                for nar in &nars {
+                    // The row is gone; a failed object delete is an orphan the janitor's bucket
+                    // listing (S3) finds, so say so rather than fail the command.
+                    if let Err(err) = state.storage.delete(&nar.object_key).await {
+                        eprintln!("warning: could not delete object {}: {err}", nar.object_key);
+                    }
+                }
+                for path in &paths {
+                    println!("deleted {}", path.store_path);
+                }
+                println!("deleted {} NAR(s)", nars.len());
+                Ok(())
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => exit::SUCCESS,
+        Err((code, message, hint)) => super::fail(code, &message, hint.as_deref()),
+    }
+}
+
+fn pin(meta: &dyn Metadata, command: PinCommand) -> AdminResult {
+    match command {
+        PinCommand::List { repo } => {
+            if let Some(name) = &repo {
+                require_repo(meta, name)?;
+            }
+            println!("REPOSITORY\tPIN\tREVISION\tCREATED\tKEEP\tPATHS");
+            for pin in meta.pins(repo.as_deref()).map_err(internal)? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    pin.repo,
+                    pin.name,
+                    pin.revision,
+                    pin.created_at,
+                    pin.keep.map_or("all".to_string(), |k| k.to_string()),
+                    pin.store_paths.join(" ")
+                );
+            }
+            Ok(())
+        }
+        PinCommand::Delete {
+            repo,
+            name,
+            revision,
+        } => {
+            require_repo(meta, &repo)?;
+            let removed = meta.delete_pin(&repo, &name, revision).map_err(internal)?;
+            if removed == 0 {
+                return Err((
+                    exit::USAGE,
+                    match revision {
+                        Some(r) => format!("pin '{name}' of repository '{repo}' has no revision {r}"),
+                        None => format!("repository '{repo}' has no pin named '{name}'"),
+                    },
+                    Some(format!("`stowix admin pin list --repo {repo}` shows the pins")),
+                ));
+            }
+            eprintln!("deleted {removed} revision(s) of pin '{name}'");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_with_their_units_only() {
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("12h"), Some(43_200));
+        assert_eq!(parse_duration("30d"), Some(2_592_000));
+        for bad in ["30", "d", "0d", "3x", "-1d", "1.5d", ""] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        assert_eq!(parse_size("200GiB"), Some(200 << 30));
+        assert_eq!(parse_size("1B"), Some(1));
+        assert_eq!(parse_size("2TiB"), Some(2 << 40));
+        for bad in ["200", "200GB", "0MiB", "99999999999TiB", "GiB"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        assert_eq!(format_duration(2_592_000), "30d");
+        assert_eq!(format_duration(90), "90s");
     }
 }

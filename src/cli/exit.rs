@@ -17,6 +17,9 @@ pub const UNREACHABLE: i32 = 6;
 /// The server cannot store more (HTTP 507, its storage is full): nothing more can succeed
 /// until its administrator makes room; a re-run then resumes.
 pub const SERVER_FULL: i32 = 7;
+/// Refused to protect data: `stowix admin path delete` of a path other published paths still
+/// reference (without `--with-dependents`).
+pub const REFUSED: i32 = 8;
 /// A pin named a store path the repository has not published (`nix pin`, `nix push --pin`).
 pub const NOT_PUBLISHED: i32 = 9;
 /// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.

@@ -56,6 +56,17 @@ impl<V: Clone> TtlCache<V> {
         }
     }
 
+    /// Forgets `key` at once (a path deleted on this replica is not served from here again).
+    pub fn remove(&self, key: &str) {
+        if !self.enabled() {
+            return;
+        }
+        self.shard(key)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     pub fn insert(&self, key: String, value: V) {
         if !self.enabled() {
             return;

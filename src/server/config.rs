@@ -90,6 +90,15 @@ pub struct ServerConfig {
     /// How old an object the database does not know must be before the janitor deletes it:
     /// longer than the slowest completion (an object exists before its `nars` row).
     pub orphan_grace_secs: u64,
+    /// How often `serve` collects garbage (one replica at a time does the work).
+    pub gc_interval_secs: u64,
+    /// Paths published or last used within this many seconds are never collected, whatever
+    /// the policy: it covers a push told "present" that publishes after its uploads, and must
+    /// stay well above `last_use_flush_secs`.
+    pub gc_grace_secs: u64,
+    /// Uses (NAR downloads, presence answers) are gathered in memory and written this often:
+    /// a hot read path does not become a write per request.
+    pub last_use_flush_secs: u64,
     /// Largest build log accepted (`nix store copy-log --to`), as sent (compressed or not).
     pub max_log_bytes: u64,
     /// Published narinfos kept in memory for the read side (0: none), and for how long. A
@@ -133,6 +142,9 @@ impl Default for ServerConfig {
             s3_presign_secs: 0,
             janitor_interval_secs: 3600,
             orphan_grace_secs: 86_400,
+            gc_interval_secs: 3600,
+            gc_grace_secs: 3600,
+            last_use_flush_secs: 30,
             max_log_bytes: 64 << 20,
             narinfo_cache_entries: 16384,
             narinfo_cache_secs: 10,
@@ -219,6 +231,9 @@ mod tests {
         assert_eq!(parsed.janitor_interval_secs, defaults.janitor_interval_secs);
         assert_eq!(parsed.orphan_grace_secs, defaults.orphan_grace_secs);
         assert_eq!(parsed.max_log_bytes, defaults.max_log_bytes);
+        assert_eq!(parsed.gc_interval_secs, defaults.gc_interval_secs);
+        assert_eq!(parsed.gc_grace_secs, defaults.gc_grace_secs);
+        assert_eq!(parsed.last_use_flush_secs, defaults.last_use_flush_secs);
         assert_eq!(parsed.narinfo_cache_entries, defaults.narinfo_cache_entries);
         assert_eq!(parsed.narinfo_cache_secs, defaults.narinfo_cache_secs);
     }

@@ -23,6 +23,18 @@ pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
 pub const STORAGE_SECONDS: &str = "stowix_server_storage_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "stowix_server_storage_errors_total";
 pub const FILES_STORED_TOTAL: &str = "stowix_server_files_stored_total";
+pub const LAST_USE_FLUSHES_TOTAL: &str = "stowix_server_last_use_flushes_total";
+pub const GC_RUNS_TOTAL: &str = "stowix_server_gc_runs_total";
+pub const GC_PATHS_REMOVED_TOTAL: &str = "stowix_server_gc_paths_removed_total";
+pub const GC_BYTES_FREED_TOTAL: &str = "stowix_server_gc_bytes_freed_total";
+pub const GC_DURATION_SECONDS: &str = "stowix_server_gc_duration_seconds";
+pub const REPOSITORY_BYTES: &str = "stowix_server_repository_bytes";
+pub const REPOSITORY_PATHS: &str = "stowix_server_repository_paths";
+
+/// From 10 ms (an empty repository) to about 3 hours (a mark over tens of millions of paths).
+const GC_BUCKETS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 10800.0,
+];
 
 /// From 1 ms (a narinfo lookup) to ~2 min (verifying a multi-GB NAR).
 const DURATION_BUCKETS: &[f64] = &[
@@ -39,6 +51,8 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .set_buckets_for_metric(Matcher::Full(STORAGE_SECONDS.into()), DURATION_BUCKETS)
         .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(Matcher::Full(GC_DURATION_SECONDS.into()), GC_BUCKETS)
+        .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
@@ -47,7 +61,17 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
     metrics::counter!(NARS_STORED_TOTAL).absolute(0);
     metrics::counter!(NARINFOS_PUBLISHED_TOTAL).absolute(0);
     metrics::counter!(VERIFIED_NAR_BYTES_TOTAL).absolute(0);
+    metrics::counter!(GC_RUNS_TOTAL).absolute(0);
+    metrics::counter!(LAST_USE_FLUSHES_TOTAL).absolute(0);
+    metrics::counter!(GC_PATHS_REMOVED_TOTAL).absolute(0);
+    metrics::counter!(GC_BYTES_FREED_TOTAL).absolute(0);
     Ok(handle)
+}
+
+/// Sets a repository's size gauges (after a collection, and at start).
+pub fn record_usage(repo: &str, usage: &super::metadata::RepoUsage) {
+    metrics::gauge!(REPOSITORY_BYTES, "repository" => repo.to_string()).set(usage.bytes as f64);
+    metrics::gauge!(REPOSITORY_PATHS, "repository" => repo.to_string()).set(usage.paths as f64);
 }
 
 fn describe() {
@@ -104,6 +128,34 @@ fn describe() {
         VERIFIED_NAR_BYTES_TOTAL,
         metrics::Unit::Bytes,
         "NAR bytes decompressed while verifying uploads, whatever the outcome"
+    );
+    metrics::describe_counter!(GC_RUNS_TOTAL, "Garbage collections completed");
+    metrics::describe_counter!(
+        LAST_USE_FLUSHES_TOTAL,
+        "Writes of the last uses gathered in memory (NAR downloads, presence answers)"
+    );
+    metrics::describe_counter!(
+        GC_PATHS_REMOVED_TOTAL,
+        "Published paths removed by garbage collection"
+    );
+    metrics::describe_counter!(
+        GC_BYTES_FREED_TOTAL,
+        metrics::Unit::Bytes,
+        "Compressed NAR bytes deleted by garbage collection"
+    );
+    metrics::describe_histogram!(
+        GC_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one garbage collection (all repositories)"
+    );
+    metrics::describe_gauge!(
+        REPOSITORY_BYTES,
+        metrics::Unit::Bytes,
+        "Compressed NAR bytes stored per repository (at the last collection or start)"
+    );
+    metrics::describe_gauge!(
+        REPOSITORY_PATHS,
+        "Published paths per repository (at the last collection or start)"
     );
     metrics::describe_counter!(
         AUTH_FAILURES_TOTAL,

@@ -20,7 +20,9 @@ pub mod cache;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod gc;
 pub mod janitor;
+pub mod last_use;
 pub mod metrics;
 pub mod publish;
 mod routes_api;
@@ -89,6 +91,8 @@ pub struct AppState {
     repos: cache::TtlCache<RepoRecord>,
     /// Published narinfo texts by `<repo>/<hash>`.
     pub narinfos: cache::TtlCache<std::sync::Arc<str>>,
+    /// Uses waiting to be written (`last_use.rs`).
+    pub last_use: last_use::LastUse,
 }
 
 /// A repository record is reread at most this often per process: changes by `stowix admin`
@@ -157,6 +161,7 @@ impl AppState {
                 config_narinfo_entries,
                 Duration::from_secs(config_narinfo_secs),
             ),
+            last_use: last_use::LastUse::default(),
         })
     }
 
@@ -478,6 +483,8 @@ pub fn router(state: SharedState) -> Router {
             post(routes_api::complete_upload),
         )
         .route(&format!("{api}/narinfos"), post(routes_api::publish))
+        .route(&format!("{api}/pins"), get(routes_api::list_pins))
+        .route(&format!("{api}/pins/{{name}}"), post(routes_api::create_pin))
         .route(
             "/{repo}/log/{file}",
             get(routes_files::get_log)
@@ -610,6 +617,8 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
         }
     });
 
+    spawn_retention(&state);
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     if let Some(metrics_listener) = metrics_listener {
@@ -620,6 +629,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
         };
         servers.spawn(conn::serve(metrics_listener, app, limits, stop_rx.clone()));
     }
+    let flush_state = Arc::clone(&state);
     servers.spawn(conn::serve(listener, router(state), limits, stop_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: waiting up to {grace:?} for requests in flight");
@@ -631,6 +641,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
         Ok::<_, String>(())
     })
     .await;
+    // Uses recorded since the last flush; a replica killed outright loses them (the grace
+    // period covers it).
+    flush_state.last_use.flush(&flush_state).await;
     match drained {
         Ok(result) => result,
         Err(_) => {
@@ -640,6 +653,58 @@ pub async fn serve(config: ServerConfig) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The retention tasks of `serve`: the last-use flush, the size gauges at start, and the
+/// scheduled collection (one replica at a time: the others find the lock held and skip).
+fn spawn_retention(state: &SharedState) {
+    let flusher = Arc::clone(state);
+    tokio::spawn(async move {
+        let every = Duration::from_secs(flusher.config.last_use_flush_secs.max(1));
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = flusher.last_use.overflowing() => {}
+            }
+            flusher.last_use.flush(&flusher).await;
+        }
+    });
+    let collector = Arc::clone(state);
+    tokio::spawn(async move {
+        if let Ok(repos) = collector.db(|meta| meta.repos()).await {
+            for repo in repos {
+                let name = repo.name.clone();
+                if let Ok(usage) = collector.db(move |meta| meta.usage(&name)).await {
+                    metrics::record_usage(&repo.name, &usage);
+                }
+            }
+        }
+        let every = Duration::from_secs(collector.config.gc_interval_secs.max(1));
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let options = gc::GcOptions {
+                repo: None,
+                dry_run: false,
+                now: gc::now(),
+                grace_secs: collector.config.gc_grace_secs,
+                orphan_grace_secs: collector.config.orphan_grace_secs,
+            };
+            match gc::run(&collector, &options).await {
+                Ok(Some(done)) => tracing::info!(
+                    paths_removed = done.iter().map(|r| r.paths_removed).sum::<u64>(),
+                    nars_deleted = done.iter().map(|r| r.nars_deleted).sum::<u64>(),
+                    bytes_freed = done.iter().map(|r| r.bytes_freed).sum::<u64>(),
+                    "garbage collection done"
+                ),
+                Ok(None) => tracing::debug!("gc: another replica holds the lock"),
+                Err(err) => tracing::warn!("garbage collection failed: {}", err.body.message),
+            }
+        }
+    });
 }
 
 /// The connection limits of `config`, with the cap checked against the descriptor limit.

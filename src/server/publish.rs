@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::error::ServerResult;
-use super::metadata::{NarRecord, PublishedNarInfo, RepoRecord};
+use super::metadata::{NarRecord, PublishState, PublishedNarInfo, RepoRecord};
 use super::metrics;
 use super::AppState;
 use crate::api::{codes, PublishRejection, UpstreamProof};
@@ -84,15 +84,30 @@ pub async fn publish(
     .await??;
     let repo_name = repo.name.clone();
     let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
-    let newly = state
-        .db(move |meta| meta.publish(&repo_name, &rows))
+    let at = super::gc::now();
+    let states = state
+        .db(move |meta| meta.publish_checked(&repo_name, &rows, at))
         .await?;
-    // A concurrent request may have published some of these between the check and the write.
-    for (hash, new) in hashes.into_iter().zip(newly) {
-        if new {
-            outcome.published.push(hash);
-        } else {
-            outcome.already_published.push(hash);
+    // Between the check above and this transaction, a concurrent request may have published
+    // some of these, and a collection may have removed a reference or a NAR: the transaction
+    // checks again under lock, and what it refuses is refused here with a code the client acts on.
+    for (hash, published) in hashes.into_iter().zip(states) {
+        match published {
+            PublishState::New => outcome.published.push(hash),
+            PublishState::Already => outcome.already_published.push(hash),
+            PublishState::MissingReferences(missing) => outcome.rejected.push(PublishRejection {
+                hash,
+                code: codes::MISSING_REFERENCES.into(),
+                message: format!(
+                    "references paths this repository no longer has (collected meanwhile): {}; push them again",
+                    missing.join(", ")
+                ),
+            }),
+            PublishState::NarGone(url) => outcome.rejected.push(PublishRejection {
+                hash,
+                code: codes::NAR_NOT_STORED.into(),
+                message: format!("the NAR {url} was collected meanwhile: upload it again"),
+            }),
         }
     }
     ::metrics::counter!(metrics::NARINFOS_PUBLISHED_TOTAL)

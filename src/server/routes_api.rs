@@ -141,6 +141,7 @@ pub async fn presence(
     };
     let meta = std::sync::Arc::clone(&state.meta);
     let name = repo.name.clone();
+    let uses = std::sync::Arc::clone(&state);
     // Parsing up to 20 000 entries, the lookups and the answer's serialisation are CPU and
     // database work: off the async workers, so they never delay other requests' I/O.
     let answer = tokio::task::spawn_blocking(move || -> ServerResult<Vec<u8>> {
@@ -170,9 +171,12 @@ pub async fn presence(
         }
         let answers = meta.presence(&name, &queries)?;
         let mut response = PresenceResponse::default();
+        let now = super::gc::now();
         for (query, answer) in request.paths.into_iter().zip(answers) {
             match answer {
-                Presence::Published => {}
+                // A push told "present" relies on the path staying until it publishes: the
+                // use (and the grace period until it is written) protects it.
+                Presence::Published => uses.last_use.record_path(&name, &query.hash, now),
                 Presence::NarStored => response.nar_stored.push(query.hash),
                 Presence::Missing => response.missing.push(query.hash),
             }
@@ -696,4 +700,108 @@ mod tests {
         assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
         assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
     }
+}
+
+/// `POST api/v1/pins/{name}`: the store paths become the pin's next revision; each must be
+/// published here, whole path included (a path under the same hash part with another name is
+/// not the one published).
+pub async fn create_pin(
+    State(state): State<SharedState>,
+    Authorized { repo, .. }: PushAccess,
+    Path((_, name)): Path<(String, String)>,
+    body: Body,
+) -> ServerResult<Json<crate::api::PinResponse>> {
+    // The same rule as the client's, so a name the CLI accepts is never refused here.
+    if let Err(why) = crate::api::check_pin_name(&name) {
+        let shown: String = why.chars().take(300).collect();
+        return Err(ServerError::bad_request(codes::BAD_REQUEST, shown));
+    }
+    let request: crate::api::PinRequest = read_json(&state, body).await?;
+    check_batch(
+        request.store_paths.len(),
+        state.config.max_publish_batch,
+        "store paths per pin",
+    )?;
+    if request.store_paths.is_empty() {
+        return Err(ServerError::bad_request(
+            codes::BAD_REQUEST,
+            "a pin needs at least one store path",
+        ));
+    }
+    let mut paths = Vec::with_capacity(request.store_paths.len());
+    for text in &request.store_paths {
+        let path = StorePath::from_absolute(text).map_err(|err| {
+            ServerError::bad_request(codes::BAD_REQUEST, format!("{text:?}: {err}"))
+        })?;
+        paths.push(path);
+    }
+    paths.sort();
+    paths.dedup();
+    let hashes: Vec<String> = paths.iter().map(|p| p.hash_part().to_string()).collect();
+    let (lookup, repo_name) = (hashes.clone(), repo.name.clone());
+    let stored = state
+        .db(move |meta| meta.published_store_paths(&repo_name, &lookup))
+        .await?;
+    let not_published: Vec<String> = paths
+        .iter()
+        .zip(&stored)
+        .filter(|(path, stored)| stored.as_deref() != Some(path.to_absolute().as_str()))
+        .map(|(path, _)| path.to_absolute())
+        .collect();
+    let not_published_error = |paths: Vec<String>| {
+        ServerError::unprocessable(
+            codes::NOT_PUBLISHED,
+            format!(
+                "cannot pin what this repository does not publish: {}; push it first",
+                paths.join(", ")
+            ),
+        )
+    };
+    if !not_published.is_empty() {
+        return Err(not_published_error(not_published));
+    }
+    let (pin_name, repo_name, keep) = (name.clone(), repo.name.clone(), request.keep);
+    let at = super::gc::now();
+    let created = state
+        .db(move |meta| meta.create_pin(&repo_name, &pin_name, &hashes, keep, at))
+        .await?;
+    match created {
+        super::metadata::PinCreated::Created { pin, dropped } => {
+            Ok(Json(crate::api::PinResponse {
+                created: pin_revision(pin),
+                dropped_revisions: dropped,
+            }))
+        }
+        // Collected (or deleted) between the lookup and the pin's transaction.
+        super::metadata::PinCreated::NotPublished(gone) => {
+            let gone: Vec<String> = paths
+                .iter()
+                .filter(|p| gone.iter().any(|h| h == p.hash_part()))
+                .map(|p| p.to_absolute())
+                .collect();
+            Err(not_published_error(gone))
+        }
+    }
+}
+
+fn pin_revision(pin: super::metadata::PinRecord) -> crate::api::PinRevision {
+    crate::api::PinRevision {
+        name: pin.name,
+        revision: pin.revision,
+        store_paths: pin.store_paths,
+        created_at: pin.created_at,
+        keep: pin.keep,
+    }
+}
+
+/// `GET api/v1/pins`: every live revision of every pin of the repository.
+pub async fn list_pins(
+    State(state): State<SharedState>,
+    Authorized { repo, .. }: ApiReadAccess,
+) -> ServerResult<Json<crate::api::PinList>> {
+    let name = repo.name.clone();
+    let pins = state.db(move |meta| meta.pins(Some(&name))).await?;
+    Ok(Json(crate::api::PinList {
+        pins: pins.into_iter().map(pin_revision).collect(),
+    }))
 }

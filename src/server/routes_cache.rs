@@ -248,6 +248,10 @@ pub async fn get_nar(
         .db(move |meta| meta.nar_by_url(&name, &url))
         .await?
         .ok_or_else(not_found)?;
+    // A download is a use (a narinfo lookup is not: substituters probe paths they never fetch).
+    state
+        .last_use
+        .record_nar(&repo.name, &nar.url, super::gc::now());
     if state.config.s3_presign_secs > 0 {
         let expires = std::time::Duration::from_secs(state.config.s3_presign_secs);
         // The access check above already ran: a private repository's URL goes only to a

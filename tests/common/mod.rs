@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod backends;
+pub mod invariants;
 pub mod monitoring;
 pub mod s3;
 
@@ -133,6 +134,12 @@ impl TestServer {
             .clone()
             .expect("replicas share scale-out backends: start the first with start_scaleout");
         Self::start_inner(toml, Some(shared))
+    }
+
+    /// Starts a server on the run's backend with `toml` as its config and `env` added to its
+    /// environment and to that of `stowix admin` runs (e.g. `STOWIX_CLOCK_FILE`).
+    pub fn start_with_config_env(toml: &str, env: Vec<(String, String)>) -> Self {
+        Self::start_env(Some(toml), Self::run_backends(), env)
     }
 
     fn run_backends() -> Option<Arc<backends::ScaleoutBackends>> {

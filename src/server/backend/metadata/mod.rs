@@ -174,6 +174,155 @@ pub enum Presence {
     Missing,
 }
 
+/// What a narinfo text says that retention needs: the NAR it names and the hash parts of the
+/// paths it references (itself excluded). Read from the signed text, so what the collector
+/// walks is exactly what substituters see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NarInfoFacts {
+    /// `nar/<file>` relative to the repository; empty when the text names none.
+    pub nar_url: String,
+    pub references: Vec<String>,
+}
+
+impl NarInfoFacts {
+    pub fn of(hash: &str, text: &str) -> NarInfoFacts {
+        let mut facts = NarInfoFacts::default();
+        for line in text.lines() {
+            if let Some(url) = line.strip_prefix("URL: ") {
+                facts.nar_url = url.trim().to_string();
+            } else if let Some(references) = line.strip_prefix("References: ") {
+                facts.references = references
+                    .split_ascii_whitespace()
+                    .filter_map(|basename| basename.get(..32))
+                    .filter(|reference| *reference != hash)
+                    .map(str::to_string)
+                    .collect();
+                facts.references.sort();
+                facts.references.dedup();
+            }
+        }
+        facts
+    }
+}
+
+/// What [`Metadata::publish_checked`] did with one narinfo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublishState {
+    New,
+    /// Published before (by this request or another): left as it was.
+    Already,
+    /// Not published: these references (hash parts) are not published in the repository,
+    /// checked inside the publishing transaction, so a collector cannot remove them between
+    /// the check and the write.
+    MissingReferences(Vec<String>),
+    /// Not published: the NAR it names is no longer stored (collected after its grace).
+    NarGone(String),
+}
+
+/// A repository's retention policy; `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Paths not used for this long are collected (unless pinned or referenced by a kept path).
+    pub retention_secs: Option<u64>,
+    /// Least recently used paths are collected until the kept closure's NARs fit.
+    pub max_size_bytes: Option<u64>,
+}
+
+/// What a repository holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepoUsage {
+    /// Published narinfos.
+    pub paths: u64,
+    /// Stored NARs, published or not, marked unreferenced or not.
+    pub nars: u64,
+    /// Their compressed size (what storage holds).
+    pub bytes: u64,
+}
+
+/// The paths kept by one mark: the roots and their closure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveSet {
+    pub paths: u64,
+    /// Compressed size of the NARs those paths name.
+    pub bytes: u64,
+}
+
+/// What the last mark leaves to collect.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeadSet {
+    pub paths: u64,
+    /// NARs that no kept narinfo names: marked unreferenced when their paths go.
+    pub nars: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedPath {
+    pub hash: String,
+    pub store_path: String,
+}
+
+/// One collection of one repository, on one database session (its working tables live there).
+/// The engine in `server::gc` drives it: `mark` as often as its search needs, then `dead`,
+/// then `sweep` until it returns nothing.
+pub trait GcSession {
+    /// The oldest last use among the repository's published paths.
+    fn oldest_use(&mut self) -> MetaResult<Option<i64>>;
+    /// Rebuilds the live set: every pinned root and every path last used at or after
+    /// `cutoff`, closed under references (in the database: nothing is loaded here).
+    fn mark(&mut self, cutoff: i64) -> MetaResult<LiveSet>;
+    /// Records the published paths the last mark left out: the candidates `sweep` removes.
+    fn dead(&mut self) -> MetaResult<DeadSet>;
+    /// Removes at most `limit` candidates that no published path references any more (so a
+    /// path goes only after, or together with, everything that references it; a path published
+    /// meanwhile that references a candidate keeps it, and its closure). Their NARs, once no
+    /// narinfo names them, are marked unreferenced at `now`. Empty when nothing more can go.
+    fn sweep(&mut self, limit: usize, now: i64) -> MetaResult<Swept>;
+}
+
+/// One [`GcSession::sweep`] batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub paths: Vec<RemovedPath>,
+    /// NARs this batch left without a narinfo, now marked unreferenced.
+    pub nars_orphaned: u64,
+}
+
+/// What [`Metadata::delete_paths`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathDeletion {
+    /// Nothing deleted: these published store paths reference the targets.
+    Refused { dependents: Vec<String> },
+    /// Deleted (the targets first, then dependents), with the NAR records no narinfo names
+    /// any more, already removed from the database: their objects are the caller's to delete.
+    Deleted {
+        paths: Vec<RemovedPath>,
+        nars: Vec<NarRecord>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinRecord {
+    pub repo: String,
+    pub name: String,
+    pub revision: u64,
+    pub created_at: i64,
+    pub keep: Option<u32>,
+    /// Absolute store paths, sorted.
+    pub store_paths: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PinCreated {
+    Created {
+        pin: PinRecord,
+        /// Older revisions `keep` dropped.
+        dropped: Vec<u64>,
+    },
+    /// Nothing pinned: these hash parts are not published.
+    NotPublished(Vec<String>),
+}
+
 pub trait Metadata: Send + Sync {
     /// False when a repository of that name exists already.
     fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool>;
@@ -192,8 +341,15 @@ pub trait Metadata: Send + Sync {
     /// For each `(hash part, nar hash)`, in order.
     fn presence(&self, repo: &str, queries: &[(String, String)]) -> MetaResult<Vec<Presence>>;
     /// Publishes all of `narinfos` in one transaction; already published ones are left alone.
-    /// Returns, per entry, whether it was newly published.
-    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>>;
+    /// Returns, per entry, whether it was newly published. Entries whose references or NAR are
+    /// missing are not published ([`Metadata::publish_checked`] says why).
+    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
+        Ok(self
+            .publish_checked(repo, narinfos, now_unix())?
+            .into_iter()
+            .map(|state| state == PublishState::New)
+            .collect())
+    }
 
     fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>>;
     fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>>;
@@ -247,11 +403,115 @@ pub trait Metadata: Send + Sync {
     /// For each key, in order, whether a stored NAR lives there.
     fn known_object_keys(&self, keys: &[String]) -> MetaResult<Vec<bool>>;
 
+    /// Publishes in one transaction that also checks, under locks a collector must wait for,
+    /// that every reference (outside the batch) is published and every named NAR stored; a
+    /// NAR marked unreferenced is revived. `at` is the publication time and first use.
+    fn publish_checked(
+        &self,
+        repo: &str,
+        narinfos: &[PublishedNarInfo],
+        at: i64,
+    ) -> MetaResult<Vec<PublishState>>;
+
+    fn policy(&self, repo: &str) -> MetaResult<Option<RetentionPolicy>>;
+    /// False when there is no such repository.
+    fn set_policy(&self, repo: &str, policy: &RetentionPolicy) -> MetaResult<bool>;
+    fn usage(&self, repo: &str) -> MetaResult<RepoUsage>;
+    /// Raises the last use of these published paths (hash parts) to the given times.
+    fn touch_paths(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()>;
+    /// Raises the last use of the paths whose narinfos name these NAR URLs.
+    fn touch_nars(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()>;
+    fn gc_session(&self, repo: &str) -> MetaResult<Box<dyn GcSession + '_>>;
+    /// Marks unreferenced, at `now`, the NARs stored before `created_before` that no narinfo
+    /// names and that are not marked yet (uploads never published). Returns how many; with
+    /// `dry_run`, counts without marking.
+    fn mark_unpublished_nars(
+        &self,
+        repo: &str,
+        created_before: i64,
+        now: i64,
+        dry_run: bool,
+    ) -> MetaResult<u64>;
+    /// NARs marked unreferenced before `orphaned_before` that no narinfo names: count and bytes.
+    fn collectible_nars(&self, repo: &str, orphaned_before: i64) -> MetaResult<(u64, u64)>;
+    /// Deletes at most `limit` of those NAR records (rechecked under lock: a publication that
+    /// revived one keeps it) and returns them; their objects are the caller's to delete.
+    fn take_collectible_nars(
+        &self,
+        repo: &str,
+        orphaned_before: i64,
+        limit: usize,
+    ) -> MetaResult<Vec<NarRecord>>;
+    /// Deletes published paths (hash parts) now, with their NAR records when no other narinfo
+    /// names them. Refuses while other published paths reference them, unless
+    /// `with_dependents`, which deletes those (transitively) too.
+    fn delete_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+        with_dependents: bool,
+    ) -> MetaResult<PathDeletion>;
+    /// Pins published paths (hash parts) as the next revision of `name`; `keep` (when given)
+    /// becomes the pin's setting and drops older revisions beyond it.
+    fn create_pin(
+        &self,
+        repo: &str,
+        name: &str,
+        hashes: &[String],
+        keep: Option<u32>,
+        at: i64,
+    ) -> MetaResult<PinCreated>;
+    /// Live pin revisions of `repo` (every repository when `None`), by repository, name, revision.
+    fn pins(&self, repo: Option<&str>) -> MetaResult<Vec<PinRecord>>;
+    /// Deletes a pin's revision, or all of them; returns how many revisions went.
+    fn delete_pin(&self, repo: &str, name: &str, revision: Option<u64>) -> MetaResult<u64>;
+
     /// A cheap round trip: readiness for `/healthz`.
     fn ping(&self) -> MetaResult<()>;
     fn schema_version(&self) -> MetaResult<i64>;
     /// The singleton named `name`, if no other process holds it now.
     fn try_singleton(&self, name: &str) -> MetaResult<Option<SingletonGuard>>;
+}
+
+/// Which batch entries can be published: each entry's references (hash parts) must be in
+/// `present` or be another accepted entry of the batch, to a fixed point (a refusal refuses
+/// the entries that reference it). Returns, per entry, the missing references.
+pub fn batch_missing(
+    entries: &[(&str, &[String])],
+    present: &std::collections::HashSet<String>,
+) -> Vec<Vec<String>> {
+    use std::collections::HashMap;
+    let mut accepted: HashMap<&str, usize> = HashMap::new();
+    for (hash, _) in entries {
+        *accepted.entry(*hash).or_default() += 1;
+    }
+    let mut missing = vec![Vec::new(); entries.len()];
+    loop {
+        let mut changed = false;
+        for (i, (hash, references)) in entries.iter().enumerate() {
+            if !missing[i].is_empty() {
+                continue;
+            }
+            let absent: Vec<String> = references
+                .iter()
+                .filter(|r| !present.contains(*r) && !accepted.contains_key(r.as_str()))
+                .cloned()
+                .collect();
+            if !absent.is_empty() {
+                missing[i] = absent;
+                if let Some(count) = accepted.get_mut(hash) {
+                    *count -= 1;
+                    if *count == 0 {
+                        accepted.remove(hash);
+                    }
+                }
+                changed = true;
+            }
+        }
+        if !changed {
+            return missing;
+        }
+    }
 }
 
 pub fn now_unix() -> i64 {

@@ -38,8 +38,10 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo,
-    RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart, UploadRecord,
+    batch_missing, now_unix, DeadSet, GcSession, LiveSet, MetaError, MetaResult, Metadata,
+    NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
+    PublishState, PublishedNarInfo, RemovedPath, RepoRecord, RepoUsage, RetentionPolicy, Scope,
+    SessionCaps, SingletonGuard, Swept, TokenRecord, UploadPart, UploadRecord,
 };
 
 /// The schema this binary writes. A database at a higher version was migrated by a newer
@@ -131,6 +133,58 @@ const MIGRATIONS: &[&str] = &[
     // would change what their pushes upload.
     r#"
     ALTER TABLE repos ADD COLUMN upstream_keys TEXT[] NOT NULL DEFAULT '{}';
+    "#,
+    // 4: retention (`gc.rs`): last use, who references whom (filled from the texts of the
+    // narinfos published so far), the NAR each narinfo names, policies, pins, and NARs marked
+    // unreferenced.
+    r#"
+    ALTER TABLE narinfos ADD COLUMN last_used_at BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE narinfos ADD COLUMN nar_url TEXT COLLATE "C" NOT NULL DEFAULT '';
+    UPDATE narinfos SET last_used_at = published_at,
+        nar_url = COALESCE(substring(text from '(?n)^URL: ([^\s]+)'), '');
+    CREATE INDEX narinfos_by_last_use ON narinfos (repo, last_used_at);
+    CREATE INDEX narinfos_by_nar_url ON narinfos (repo, nar_url);
+    CREATE TABLE narinfo_refs (
+        repo TEXT COLLATE "C" NOT NULL,
+        hash TEXT COLLATE "C" NOT NULL,
+        ref_hash TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (repo, hash, ref_hash)
+    );
+    INSERT INTO narinfo_refs (repo, hash, ref_hash)
+    SELECT DISTINCT n.repo, n.hash, substr(r.basename, 1, 32)
+    FROM narinfos n,
+         regexp_split_to_table(
+             COALESCE(substring(n.text from '(?n)^References: ([^\n]*)$'), ''), ' ')
+             AS r(basename)
+    WHERE length(r.basename) >= 32 AND substr(r.basename, 1, 32) <> n.hash;
+    CREATE INDEX narinfo_refs_by_ref ON narinfo_refs (repo, ref_hash);
+    ALTER TABLE repos ADD COLUMN retention_secs BIGINT;
+    ALTER TABLE repos ADD COLUMN max_size_bytes BIGINT;
+    ALTER TABLE nars ADD COLUMN orphaned_at BIGINT;
+    CREATE INDEX nars_by_orphaned ON nars (repo, orphaned_at);
+    CREATE TABLE pins (
+        repo TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        keep BIGINT,
+        next_revision BIGINT NOT NULL,
+        PRIMARY KEY (repo, name)
+    );
+    CREATE TABLE pin_revisions (
+        repo TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        revision BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (repo, name, revision)
+    );
+    CREATE TABLE pin_roots (
+        repo TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        revision BIGINT NOT NULL,
+        hash TEXT COLLATE "C" NOT NULL,
+        store_path TEXT NOT NULL,
+        PRIMARY KEY (repo, name, revision, hash)
+    );
+    CREATE INDEX pin_roots_by_repo ON pin_roots (repo, hash);
     "#,
 ];
 
@@ -898,6 +952,226 @@ impl Drop for AdvisoryLockHolder {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A collection's session.
+
+/// How long one step of a collection may take: marking a repository of millions of paths is
+/// minutes of work, not a request.
+const GC_STEP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// One connection for the whole collection: `gc_live` and `gc_dead` are temporary tables of
+/// that session. The connection is closed at the end rather than returned to the pool.
+struct PgGc<'a> {
+    pooled: Option<Pooled<'a>>,
+    target: &'a ConnectTarget,
+    repo: String,
+    cutoff: i64,
+}
+
+impl Drop for PgGc<'_> {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            pooled.discard();
+        }
+    }
+}
+
+impl PgGc<'_> {
+    fn run<T>(&mut self, op: impl AsyncFn(&mut Conn) -> Result<T, Fail>) -> MetaResult<T> {
+        let pooled = self.pooled.as_mut().expect("present until dropped");
+        match block_on(op(pooled.conn()), Instant::now() + GC_STEP_TIMEOUT) {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(Fail::Meta(err))) => Err(err),
+            Some(Err(Fail::Pg(err))) => Err(meta_error(&err, self.target)),
+            None => Err(MetaError::Unavailable(format!(
+                "PostgreSQL at {} did not finish a collection step within {} s",
+                self.target,
+                GC_STEP_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+impl GcSession for PgGc<'_> {
+    fn oldest_use(&mut self) -> MetaResult<Option<i64>> {
+        let repo = self.repo.clone();
+        self.run(async |c| {
+            let row = c
+                .client
+                .query_one("SELECT MIN(last_used_at) FROM narinfos WHERE repo = $1", &[&repo])
+                .await?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn mark(&mut self, cutoff: i64) -> MetaResult<LiveSet> {
+        self.cutoff = cutoff;
+        let repo = self.repo.clone();
+        self.run(async |c| {
+            c.client.batch_execute("TRUNCATE gc_live").await?;
+            c.client
+                .execute(
+                    "INSERT INTO gc_live (hash, gen)
+                     SELECT hash, 0 FROM narinfos WHERE repo = $1 AND last_used_at >= $2
+                     UNION SELECT hash, 0 FROM pin_roots WHERE repo = $1
+                     ON CONFLICT DO NOTHING",
+                    &[&repo, &cutoff],
+                )
+                .await?;
+            // One generation per statement (see the SQLite backend): memory stays bounded,
+            // where a recursive CTE's UNION keeps its whole working set in a hash table.
+            let step = c
+                .client
+                .prepare(
+                    "INSERT INTO gc_live (hash, gen)
+                     SELECT DISTINCT r.ref_hash, $3::bigint FROM gc_live l
+                     JOIN narinfo_refs r ON r.repo = $1 AND r.hash = l.hash
+                     WHERE l.gen = $2
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            let mut generation = 0i64;
+            loop {
+                let added = c
+                    .client
+                    .execute(&step, &[&repo, &generation, &(generation + 1)])
+                    .await?;
+                if added == 0 {
+                    break;
+                }
+                generation += 1;
+            }
+            c.client.batch_execute("ANALYZE gc_live").await?;
+            let row = c
+                .client
+                .query_one(
+                    "SELECT COUNT(*), COALESCE(SUM(s.file_size), 0)::BIGINT FROM gc_live l
+                     JOIN narinfos n ON n.repo = $1 AND n.hash = l.hash
+                     LEFT JOIN nars s ON s.repo = $1 AND s.url = n.nar_url",
+                    &[&repo],
+                )
+                .await?;
+            Ok(LiveSet {
+                paths: row.get::<_, i64>(0) as u64,
+                bytes: row.get::<_, i64>(1) as u64,
+            })
+        })
+    }
+
+    fn dead(&mut self) -> MetaResult<DeadSet> {
+        let repo = self.repo.clone();
+        let cutoff = self.cutoff;
+        self.run(async |c| {
+            c.client.batch_execute("TRUNCATE gc_dead").await?;
+            c.client
+                .execute(
+                    "INSERT INTO gc_dead (hash)
+                     SELECT n.hash FROM narinfos n WHERE n.repo = $1 AND n.last_used_at < $2
+                     AND NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.hash = n.hash)",
+                    &[&repo, &cutoff],
+                )
+                .await?;
+            c.client.batch_execute("ANALYZE gc_dead").await?;
+            let paths: i64 = c
+                .client
+                .query_one("SELECT COUNT(*) FROM gc_dead", &[])
+                .await?
+                .get(0);
+            let row = c
+                .client
+                .query_one(
+                    "SELECT COUNT(*), COALESCE(SUM(s.file_size), 0)::BIGINT FROM nars s
+                     WHERE s.repo = $1 AND s.orphaned_at IS NULL
+                     AND EXISTS (SELECT 1 FROM narinfos n JOIN gc_dead d ON d.hash = n.hash
+                                 WHERE n.repo = $1 AND n.nar_url = s.url)
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = s.url
+                                     AND NOT EXISTS (SELECT 1 FROM gc_dead d WHERE d.hash = n.hash))",
+                    &[&repo],
+                )
+                .await?;
+            Ok(DeadSet {
+                paths: paths as u64,
+                nars: row.get::<_, i64>(0) as u64,
+                bytes: row.get::<_, i64>(1) as u64,
+            })
+        })
+    }
+
+    fn sweep(&mut self, limit: usize, now: i64) -> MetaResult<Swept> {
+        let repo = self.repo.clone();
+        let cutoff = self.cutoff;
+        let limit = to_i64(limit as u64);
+        self.run(async |c| {
+            const ELIGIBLE: &str = "n.last_used_at < $2
+                 AND NOT EXISTS (SELECT 1 FROM narinfo_refs r
+                                 WHERE r.repo = $1 AND r.ref_hash = n.hash AND r.hash <> n.hash)
+                 AND NOT EXISTS (SELECT 1 FROM pin_roots p WHERE p.repo = $1 AND p.hash = n.hash)";
+            let candidates: Vec<String> = c
+                .client
+                .query(
+                    &format!(
+                        "SELECT d.hash FROM gc_dead d JOIN narinfos n ON n.repo = $1 AND n.hash = d.hash
+                         WHERE {ELIGIBLE} ORDER BY d.hash LIMIT $3"
+                    ),
+                    &[&repo, &cutoff, &limit],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if candidates.is_empty() {
+                return Ok(Swept::default());
+            }
+            let tx = c.client.transaction().await?;
+            // FOR UPDATE waits for every publication holding KEY SHARE on a candidate; the
+            // check after it is a new statement, so it sees what those publications committed.
+            tx.execute(
+                "SELECT 1 FROM narinfos WHERE repo = $1 AND hash = ANY($2) ORDER BY hash FOR UPDATE",
+                &[&repo, &candidates],
+            )
+            .await?;
+            let removed = tx
+                .query(
+                    &format!(
+                        "DELETE FROM narinfos n WHERE n.repo = $1 AND n.hash = ANY($3) AND {ELIGIBLE}
+                         RETURNING n.hash, n.store_path, n.nar_url"
+                    ),
+                    &[&repo, &cutoff, &candidates],
+                )
+                .await?;
+            let hashes: Vec<String> = removed.iter().map(|row| row.get(0)).collect();
+            let urls: Vec<String> = removed.iter().map(|row| row.get(2)).collect();
+            tx.execute(
+                "DELETE FROM narinfo_refs WHERE repo = $1 AND hash = ANY($2)",
+                &[&repo, &hashes],
+            )
+            .await?;
+            let nars_orphaned = tx.execute(
+                "UPDATE nars SET orphaned_at = $3
+                 WHERE repo = $1 AND url = ANY($2) AND orphaned_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
+                &[&repo, &urls, &now],
+            )
+            .await?;
+            // Candidates kept (used or referenced since the mark) leave the list too: they
+            // stay, and so does what they reference.
+            tx.execute("DELETE FROM gc_dead WHERE hash = ANY($1)", &[&candidates])
+                .await?;
+            tx.commit().await?;
+            Ok(Swept {
+                paths: removed
+                    .iter()
+                    .map(|row| RemovedPath {
+                        hash: row.get(0),
+                        store_path: row.get(1),
+                    })
+                    .collect(),
+                nars_orphaned,
+            })
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Rows.
 
 fn nar_from_row(row: &tokio_postgres::Row) -> NarRecord {
@@ -1148,44 +1422,6 @@ impl Metadata for PostgresMetadata {
                 })
                 .collect())
         })
-    }
-
-    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
-        let hashes: Vec<&str> = narinfos.iter().map(|n| n.hash.as_str()).collect();
-        let paths: Vec<&str> = narinfos.iter().map(|n| n.store_path.as_str()).collect();
-        let nar_hashes: Vec<&str> = narinfos.iter().map(|n| n.nar_hash.as_str()).collect();
-        let texts: Vec<&str> = narinfos.iter().map(|n| n.text.as_str()).collect();
-        let inserted = self.call(false, async |c| {
-            // One statement is one transaction: all of the batch is published, or none.
-            let statement = c
-                .prepare(
-                    "INSERT INTO narinfos (repo, hash, store_path, nar_hash, text, published_at)
-                     SELECT $1, q.hash, q.store_path, q.nar_hash, q.text, $6
-                     FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
-                          WITH ORDINALITY AS q(hash, store_path, nar_hash, text, i)
-                     ORDER BY q.i
-                     ON CONFLICT (repo, hash) DO NOTHING
-                     RETURNING hash",
-                )
-                .await?;
-            let rows = c
-                .client
-                .query(
-                    &statement,
-                    &[&repo, &hashes, &paths, &nar_hashes, &texts, &now_unix()],
-                )
-                .await?;
-            Ok(rows
-                .iter()
-                .map(|row| row.get::<_, String>(0))
-                .collect::<HashSet<String>>())
-        })?;
-        let mut inserted = inserted;
-        // A hash twice in one batch: the first occurrence is the one that published.
-        Ok(narinfos
-            .iter()
-            .map(|info| inserted.remove(&info.hash))
-            .collect())
     }
 
     fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>> {
@@ -1516,6 +1752,568 @@ impl Metadata for PostgresMetadata {
                 .await?;
             let rows = c.client.query(&statement, &[&keys]).await?;
             Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    fn publish_checked(
+        &self,
+        repo: &str,
+        narinfos: &[PublishedNarInfo],
+        at: i64,
+    ) -> MetaResult<Vec<PublishState>> {
+        let facts: Vec<NarInfoFacts> = narinfos
+            .iter()
+            .map(|n| NarInfoFacts::of(&n.hash, &n.text))
+            .collect();
+        let own: Vec<&str> = narinfos.iter().map(|n| n.hash.as_str()).collect();
+        let mut wanted: Vec<&str> = facts
+            .iter()
+            .flat_map(|f| f.references.iter().map(String::as_str))
+            .chain(own.iter().copied())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        wanted.sort_unstable();
+        let mut urls: Vec<&str> = facts
+            .iter()
+            .map(|f| f.nar_url.as_str())
+            .filter(|u| !u.is_empty())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        urls.sort_unstable();
+        self.call(false, async |c| {
+            // KEY SHARE on every referenced narinfo and SHARE on every named NAR: a collector
+            // deletes under FOR UPDATE, so it waits for this transaction (and then sees what it
+            // published), or this one waits for it (and then finds the rows gone). In hash
+            // order, the collector's order too, so the two cannot deadlock.
+            let lock_paths = c
+                .prepare(
+                    "SELECT hash FROM narinfos WHERE repo = $1 AND hash = ANY($2)
+                     ORDER BY hash FOR KEY SHARE",
+                )
+                .await?;
+            let lock_nars = c
+                .prepare(
+                    "SELECT url FROM nars WHERE repo = $1 AND url = ANY($2)
+                     ORDER BY url FOR SHARE",
+                )
+                .await?;
+            let insert = c
+                .prepare(
+                    "INSERT INTO narinfos (repo, hash, store_path, nar_hash, text, published_at,
+                                           last_used_at, nar_url)
+                     SELECT $1, q.hash, q.store_path, q.nar_hash, q.text, $6, $6, q.nar_url
+                     FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $7::text[])
+                          WITH ORDINALITY AS q(hash, store_path, nar_hash, text, nar_url, i)
+                     ORDER BY q.i
+                     ON CONFLICT (repo, hash) DO NOTHING
+                     RETURNING hash",
+                )
+                .await?;
+            let add_refs = c
+                .prepare(
+                    "INSERT INTO narinfo_refs (repo, hash, ref_hash)
+                     SELECT $1, q.hash, q.ref_hash FROM unnest($2::text[], $3::text[]) AS q(hash, ref_hash)
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            let revive = c
+                .prepare(
+                    "UPDATE nars SET orphaned_at = NULL
+                     WHERE repo = $1 AND url = ANY($2) AND orphaned_at IS NOT NULL",
+                )
+                .await?;
+            let tx = c.client.transaction().await?;
+            let present: HashSet<String> = tx
+                .query(&lock_paths, &[&repo, &wanted])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let stored: HashSet<String> = tx
+                .query(&lock_nars, &[&repo, &urls])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
+            for (i, info) in narinfos.iter().enumerate() {
+                if present.contains(&info.hash) {
+                    states[i] = Some(PublishState::Already);
+                } else if !facts[i].nar_url.is_empty() && !stored.contains(&facts[i].nar_url) {
+                    states[i] = Some(PublishState::NarGone(facts[i].nar_url.clone()));
+                }
+            }
+            let open: Vec<usize> = (0..narinfos.len()).filter(|&i| states[i].is_none()).collect();
+            let entries: Vec<(&str, &[String])> = open
+                .iter()
+                .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
+                .collect();
+            for (&i, missing) in open.iter().zip(batch_missing(&entries, &present)) {
+                if !missing.is_empty() {
+                    states[i] = Some(PublishState::MissingReferences(missing));
+                }
+            }
+            let go: Vec<usize> = open.into_iter().filter(|&i| states[i].is_none()).collect();
+            let hashes: Vec<&str> = go.iter().map(|&i| narinfos[i].hash.as_str()).collect();
+            let paths: Vec<&str> = go.iter().map(|&i| narinfos[i].store_path.as_str()).collect();
+            let nar_hashes: Vec<&str> = go.iter().map(|&i| narinfos[i].nar_hash.as_str()).collect();
+            let texts: Vec<&str> = go.iter().map(|&i| narinfos[i].text.as_str()).collect();
+            let nar_urls: Vec<&str> = go.iter().map(|&i| facts[i].nar_url.as_str()).collect();
+            let mut inserted: HashSet<String> = tx
+                .query(
+                    &insert,
+                    &[&repo, &hashes, &paths, &nar_hashes, &texts, &at, &nar_urls],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let (mut ref_from, mut ref_to) = (Vec::new(), Vec::new());
+            let mut revived = Vec::new();
+            for &i in &go {
+                // A hash twice in one batch: the first occurrence is the one that published.
+                if inserted.remove(&narinfos[i].hash) {
+                    for reference in &facts[i].references {
+                        ref_from.push(narinfos[i].hash.clone());
+                        ref_to.push(reference.clone());
+                    }
+                    revived.push(facts[i].nar_url.clone());
+                    states[i] = Some(PublishState::New);
+                } else {
+                    states[i] = Some(PublishState::Already);
+                }
+            }
+            tx.execute(&add_refs, &[&repo, &ref_from, &ref_to]).await?;
+            tx.execute(&revive, &[&repo, &revived]).await?;
+            tx.commit().await?;
+            Ok(states
+                .into_iter()
+                .map(|s| s.unwrap_or(PublishState::Already))
+                .collect())
+        })
+    }
+
+    fn policy(&self, repo: &str) -> MetaResult<Option<RetentionPolicy>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare("SELECT retention_secs, max_size_bytes FROM repos WHERE name = $1")
+                .await?;
+            let row = c.client.query_opt(&statement, &[&repo]).await?;
+            Ok(row.map(|row| RetentionPolicy {
+                retention_secs: row.get::<_, Option<i64>>(0).map(|v| v as u64),
+                max_size_bytes: row.get::<_, Option<i64>>(1).map(|v| v as u64),
+            }))
+        })
+    }
+
+    fn set_policy(&self, repo: &str, policy: &RetentionPolicy) -> MetaResult<bool> {
+        let retention = policy.retention_secs.map(to_i64);
+        let max_size = policy.max_size_bytes.map(to_i64);
+        self.call(false, async |c| {
+            let statement = c
+                .prepare("UPDATE repos SET retention_secs = $2, max_size_bytes = $3 WHERE name = $1")
+                .await?;
+            Ok(c.client
+                .execute(&statement, &[&repo, &retention, &max_size])
+                .await?
+                == 1)
+        })
+    }
+
+    fn usage(&self, repo: &str) -> MetaResult<RepoUsage> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT (SELECT COUNT(*) FROM narinfos WHERE repo = $1),
+                            (SELECT COUNT(*) FROM nars WHERE repo = $1),
+                            (SELECT COALESCE(SUM(file_size), 0)::BIGINT FROM nars WHERE repo = $1)",
+                )
+                .await?;
+            let row = c.client.query_one(&statement, &[&repo]).await?;
+            Ok(RepoUsage {
+                paths: row.get::<_, i64>(0) as u64,
+                nars: row.get::<_, i64>(1) as u64,
+                bytes: row.get::<_, i64>(2) as u64,
+            })
+        })
+    }
+
+    fn touch_paths(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        let hashes: Vec<&str> = uses.iter().map(|(h, _)| h.as_str()).collect();
+        let times: Vec<i64> = uses.iter().map(|(_, t)| *t).collect();
+        self.call(false, async |c| {
+            let statement = c
+                .prepare(
+                    "UPDATE narinfos n SET last_used_at = q.at
+                     FROM (SELECT hash, MAX(at) AS at FROM unnest($2::text[], $3::bigint[]) AS u(hash, at)
+                           GROUP BY hash) q
+                     WHERE n.repo = $1 AND n.hash = q.hash AND n.last_used_at < q.at",
+                )
+                .await?;
+            c.client.execute(&statement, &[&repo, &hashes, &times]).await?;
+            Ok(())
+        })
+    }
+
+    fn touch_nars(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        let urls: Vec<&str> = uses.iter().map(|(u, _)| u.as_str()).collect();
+        let times: Vec<i64> = uses.iter().map(|(_, t)| *t).collect();
+        self.call(false, async |c| {
+            let statement = c
+                .prepare(
+                    "UPDATE narinfos n SET last_used_at = q.at
+                     FROM (SELECT url, MAX(at) AS at FROM unnest($2::text[], $3::bigint[]) AS u(url, at)
+                           GROUP BY url) q
+                     WHERE n.repo = $1 AND n.nar_url = q.url AND n.last_used_at < q.at",
+                )
+                .await?;
+            c.client.execute(&statement, &[&repo, &urls, &times]).await?;
+            Ok(())
+        })
+    }
+
+    fn gc_session(&self, repo: &str) -> MetaResult<Box<dyn GcSession + '_>> {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut pooled = self.pool.get(deadline)?;
+        let created = block_on(
+            pooled.conn().client.batch_execute(
+                "DROP TABLE IF EXISTS pg_temp.gc_live, pg_temp.gc_dead;
+                 CREATE TEMP TABLE gc_live (hash TEXT COLLATE \"C\" PRIMARY KEY, gen BIGINT NOT NULL);
+                 CREATE INDEX ON gc_live (gen);
+                 CREATE TEMP TABLE gc_dead (hash TEXT COLLATE \"C\" PRIMARY KEY);",
+            ),
+            deadline,
+        );
+        match created {
+            Some(Ok(())) => {}
+            Some(Err(err)) => return Err(meta_error(&err, &self.pool.target)),
+            None => return Err(MetaError::Unavailable(format!(
+                "PostgreSQL at {} did not answer within {} s",
+                self.pool.target,
+                CALL_TIMEOUT.as_secs()
+            ))),
+        }
+        Ok(Box::new(PgGc {
+            pooled: Some(pooled),
+            target: &self.pool.target,
+            repo: repo.to_string(),
+            cutoff: i64::MIN,
+        }))
+    }
+
+    fn mark_unpublished_nars(
+        &self,
+        repo: &str,
+        created_before: i64,
+        now: i64,
+        dry_run: bool,
+    ) -> MetaResult<u64> {
+        self.call(false, async |c| {
+            if dry_run {
+                let statement = c
+                    .prepare(
+                        "SELECT COUNT(*) FROM nars WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2
+                         AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
+                    )
+                    .await?;
+                let row = c.client.query_one(&statement, &[&repo, &created_before]).await?;
+                return Ok(row.get::<_, i64>(0) as u64);
+            }
+            let statement = c
+                .prepare(
+                    "UPDATE nars SET orphaned_at = $3
+                     WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
+                )
+                .await?;
+            Ok(c.client
+                .execute(&statement, &[&repo, &created_before, &now])
+                .await?)
+        })
+    }
+
+    fn collectible_nars(&self, repo: &str, orphaned_before: i64) -> MetaResult<(u64, u64)> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT COUNT(*), COALESCE(SUM(file_size), 0)::BIGINT FROM nars
+                     WHERE repo = $1 AND orphaned_at < $2
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
+                )
+                .await?;
+            let row = c.client.query_one(&statement, &[&repo, &orphaned_before]).await?;
+            Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+        })
+    }
+
+    fn take_collectible_nars(
+        &self,
+        repo: &str,
+        orphaned_before: i64,
+        limit: usize,
+    ) -> MetaResult<Vec<NarRecord>> {
+        let limit = to_i64(limit as u64);
+        self.call(false, async |c| {
+            let lock = c
+                .prepare(
+                    "SELECT url FROM nars WHERE repo = $1 AND orphaned_at < $2
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
+                     ORDER BY url LIMIT $3 FOR UPDATE",
+                )
+                .await?;
+            // A new statement, so a new snapshot: a publication that revived one of them while
+            // this waited for its lock is seen here.
+            let delete = c
+                .prepare(
+                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($3) AND orphaned_at < $2
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
+                     RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key",
+                )
+                .await?;
+            let tx = c.client.transaction().await?;
+            let locked: Vec<String> = tx
+                .query(&lock, &[&repo, &orphaned_before, &limit])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let rows = tx.query(&delete, &[&repo, &orphaned_before, &locked]).await?;
+            tx.commit().await?;
+            Ok(rows.iter().map(nar_from_row).collect())
+        })
+    }
+
+    fn delete_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+        with_dependents: bool,
+    ) -> MetaResult<PathDeletion> {
+        self.call(false, async |c| {
+            let dependents_of = c
+                .prepare(
+                    "WITH RECURSIVE dep(hash) AS (
+                         SELECT unnest($2::text[])
+                         UNION
+                         SELECT r.hash FROM narinfo_refs r JOIN dep ON r.repo = $1 AND r.ref_hash = dep.hash
+                     )
+                     SELECT n.hash, n.store_path, n.nar_url FROM dep
+                     JOIN narinfos n ON n.repo = $1 AND n.hash = dep.hash ORDER BY n.hash",
+                )
+                .await?;
+            let lock = c
+                .prepare(
+                    "SELECT hash FROM narinfos WHERE repo = $1 AND hash = ANY($2) ORDER BY hash FOR UPDATE",
+                )
+                .await?;
+            let delete = c
+                .prepare("DELETE FROM narinfos WHERE repo = $1 AND hash = ANY($2)")
+                .await?;
+            let delete_refs = c
+                .prepare("DELETE FROM narinfo_refs WHERE repo = $1 AND hash = ANY($2)")
+                .await?;
+            let delete_nars = c
+                .prepare(
+                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($2)
+                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
+                     RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key",
+                )
+                .await?;
+            let tx = c.client.transaction().await?;
+            // Lock what depends on the targets, then look again: a publication that committed
+            // meanwhile (it held KEY SHARE on what it references) is found the second time.
+            let mut closure: Vec<(String, String, String)>;
+            let mut locked: Vec<String> = Vec::new();
+            loop {
+                closure = tx
+                    .query(&dependents_of, &[&repo, &hashes])
+                    .await?
+                    .iter()
+                    .map(|row| (row.get(0), row.get(1), row.get(2)))
+                    .collect();
+                let all: Vec<String> = closure.iter().map(|(h, _, _)| h.clone()).collect();
+                if all == locked {
+                    break;
+                }
+                tx.query(&lock, &[&repo, &all]).await?;
+                locked = all;
+            }
+            let targets: HashSet<&str> = hashes.iter().map(String::as_str).collect();
+            let dependents: Vec<String> = closure
+                .iter()
+                .filter(|(h, _, _)| !targets.contains(h.as_str()))
+                .map(|(_, p, _)| p.clone())
+                .collect();
+            if !dependents.is_empty() && !with_dependents {
+                return Ok(PathDeletion::Refused { dependents });
+            }
+            let urls: Vec<String> = closure.iter().map(|(_, _, u)| u.clone()).collect();
+            tx.execute(&delete, &[&repo, &locked]).await?;
+            tx.execute(&delete_refs, &[&repo, &locked]).await?;
+            let nars = tx.query(&delete_nars, &[&repo, &urls]).await?;
+            tx.commit().await?;
+            Ok(PathDeletion::Deleted {
+                paths: closure
+                    .into_iter()
+                    .map(|(hash, store_path, _)| RemovedPath { hash, store_path })
+                    .collect(),
+                nars: nars.iter().map(nar_from_row).collect(),
+            })
+        })
+    }
+
+    fn create_pin(
+        &self,
+        repo: &str,
+        name: &str,
+        hashes: &[String],
+        keep: Option<u32>,
+        at: i64,
+    ) -> MetaResult<PinCreated> {
+        let keep = keep.map(i64::from);
+        self.call(false, async |c| {
+            let lock_paths = c
+                .prepare(
+                    "SELECT hash, store_path FROM narinfos WHERE repo = $1 AND hash = ANY($2)
+                     ORDER BY hash FOR KEY SHARE",
+                )
+                .await?;
+            let upsert = c
+                .prepare(
+                    "INSERT INTO pins (repo, name, keep, next_revision) VALUES ($1, $2, $3, 2)
+                     ON CONFLICT (repo, name) DO UPDATE
+                     SET keep = COALESCE($3, pins.keep), next_revision = pins.next_revision + 1
+                     RETURNING next_revision - 1, keep",
+                )
+                .await?;
+            let add_revision = c
+                .prepare(
+                    "INSERT INTO pin_revisions (repo, name, revision, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .await?;
+            let add_roots = c
+                .prepare(
+                    "INSERT INTO pin_roots (repo, name, revision, hash, store_path)
+                     SELECT $1, $2, $3, q.hash, q.path FROM unnest($4::text[], $5::text[]) AS q(hash, path)
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            let drop_revisions = c
+                .prepare(
+                    "DELETE FROM pin_revisions WHERE repo = $1 AND name = $2 AND revision < $3
+                     RETURNING revision",
+                )
+                .await?;
+            let drop_roots = c
+                .prepare("DELETE FROM pin_roots WHERE repo = $1 AND name = $2 AND revision < $3")
+                .await?;
+            let tx = c.client.transaction().await?;
+            let found: HashMap<String, String> = tx
+                .query(&lock_paths, &[&repo, &hashes])
+                .await?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            let missing: Vec<String> = hashes
+                .iter()
+                .filter(|h| !found.contains_key(*h))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Ok(PinCreated::NotPublished(missing));
+            }
+            let row = tx.query_one(&upsert, &[&repo, &name, &keep]).await?;
+            let (revision, keep): (i64, Option<i64>) = (row.get(0), row.get(1));
+            tx.execute(&add_revision, &[&repo, &name, &revision, &at]).await?;
+            let (root_hashes, root_paths): (Vec<String>, Vec<String>) = found.into_iter().unzip();
+            tx.execute(&add_roots, &[&repo, &name, &revision, &root_hashes, &root_paths])
+                .await?;
+            let mut dropped = Vec::new();
+            if let Some(keep) = keep {
+                let below = revision - keep.max(1) + 1;
+                dropped = tx
+                    .query(&drop_revisions, &[&repo, &name, &below])
+                    .await?
+                    .iter()
+                    .map(|row| row.get::<_, i64>(0) as u64)
+                    .collect();
+                dropped.sort_unstable();
+                tx.execute(&drop_roots, &[&repo, &name, &below]).await?;
+            }
+            tx.commit().await?;
+            let mut store_paths = root_paths;
+            store_paths.sort();
+            store_paths.dedup();
+            Ok(PinCreated::Created {
+                pin: PinRecord {
+                    repo: repo.to_string(),
+                    name: name.to_string(),
+                    revision: revision as u64,
+                    created_at: at,
+                    keep: keep.map(|k| u32::try_from(k).unwrap_or(u32::MAX)),
+                    store_paths,
+                },
+                dropped,
+            })
+        })
+    }
+
+    fn pins(&self, repo: Option<&str>) -> MetaResult<Vec<PinRecord>> {
+        self.call(true, async |c| {
+            let statement = c
+                .prepare(
+                    "SELECT v.repo, v.name, v.revision, v.created_at, p.keep,
+                            COALESCE((SELECT array_agg(r.store_path ORDER BY r.store_path) FROM pin_roots r
+                                      WHERE r.repo = v.repo AND r.name = v.name AND r.revision = v.revision),
+                                     '{}'::text[])
+                     FROM pin_revisions v JOIN pins p ON p.repo = v.repo AND p.name = v.name
+                     WHERE $1::text IS NULL OR v.repo = $1
+                     ORDER BY v.repo, v.name, v.revision",
+                )
+                .await?;
+            let rows = c.client.query(&statement, &[&repo]).await?;
+            Ok(rows
+                .iter()
+                .map(|row| PinRecord {
+                    repo: row.get(0),
+                    name: row.get(1),
+                    revision: row.get::<_, i64>(2) as u64,
+                    created_at: row.get(3),
+                    keep: row
+                        .get::<_, Option<i64>>(4)
+                        .map(|k| u32::try_from(k).unwrap_or(u32::MAX)),
+                    store_paths: row.get(5),
+                })
+                .collect())
+        })
+    }
+
+    fn delete_pin(&self, repo: &str, name: &str, revision: Option<u64>) -> MetaResult<u64> {
+        let revision = revision.map(to_i64);
+        self.call(false, async |c| {
+            let revisions = c
+                .prepare(
+                    "DELETE FROM pin_revisions WHERE repo = $1 AND name = $2
+                     AND ($3::bigint IS NULL OR revision = $3)",
+                )
+                .await?;
+            let roots = c
+                .prepare(
+                    "DELETE FROM pin_roots WHERE repo = $1 AND name = $2
+                     AND ($3::bigint IS NULL OR revision = $3)",
+                )
+                .await?;
+            let pin = c
+                .prepare("DELETE FROM pins WHERE repo = $1 AND name = $2 AND $3::bigint IS NULL")
+                .await?;
+            let tx = c.client.transaction().await?;
+            let removed = tx.execute(&revisions, &[&repo, &name, &revision]).await?;
+            tx.execute(&roots, &[&repo, &name, &revision]).await?;
+            tx.execute(&pin, &[&repo, &name, &revision]).await?;
+            tx.commit().await?;
+            Ok(removed)
         })
     }
 

@@ -8,9 +8,13 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use std::collections::HashSet;
+
 use super::{
-    now_unix, MetaError, MetaResult, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo,
-    RepoRecord, Scope, SessionCaps, SingletonGuard, TokenRecord, UploadPart, UploadRecord,
+    batch_missing, now_unix, DeadSet, GcSession, LiveSet, MetaError, MetaResult, Metadata,
+    NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
+    PublishState, PublishedNarInfo, RemovedPath, RepoRecord, RepoUsage, RetentionPolicy, Scope,
+    SessionCaps, SingletonGuard, Swept, TokenRecord, UploadPart, UploadRecord,
 };
 
 impl From<rusqlite::Error> for MetaError {
@@ -29,7 +33,7 @@ impl From<rusqlite::Error> for MetaError {
 /// Version 1 is the schema of every release before versioning (its statements are idempotent,
 /// so an unversioned database of any age passes through it); each later entry is one step.
 /// `PRAGMA user_version` records how far a database has come.
-const MIGRATIONS: &[&str] = &[V1_SCHEMA, V2_SCALE_OUT, V3_UPSTREAM_KEYS];
+const MIGRATIONS: &[&str] = &[V1_SCHEMA, V2_SCALE_OUT, V3_UPSTREAM_KEYS, V4_RETENTION];
 
 /// The newest schema this binary knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -116,6 +120,72 @@ CREATE INDEX object_intents_by_age ON object_intents (created_at);
 const V3_UPSTREAM_KEYS: &str = "
 ALTER TABLE repos ADD COLUMN upstream_keys TEXT NOT NULL DEFAULT '';
 ";
+
+/// Retention (`gc.rs`): when each path was last used, who references whom (so the collector
+/// walks closures in the database), the NAR each narinfo names, repository policies, pins, and
+/// NARs marked unreferenced (deleted once `orphan_grace_secs` has passed). The references and
+/// NAR URLs of existing narinfos are filled from their texts by [`backfill_retention`].
+const V4_RETENTION: &str = "
+ALTER TABLE narinfos ADD COLUMN last_used_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE narinfos ADD COLUMN nar_url TEXT NOT NULL DEFAULT '';
+UPDATE narinfos SET last_used_at = published_at;
+CREATE INDEX narinfos_by_last_use ON narinfos (repo, last_used_at);
+CREATE INDEX narinfos_by_nar_url ON narinfos (repo, nar_url);
+CREATE TABLE narinfo_refs (
+    repo TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    ref_hash TEXT NOT NULL,
+    PRIMARY KEY (repo, hash, ref_hash)
+);
+CREATE INDEX narinfo_refs_by_ref ON narinfo_refs (repo, ref_hash);
+ALTER TABLE repos ADD COLUMN retention_secs INTEGER;
+ALTER TABLE repos ADD COLUMN max_size_bytes INTEGER;
+ALTER TABLE nars ADD COLUMN orphaned_at INTEGER;
+CREATE INDEX nars_by_orphaned ON nars (repo, orphaned_at);
+CREATE TABLE pins (
+    repo TEXT NOT NULL,
+    name TEXT NOT NULL,
+    keep INTEGER,
+    next_revision INTEGER NOT NULL,
+    PRIMARY KEY (repo, name)
+);
+CREATE TABLE pin_revisions (
+    repo TEXT NOT NULL,
+    name TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (repo, name, revision)
+);
+CREATE TABLE pin_roots (
+    repo TEXT NOT NULL,
+    name TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    store_path TEXT NOT NULL,
+    PRIMARY KEY (repo, name, revision, hash)
+);
+CREATE INDEX pin_roots_by_repo ON pin_roots (repo, hash);
+";
+
+/// Fills `nar_url` and `narinfo_refs` from the texts of narinfos published before v4, row by
+/// row (nothing is held in memory but the current row).
+fn backfill_retention(conn: &Connection) -> rusqlite::Result<()> {
+    let mut select = conn.prepare("SELECT repo, hash, text FROM narinfos")?;
+    let mut set_url = conn.prepare("UPDATE narinfos SET nar_url = ?3 WHERE repo = ?1 AND hash = ?2")?;
+    let mut add_ref = conn.prepare(
+        "INSERT OR IGNORE INTO narinfo_refs (repo, hash, ref_hash) VALUES (?1, ?2, ?3)",
+    )?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let (repo, hash, text): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        let facts = super::NarInfoFacts::of(&hash, &text);
+        set_url.execute(params![repo, hash, facts.nar_url])?;
+        for reference in &facts.references {
+            add_ref.execute(params![repo, hash, reference])?;
+        }
+    }
+    Ok(())
+}
 
 const REPO_COLUMNS: &str = "name, private, secret_key, priority, upstream_keys";
 
@@ -221,6 +291,9 @@ fn migrate(conn: &mut Connection) -> MetaResult<()> {
         tx.execute_batch(MIGRATIONS[found as usize])?;
         if found == 0 {
             migrate_uploads(&tx)?;
+        }
+        if found == 3 {
+            backfill_retention(&tx)?;
         }
         tx.pragma_update(None, "user_version", found + 1)?;
         tx.commit()?;
@@ -424,32 +497,6 @@ impl Metadata for SqliteMetadata {
             answers.push(state);
         }
         Ok(answers)
-    }
-
-    fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let mut newly = Vec::with_capacity(narinfos.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO narinfos (repo, hash, store_path, nar_hash, text, published_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let now = now_unix();
-            for info in narinfos {
-                let inserted = insert.execute(params![
-                    repo,
-                    info.hash,
-                    info.store_path,
-                    info.nar_hash,
-                    info.text,
-                    now
-                ])?;
-                newly.push(inserted == 1);
-            }
-        }
-        tx.commit()?;
-        Ok(newly)
     }
 
     fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>> {
@@ -697,6 +744,452 @@ impl Metadata for SqliteMetadata {
         keys.iter().map(|key| Ok(stmt.exists([key])?)).collect()
     }
 
+    fn publish_checked(
+        &self,
+        repo: &str,
+        narinfos: &[PublishedNarInfo],
+        at: i64,
+    ) -> MetaResult<Vec<PublishState>> {
+        let facts: Vec<NarInfoFacts> = narinfos
+            .iter()
+            .map(|n| NarInfoFacts::of(&n.hash, &n.text))
+            .collect();
+        let mut conn = self.conn();
+        // IMMEDIATE: the checks and the writes see one state; a collector (in this process or
+        // in `stowix admin`) writes only in transactions of its own, before or after this one.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
+        let mut present = HashSet::new();
+        {
+            let mut published =
+                tx.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+            let mut nar = tx.prepare_cached("SELECT 1 FROM nars WHERE repo = ?1 AND url = ?2")?;
+            for (i, info) in narinfos.iter().enumerate() {
+                if published.exists([repo, &info.hash])? {
+                    present.insert(info.hash.clone());
+                    states[i] = Some(PublishState::Already);
+                } else if !facts[i].nar_url.is_empty() && !nar.exists([repo, &facts[i].nar_url])? {
+                    states[i] = Some(PublishState::NarGone(facts[i].nar_url.clone()));
+                }
+            }
+            for reference in facts.iter().flat_map(|f| &f.references) {
+                if !present.contains(reference) && published.exists([repo, reference])? {
+                    present.insert(reference.clone());
+                }
+            }
+        }
+        let open: Vec<usize> = (0..narinfos.len()).filter(|&i| states[i].is_none()).collect();
+        let entries: Vec<(&str, &[String])> = open
+            .iter()
+            .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
+            .collect();
+        for (&i, missing) in open.iter().zip(batch_missing(&entries, &present)) {
+            if !missing.is_empty() {
+                states[i] = Some(PublishState::MissingReferences(missing));
+            }
+        }
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO narinfos
+                     (repo, hash, store_path, nar_hash, text, published_at, last_used_at, nar_url)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
+            )?;
+            let mut add_ref = tx.prepare_cached(
+                "INSERT OR IGNORE INTO narinfo_refs (repo, hash, ref_hash) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut revive = tx.prepare_cached(
+                "UPDATE nars SET orphaned_at = NULL WHERE repo = ?1 AND url = ?2",
+            )?;
+            for &i in &open {
+                if states[i].is_some() {
+                    continue;
+                }
+                let info = &narinfos[i];
+                let inserted = insert.execute(params![
+                    repo,
+                    info.hash,
+                    info.store_path,
+                    info.nar_hash,
+                    info.text,
+                    at,
+                    facts[i].nar_url
+                ])?;
+                if inserted == 1 {
+                    for reference in &facts[i].references {
+                        add_ref.execute(params![repo, info.hash, reference])?;
+                    }
+                    revive.execute(params![repo, facts[i].nar_url])?;
+                    states[i] = Some(PublishState::New);
+                } else {
+                    states[i] = Some(PublishState::Already);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(states
+            .into_iter()
+            .map(|s| s.unwrap_or(PublishState::Already))
+            .collect())
+    }
+
+    fn policy(&self, repo: &str) -> MetaResult<Option<RetentionPolicy>> {
+        self.reader()
+            .prepare_cached("SELECT retention_secs, max_size_bytes FROM repos WHERE name = ?1")?
+            .query_row([repo], |row| {
+                Ok(RetentionPolicy {
+                    retention_secs: row.get::<_, Option<i64>>(0)?.map(|v| v as u64),
+                    max_size_bytes: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                })
+            })
+            .optional()
+            .map_err(MetaError::from)
+    }
+
+    fn set_policy(&self, repo: &str, policy: &RetentionPolicy) -> MetaResult<bool> {
+        let changed = self.conn().execute(
+            "UPDATE repos SET retention_secs = ?2, max_size_bytes = ?3 WHERE name = ?1",
+            params![
+                repo,
+                policy.retention_secs.map(to_i64),
+                policy.max_size_bytes.map(to_i64)
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
+    fn usage(&self, repo: &str) -> MetaResult<RepoUsage> {
+        let conn = self.reader();
+        let paths: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM narinfos WHERE repo = ?1")?
+            .query_row([repo], |row| row.get(0))?;
+        let (nars, bytes): (i64, i64) = conn
+            .prepare_cached("SELECT COUNT(*), COALESCE(SUM(file_size), 0) FROM nars WHERE repo = ?1")?
+            .query_row([repo], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(RepoUsage {
+            paths: paths as u64,
+            nars: nars as u64,
+            bytes: bytes as u64,
+        })
+    }
+
+    fn touch_paths(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut touch = tx.prepare_cached(
+                "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND hash = ?2",
+            )?;
+            for (hash, at) in uses {
+                touch.execute(params![repo, hash, at])?;
+            }
+        }
+        Ok(tx.commit()?)
+    }
+
+    fn touch_nars(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut touch = tx.prepare_cached(
+                "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND nar_url = ?2",
+            )?;
+            for (url, at) in uses {
+                touch.execute(params![repo, url, at])?;
+            }
+        }
+        Ok(tx.commit()?)
+    }
+
+    fn gc_session(&self, repo: &str) -> MetaResult<Box<dyn GcSession + '_>> {
+        // A connection of its own: its working tables are temporary (per connection), and the
+        // long marking reads do not hold the writer that publications need.
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))?;
+        conn.execute_batch(
+            "CREATE TEMP TABLE gc_live (hash TEXT PRIMARY KEY, gen INTEGER NOT NULL);
+             CREATE INDEX temp.gc_live_by_gen ON gc_live (gen);
+             CREATE TEMP TABLE gc_dead (hash TEXT PRIMARY KEY);",
+        )?;
+        Ok(Box::new(SqliteGc {
+            conn,
+            repo: repo.to_string(),
+            cutoff: i64::MIN,
+        }))
+    }
+
+    fn mark_unpublished_nars(
+        &self,
+        repo: &str,
+        created_before: i64,
+        now: i64,
+        dry_run: bool,
+    ) -> MetaResult<u64> {
+        const UNPUBLISHED: &str = "repo = ?1 AND orphaned_at IS NULL AND created_at < ?2
+             AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = nars.url)";
+        let count = if dry_run {
+            self.reader()
+                .prepare_cached(&format!("SELECT COUNT(*) FROM nars WHERE {UNPUBLISHED}"))?
+                .query_row(params![repo, created_before], |row| row.get::<_, i64>(0))?
+                as usize
+        } else {
+            self.conn().execute(
+                &format!("UPDATE nars SET orphaned_at = ?3 WHERE {UNPUBLISHED}"),
+                params![repo, created_before, now],
+            )?
+        };
+        Ok(count as u64)
+    }
+
+    fn collectible_nars(&self, repo: &str, orphaned_before: i64) -> MetaResult<(u64, u64)> {
+        let (count, bytes): (i64, i64) = self
+            .reader()
+            .prepare_cached(&format!(
+                "SELECT COUNT(*), COALESCE(SUM(file_size), 0) FROM nars WHERE {COLLECTIBLE}"
+            ))?
+            .query_row(params![repo, orphaned_before], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
+        Ok((count as u64, bytes as u64))
+    }
+
+    fn take_collectible_nars(
+        &self,
+        repo: &str,
+        orphaned_before: i64,
+        limit: usize,
+    ) -> MetaResult<Vec<NarRecord>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let taken = {
+            let mut select = tx.prepare_cached(&format!(
+                "SELECT {NAR_COLUMNS} FROM nars WHERE {COLLECTIBLE} ORDER BY url LIMIT ?3"
+            ))?;
+            let rows = select.query_map(params![repo, orphaned_before, limit as i64], nar_from_row)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM nars WHERE repo = ?1 AND url = ?2")?;
+            for nar in &taken {
+                delete.execute(params![repo, nar.url])?;
+            }
+        }
+        tx.commit()?;
+        Ok(taken)
+    }
+
+    fn delete_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+        with_dependents: bool,
+    ) -> MetaResult<PathDeletion> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let targets: HashSet<&str> = hashes.iter().map(String::as_str).collect();
+        // Dependents, transitively, nearest first: the order they are listed in.
+        let mut closure: Vec<(String, String, String)> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut frontier: Vec<String> = hashes.to_vec();
+        {
+            let mut path_of = tx.prepare_cached(
+                "SELECT store_path, nar_url FROM narinfos WHERE repo = ?1 AND hash = ?2",
+            )?;
+            let mut referrers = tx.prepare_cached(
+                "SELECT hash FROM narinfo_refs WHERE repo = ?1 AND ref_hash = ?2 AND hash <> ?2 ORDER BY hash",
+            )?;
+            while let Some(hash) = frontier.pop() {
+                if !seen.insert(hash.clone()) {
+                    continue;
+                }
+                let Some((store_path, nar_url)) = path_of
+                    .query_row([repo, &hash], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?
+                else {
+                    continue;
+                };
+                closure.push((hash.clone(), store_path, nar_url));
+                let found = referrers
+                    .query_map([repo, &hash], |row| row.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                frontier.extend(found);
+            }
+        }
+        let dependents: Vec<String> = closure
+            .iter()
+            .filter(|(hash, _, _)| !targets.contains(hash.as_str()))
+            .map(|(_, path, _)| path.clone())
+            .collect();
+        if !dependents.is_empty() && !with_dependents {
+            return Ok(PathDeletion::Refused { dependents });
+        }
+        let mut nars = Vec::new();
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+            let mut delete_refs =
+                tx.prepare_cached("DELETE FROM narinfo_refs WHERE repo = ?1 AND hash = ?2")?;
+            for (hash, _, _) in &closure {
+                delete.execute([repo, hash])?;
+                delete_refs.execute([repo, hash])?;
+            }
+            let mut unnamed = tx.prepare_cached(&format!(
+                "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND url = ?2
+                 AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = ?2)"
+            ))?;
+            let mut delete_nar = tx.prepare_cached("DELETE FROM nars WHERE repo = ?1 AND url = ?2")?;
+            for (_, _, url) in &closure {
+                if let Some(nar) = unnamed.query_row([repo, url], nar_from_row).optional()? {
+                    delete_nar.execute([repo, url])?;
+                    nars.push(nar);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(PathDeletion::Deleted {
+            paths: closure
+                .into_iter()
+                .map(|(hash, store_path, _)| RemovedPath { hash, store_path })
+                .collect(),
+            nars,
+        })
+    }
+
+    fn create_pin(
+        &self,
+        repo: &str,
+        name: &str,
+        hashes: &[String],
+        keep: Option<u32>,
+        at: i64,
+    ) -> MetaResult<PinCreated> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut roots = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let mut path_of = tx.prepare_cached(
+                "SELECT store_path FROM narinfos WHERE repo = ?1 AND hash = ?2",
+            )?;
+            for hash in hashes {
+                match path_of.query_row([repo, hash], |row| row.get::<_, String>(0)).optional()? {
+                    Some(path) => roots.push((hash.clone(), path)),
+                    None => missing.push(hash.clone()),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(PinCreated::NotPublished(missing));
+        }
+        tx.execute(
+            "INSERT INTO pins (repo, name, keep, next_revision) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT (repo, name) DO UPDATE SET keep = COALESCE(?3, keep)",
+            params![repo, name, keep],
+        )?;
+        let (revision, keep): (i64, Option<u32>) = tx.query_row(
+            "SELECT next_revision, keep FROM pins WHERE repo = ?1 AND name = ?2",
+            [repo, name],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        tx.execute(
+            "UPDATE pins SET next_revision = next_revision + 1 WHERE repo = ?1 AND name = ?2",
+            [repo, name],
+        )?;
+        tx.execute(
+            "INSERT INTO pin_revisions (repo, name, revision, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![repo, name, revision, at],
+        )?;
+        for (hash, path) in &roots {
+            tx.execute(
+                "INSERT OR IGNORE INTO pin_roots (repo, name, revision, hash, store_path)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![repo, name, revision, hash, path],
+            )?;
+        }
+        let mut dropped = Vec::new();
+        if let Some(keep) = keep {
+            let below = revision - i64::from(keep.max(1)) + 1;
+            let mut stmt = tx.prepare_cached(
+                "SELECT revision FROM pin_revisions WHERE repo = ?1 AND name = ?2 AND revision < ?3 ORDER BY revision",
+            )?;
+            dropped = stmt
+                .query_map(params![repo, name, below], |row| row.get::<_, i64>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            drop(stmt);
+            tx.execute(
+                "DELETE FROM pin_revisions WHERE repo = ?1 AND name = ?2 AND revision < ?3",
+                params![repo, name, below],
+            )?;
+            tx.execute(
+                "DELETE FROM pin_roots WHERE repo = ?1 AND name = ?2 AND revision < ?3",
+                params![repo, name, below],
+            )?;
+        }
+        tx.commit()?;
+        let mut store_paths: Vec<String> = roots.into_iter().map(|(_, path)| path).collect();
+        store_paths.sort();
+        store_paths.dedup();
+        Ok(PinCreated::Created {
+            pin: PinRecord {
+                repo: repo.to_string(),
+                name: name.to_string(),
+                revision: revision as u64,
+                created_at: at,
+                keep,
+                store_paths,
+            },
+            dropped: dropped.into_iter().map(|r| r as u64).collect(),
+        })
+    }
+
+    fn pins(&self, repo: Option<&str>) -> MetaResult<Vec<PinRecord>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(
+            "SELECT v.repo, v.name, v.revision, v.created_at, p.keep,
+                    (SELECT group_concat(store_path, ' ') FROM
+                        (SELECT store_path FROM pin_roots r
+                         WHERE r.repo = v.repo AND r.name = v.name AND r.revision = v.revision
+                         ORDER BY store_path))
+             FROM pin_revisions v JOIN pins p ON p.repo = v.repo AND p.name = v.name
+             WHERE ?1 IS NULL OR v.repo = ?1
+             ORDER BY v.repo, v.name, v.revision",
+        )?;
+        let rows = stmt.query_map([repo], |row| {
+            let paths: Option<String> = row.get(5)?;
+            Ok(PinRecord {
+                repo: row.get(0)?,
+                name: row.get(1)?,
+                revision: row.get::<_, i64>(2)? as u64,
+                created_at: row.get(3)?,
+                keep: row.get(4)?,
+                store_paths: paths
+                    .unwrap_or_default()
+                    .split(' ')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn delete_pin(&self, repo: &str, name: &str, revision: Option<u64>) -> MetaResult<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let revision = revision.map(to_i64);
+        let removed = tx.execute(
+            "DELETE FROM pin_revisions WHERE repo = ?1 AND name = ?2 AND (?3 IS NULL OR revision = ?3)",
+            params![repo, name, revision],
+        )?;
+        tx.execute(
+            "DELETE FROM pin_roots WHERE repo = ?1 AND name = ?2 AND (?3 IS NULL OR revision = ?3)",
+            params![repo, name, revision],
+        )?;
+        if revision.is_none() {
+            tx.execute("DELETE FROM pins WHERE repo = ?1 AND name = ?2", [repo, name])?;
+        }
+        tx.commit()?;
+        Ok(removed as u64)
+    }
+
     fn ping(&self) -> MetaResult<()> {
         self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
@@ -722,6 +1215,154 @@ impl Metadata for SqliteMetadata {
         // SAFETY: flock on a descriptor this function owns; the lock lives as long as `file`.
         let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         Ok(locked.then(|| SingletonGuard::new(file)))
+    }
+}
+
+/// NARs marked unreferenced before `?2` that no narinfo names.
+const COLLECTIBLE: &str = "repo = ?1 AND orphaned_at IS NOT NULL AND orphaned_at < ?2
+     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = nars.url)";
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A collection's session: its own connection holding the temporary `gc_live` (the mark, with
+/// the generation each path was reached in) and `gc_dead` (the candidates).
+struct SqliteGc {
+    conn: Connection,
+    repo: String,
+    /// The last mark's cutoff: a candidate used since is not removed.
+    cutoff: i64,
+}
+
+impl GcSession for SqliteGc {
+    fn oldest_use(&mut self) -> MetaResult<Option<i64>> {
+        Ok(self.conn.query_row(
+            "SELECT MIN(last_used_at) FROM narinfos WHERE repo = ?1",
+            [&self.repo],
+            |row| row.get(0),
+        )?)
+    }
+
+    fn mark(&mut self, cutoff: i64) -> MetaResult<LiveSet> {
+        self.cutoff = cutoff;
+        let conn = &self.conn;
+        conn.execute("DELETE FROM gc_live", [])?;
+        conn.execute(
+            "INSERT OR IGNORE INTO gc_live (hash, gen)
+             SELECT hash, 0 FROM narinfos WHERE repo = ?1 AND last_used_at >= ?2",
+            params![self.repo, cutoff],
+        )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO gc_live (hash, gen)
+             SELECT p.hash, 0 FROM pin_roots p WHERE p.repo = ?1",
+            [&self.repo],
+        )?;
+        // Breadth first, one generation per statement: each reads only the previous frontier
+        // (by index), so the work is proportional to the closure, and memory to nothing.
+        let mut generation = 0i64;
+        loop {
+            let added = conn.execute(
+                "INSERT OR IGNORE INTO gc_live (hash, gen)
+                 SELECT r.ref_hash, ?3 FROM gc_live l
+                 JOIN narinfo_refs r ON r.repo = ?1 AND r.hash = l.hash
+                 WHERE l.gen = ?2",
+                params![self.repo, generation, generation + 1],
+            )?;
+            if added == 0 {
+                break;
+            }
+            generation += 1;
+        }
+        let (paths, bytes): (i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(s.file_size), 0) FROM gc_live l
+             JOIN narinfos n ON n.repo = ?1 AND n.hash = l.hash
+             LEFT JOIN nars s ON s.repo = ?1 AND s.url = n.nar_url",
+            [&self.repo],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        Ok(LiveSet {
+            paths: paths as u64,
+            bytes: bytes as u64,
+        })
+    }
+
+    fn dead(&mut self) -> MetaResult<DeadSet> {
+        let conn = &self.conn;
+        conn.execute("DELETE FROM gc_dead", [])?;
+        conn.execute(
+            "INSERT INTO gc_dead (hash)
+             SELECT n.hash FROM narinfos n WHERE n.repo = ?1 AND n.last_used_at < ?2
+             AND NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.hash = n.hash)",
+            params![self.repo, self.cutoff],
+        )?;
+        let paths: i64 = conn.query_row("SELECT COUNT(*) FROM gc_dead", [], |row| row.get(0))?;
+        let (nars, bytes): (i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(s.file_size), 0) FROM nars s
+             WHERE s.repo = ?1 AND s.orphaned_at IS NULL
+             AND EXISTS (SELECT 1 FROM narinfos n JOIN gc_dead d ON d.hash = n.hash
+                         WHERE n.repo = ?1 AND n.nar_url = s.url)
+             AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = s.url
+                             AND NOT EXISTS (SELECT 1 FROM gc_dead d WHERE d.hash = n.hash))",
+            [&self.repo],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        Ok(DeadSet {
+            paths: paths as u64,
+            nars: nars as u64,
+            bytes: bytes as u64,
+        })
+    }
+
+    fn sweep(&mut self, limit: usize, now: i64) -> MetaResult<Swept> {
+        let repo = self.repo.clone();
+        let mut nars_orphaned = 0;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Inside the write transaction: what references a candidate now (a publication that
+        // committed a moment ago included) is what counts.
+        let batch: Vec<(String, String, String)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT d.hash, n.store_path, n.nar_url FROM gc_dead d
+                 JOIN narinfos n ON n.repo = ?1 AND n.hash = d.hash
+                 WHERE n.last_used_at < ?2
+                 AND NOT EXISTS (SELECT 1 FROM narinfo_refs r
+                                 WHERE r.repo = ?1 AND r.ref_hash = d.hash AND r.hash <> d.hash)
+                 AND NOT EXISTS (SELECT 1 FROM pin_roots p WHERE p.repo = ?1 AND p.hash = d.hash)
+                 LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![repo, self.cutoff, limit as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+            let mut delete_refs =
+                tx.prepare_cached("DELETE FROM narinfo_refs WHERE repo = ?1 AND hash = ?2")?;
+            let mut done = tx.prepare_cached("DELETE FROM gc_dead WHERE hash = ?1")?;
+            let mut orphan = tx.prepare_cached(
+                "UPDATE nars SET orphaned_at = ?3 WHERE repo = ?1 AND url = ?2 AND orphaned_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = ?2)",
+            )?;
+            for (hash, _, _) in &batch {
+                delete.execute([&repo, hash])?;
+                delete_refs.execute([&repo, hash])?;
+                done.execute([hash])?;
+            }
+            for (_, _, url) in &batch {
+                nars_orphaned += orphan.execute(params![repo, url, now])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(Swept {
+            paths: batch
+                .into_iter()
+                .map(|(hash, store_path, _)| RemovedPath { hash, store_path })
+                .collect(),
+            nars_orphaned,
+        })
     }
 }
 
