@@ -26,7 +26,7 @@ fi
 SCALEOUT_FILES=(
   server_bombs server_connections server_fairness server_harness server_hostile
   server_integrity server_limits server_nix_copy server_push_api server_read server_workers
-  push_bad_input push_errors push_failure_policy retention
+  push_bad_input push_errors push_failure_policy retention retention_load push_pin
 )
 # Left out of the scale-out run, file by file: tests that look inside the embedded data dir,
 # which has no counterpart there. (TestServer::data_dir and ::root panic on the scale-out

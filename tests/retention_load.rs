@@ -86,10 +86,15 @@ async fn check_whole(url: &str, key: &PublicKey, paths: &BTreeSet<String>) -> Pr
         }
         let file = nar.bytes().await.expect("NAR body").to_vec();
         if Some(file.len() as u64) != info.file_size
-            || info.file_hash.map(|h| h.to_nix32()) != Some(sha256_nix32(&file))
+            || info.file_hash.map(|h| h.to_typed_nix32()) != Some(sha256_nix32(&file))
         {
             problems.push(format!(
-                "{path}: its NAR file does not match FileHash/FileSize"
+                "{path}: its NAR file ({} bytes, {}) does not match FileSize {:?}, \
+                 FileHash {:?}",
+                file.len(),
+                sha256_nix32(&file),
+                info.file_size,
+                info.file_hash.map(|h| h.to_typed_nix32())
             ));
             continue;
         }
@@ -101,7 +106,8 @@ async fn check_whole(url: &str, key: &PublicKey, paths: &BTreeSet<String>) -> Pr
                 continue;
             }
         };
-        if nar.len() as u64 != info.nar_size || sha256_nix32(&nar) != info.nar_hash.to_nix32() {
+        if nar.len() as u64 != info.nar_size || sha256_nix32(&nar) != info.nar_hash.to_typed_nix32()
+        {
             problems.push(format!("{path}: its NAR does not match NarHash/NarSize"));
         }
     }
@@ -158,8 +164,8 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
     let stop = Arc::new(AtomicBool::new(false));
     let deadline = Instant::now() + LOAD;
 
-    // One push per round, each ~1.5 s long at this rate: the shared base, present since the
-    // first, is collectible 2 s after its last use.
+    // One push per round, each ~1.5 s long at this rate, with pauses between them: the shared
+    // base, present since the first, is collectible 2 s after its last use.
     let pusher = {
         let (url, token, pushed, stop) = (
             url.clone(),
@@ -195,6 +201,10 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
                     );
                 }
                 pushed.lock().unwrap().extend(closure.map(String::clone));
+                // Pauses of varied length let the shared base's last use age past the
+                // retention by different margins, so some pushes find it present just before
+                // the collector takes it.
+                std::thread::sleep(Duration::from_millis(500 * (1 + round as u64 % 6)));
             }
             (runs, repairs, reruns)
         })
