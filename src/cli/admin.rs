@@ -208,6 +208,9 @@ pub enum TokenCommand {
 }
 
 pub fn run(args: AdminArgs) -> i32 {
+    // The server layers admin reuses log the details of an internal error and return a bland
+    // message (meant for HTTP clients); an administrator needs those details on stderr.
+    super::init_logging("warn");
     let mut config = match args.backends.load() {
         Ok(config) => config,
         Err(message) => return super::fail(exit::USAGE, &message, None),
