@@ -2095,7 +2095,7 @@ impl Metadata for PostgresMetadata {
             let dependents_of = c
                 .prepare(
                     "WITH RECURSIVE dep(hash) AS (
-                         SELECT unnest($2::text[])
+                         SELECT unnest($2::text[]) COLLATE \"C\"
                          UNION
                          SELECT r.hash FROM narinfo_refs r JOIN dep ON r.repo = $1 AND r.ref_hash = dep.hash
                      )
