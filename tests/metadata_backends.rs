@@ -20,9 +20,9 @@ use std::thread;
 use pg_support::TestDatabase;
 use stowix::server::backend;
 use stowix::server::backend::metadata::{
-    MetaError, Metadata, NarRecord, OpenedUpload, PathDeletion, PinCreated, Presence,
-    PublishState, PublishedNarInfo, RepoRecord, RetentionPolicy, Scope, SessionCaps, TokenRecord,
-    UploadPart, UploadRecord,
+    MetaError, Metadata, NarRecord, OpenedUpload, PathDeletion, PinCreated, Presence, PublishState,
+    PublishedNarInfo, RepoRecord, RetentionPolicy, Scope, SessionCaps, TokenRecord, UploadPart,
+    UploadRecord,
 };
 use stowix::server::config::ServerConfig;
 
@@ -759,7 +759,12 @@ fn collect(m: &dyn Metadata, repo: &str, cutoff: i64, now: i64) -> String {
         if swept.paths.is_empty() {
             break;
         }
-        removed.extend(swept.paths.into_iter().map(|p| p.hash.chars().next().unwrap()));
+        removed.extend(
+            swept
+                .paths
+                .into_iter()
+                .map(|p| p.hash.chars().next().unwrap()),
+        );
     }
     removed.sort();
     removed.into_iter().collect()
@@ -789,14 +794,19 @@ fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
     store_nar(m, "r", 'b', 1);
     // b references a, which is neither published nor in the batch.
     assert_eq!(
-        m.publish_checked("r", &[path('b', &['a', 'b'])], 1).unwrap(),
+        m.publish_checked("r", &[path('b', &['a', 'b'])], 1)
+            .unwrap(),
         vec![PublishState::MissingReferences(vec![h('a')])]
     );
     // In one batch, in any order, they go together; a NAR not stored refuses its path and,
     // transitively, what references it.
     assert_eq!(
-        m.publish_checked("r", &[path('c', &['b']), path('b', &['a']), path('a', &[])], 1)
-            .unwrap(),
+        m.publish_checked(
+            "r",
+            &[path('c', &['b']), path('b', &['a']), path('a', &[])],
+            1
+        )
+        .unwrap(),
         vec![
             PublishState::NarGone(format!("nar/{}.nar.xz", h('c'))),
             PublishState::New,
@@ -814,13 +824,28 @@ fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
     );
     // The default `publish` reports the same as booleans.
     store_nar(m, "r", 'e', 1);
-    assert_eq!(m.publish("r", &[path('e', &['a', 'b'])]).unwrap(), vec![true]);
+    assert_eq!(
+        m.publish("r", &[path('e', &['a', 'b'])]).unwrap(),
+        vec![true]
+    );
 }
 
 fn collection_keeps_roots_closures_and_pins_and_sweeps_referrers_first(b: &Backend) {
     let m = &*b.meta;
     // c -> b -> a (old), d (old), e (new), p (old, pinned) -> q (old).
-    publish_at(m, "r", &[('a', &[]), ('b', &['a']), ('c', &['b']), ('d', &[]), ('q', &[]), ('p', &['q'])], 100);
+    publish_at(
+        m,
+        "r",
+        &[
+            ('a', &[]),
+            ('b', &['a']),
+            ('c', &['b']),
+            ('d', &[]),
+            ('q', &[]),
+            ('p', &['q']),
+        ],
+        100,
+    );
     publish_at(m, "r", &[('e', &[])], 300);
     m.touch_paths("r", &[(h('c'), 250)]).unwrap();
     assert!(matches!(
@@ -849,7 +874,10 @@ fn collection_keeps_roots_closures_and_pins_and_sweeps_referrers_first(b: &Backe
             order.push(swept.paths[0].hash.chars().next().unwrap());
         }
         let position = |c| order.iter().position(|x| *x == c).unwrap();
-        assert!(position('c') < position('b') && position('b') < position('a'), "{order:?}");
+        assert!(
+            position('c') < position('b') && position('b') < position('a'),
+            "{order:?}"
+        );
         assert_eq!(order.len(), 4);
     }
     assert_eq!(
@@ -889,8 +917,10 @@ fn a_publication_during_a_collection_keeps_what_it_references(b: &Backend) {
 fn last_use_only_rises(b: &Backend) {
     let m = &*b.meta;
     publish_at(m, "r", &[('a', &[]), ('b', &[])], 100);
-    m.touch_paths("r", &[(h('a'), 500), (h('a'), 300), (h('z'), 900)]).unwrap();
-    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('b')), 400)]).unwrap();
+    m.touch_paths("r", &[(h('a'), 500), (h('a'), 300), (h('z'), 900)])
+        .unwrap();
+    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('b')), 400)])
+        .unwrap();
     m.touch_paths("r", &[(h('b'), 50)]).unwrap();
     assert_eq!(collect(m, "r", 401, 1000), "b");
     assert_eq!(collect(m, "r", 501, 1000), "a");
@@ -929,13 +959,21 @@ fn publish_at_existing(m: &dyn Metadata, repo: &str, c: char) {
 
 fn path_deletion_refuses_dependents_unless_asked(b: &Backend) {
     let m = &*b.meta;
-    publish_at(m, "r", &[('a', &[]), ('b', &['a']), ('c', &['b']), ('d', &[])], 100);
+    publish_at(
+        m,
+        "r",
+        &[('a', &[]), ('b', &['a']), ('c', &['b']), ('d', &[])],
+        100,
+    );
     match m.delete_paths("r", &[h('a')], false).unwrap() {
         PathDeletion::Refused { mut dependents } => {
             dependents.sort();
             assert_eq!(
                 dependents,
-                vec![format!("/nix/store/{}-b", h('b')), format!("/nix/store/{}-c", h('c'))]
+                vec![
+                    format!("/nix/store/{}-b", h('b')),
+                    format!("/nix/store/{}-c", h('c'))
+                ]
             );
         }
         other => panic!("{other:?}"),
@@ -968,7 +1006,8 @@ fn max_size_evicts_least_recently_used_closures(b: &Backend) {
     for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {
         publish_at(m, "r", &[(c, &[])], 1000 + 100 * i as i64);
     }
-    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('a')), 5000)]).unwrap();
+    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('a')), 5000)])
+        .unwrap();
     let run = |max: u64, dry_run: bool| {
         m.set_policy(
             "r",
@@ -988,10 +1027,16 @@ fn max_size_evicts_least_recently_used_closures(b: &Backend) {
         collect_repo(m, "r", &options, |_| {}).unwrap()
     };
     let dry = run(200, true);
-    assert_eq!((dry.paths_removed, dry.kept_paths, dry.kept_bytes), (1, 2, 200));
+    assert_eq!(
+        (dry.paths_removed, dry.kept_paths, dry.kept_bytes),
+        (1, 2, 200)
+    );
     let real = run(200, false);
     assert_eq!(real.removed, vec![format!("/nix/store/{}-b", h('b'))]);
-    assert_eq!((real.paths_removed, real.kept_paths, real.kept_bytes), (1, 2, 200));
+    assert_eq!(
+        (real.paths_removed, real.kept_paths, real.kept_bytes),
+        (1, 2, 200)
+    );
     let real = run(199, false);
     assert_eq!(real.removed, vec![format!("/nix/store/{}-c", h('c'))]);
     assert_eq!((real.kept_paths, real.kept_bytes), (1, 100));
@@ -1001,12 +1046,16 @@ fn pins_number_revisions_and_keep_the_last(b: &Backend) {
     let m = &*b.meta;
     publish_at(m, "r", &[('a', &[]), ('b', &[]), ('c', &[])], 100);
     assert_eq!(
-        m.create_pin("r", "rel", &[h('a'), h('z')], None, 1).unwrap(),
+        m.create_pin("r", "rel", &[h('a'), h('z')], None, 1)
+            .unwrap(),
         PinCreated::NotPublished(vec![h('z')])
     );
     for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {
         let keep = if i == 2 { Some(2) } else { None };
-        match m.create_pin("r", "rel", &[h(c)], keep, 10 + i as i64).unwrap() {
+        match m
+            .create_pin("r", "rel", &[h(c)], keep, 10 + i as i64)
+            .unwrap()
+        {
             PinCreated::Created { pin, dropped } => {
                 assert_eq!(pin.revision, i as u64 + 1);
                 assert_eq!(pin.store_paths, vec![format!("/nix/store/{}-{c}", h(c))]);
@@ -1017,9 +1066,14 @@ fn pins_number_revisions_and_keep_the_last(b: &Backend) {
     }
     m.create_pin("r", "other", &[h('a')], None, 20).unwrap();
     let pins = m.pins(Some("r")).unwrap();
-    let listed: Vec<(&str, u64, Option<u32>)> =
-        pins.iter().map(|p| (p.name.as_str(), p.revision, p.keep)).collect();
-    assert_eq!(listed, vec![("other", 1, None), ("rel", 2, Some(2)), ("rel", 3, Some(2))]);
+    let listed: Vec<(&str, u64, Option<u32>)> = pins
+        .iter()
+        .map(|p| (p.name.as_str(), p.revision, p.keep))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![("other", 1, None), ("rel", 2, Some(2)), ("rel", 3, Some(2))]
+    );
     assert_eq!(m.pins(None).unwrap().len(), 3);
     assert!(m.pins(Some("s")).unwrap().is_empty());
     // A new revision without keep keeps the pin's setting.

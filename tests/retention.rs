@@ -46,7 +46,12 @@ impl Clocked {
     /// `admin gc --repo REPO [--dry-run] --now AT` with the server's config, stdout.
     fn gc(&self, repo: &str, at: i64, dry_run: bool) -> String {
         let at = at.to_string();
-        let config = self.server.config_path().expect("started with a config").display().to_string();
+        let config = self
+            .server
+            .config_path()
+            .expect("started with a config")
+            .display()
+            .to_string();
         let mut args = vec!["--config", &config, "gc", "--repo", repo, "--now", &at];
         if dry_run {
             args.push("--dry-run");
@@ -106,7 +111,13 @@ async fn check(repo_url: &str, key: &str, paths: &[&LocalPath]) -> Vec<String> {
         .unwrap_or_else(|problems| panic!("the repository serves broken closures:\n{problems}"))
 }
 
-async fn pin(repo_url: &str, token: &str, name: &str, paths: &[&LocalPath], keep: Option<u32>) -> reqwest::Response {
+async fn pin(
+    repo_url: &str,
+    token: &str,
+    name: &str,
+    paths: &[&LocalPath],
+    keep: Option<u32>,
+) -> reqwest::Response {
     http()
         .post(api_url(repo_url, &format!("pins/{name}")))
         .header("Authorization", bearer(token))
@@ -145,7 +156,12 @@ async fn retention_by_age_keeps_pins_and_closures_and_nars_outlive_their_narinfo
     c.set(T0);
     push_paths(&url, &token, &[lib, app, old]).await;
     let resp = pin(&url, &token, "release", &[app], None).await;
-    assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap());
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
     c.set(T0 + 20 * DAY);
     push_paths(&url, &token, &[fresh]).await;
     let old_nar = nar_url(&url, old).await;
@@ -154,20 +170,33 @@ async fn retention_by_age_keeps_pins_and_closures_and_nars_outlive_their_narinfo
     let out = c.gc("keep", T0 + 30 * DAY, false);
     assert!(summary(&out).contains("removed 0 paths"), "{out}");
 
-    let bad = c.server.admin_output(&["repo", "configure", "keep", "--retention", "30 days"]);
+    let bad = c
+        .server
+        .admin_output(&["repo", "configure", "keep", "--retention", "30 days"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"30 days\""));
-    c.server.admin(&["repo", "configure", "keep", "--retention", "15d"]);
+    c.server
+        .admin(&["repo", "configure", "keep", "--retention", "15d"]);
     let shown = c.server.admin(&["repo", "show", "keep"]);
-    assert!(shown.contains("paths unused for 15d are collected"), "{shown}");
+    assert!(
+        shown.contains("paths unused for 15d are collected"),
+        "{shown}"
+    );
     assert!(shown.contains("paths:             4"), "{shown}");
 
     // At T0+30d: old (30 days unused) goes; app is pinned and keeps lib; fresh is 10 days old.
     let dry = c.gc("keep", T0 + 30 * DAY, true);
     let real = c.gc("keep", T0 + 30 * DAY, false);
-    assert_eq!(summary(&dry), summary(&real), "dry run:\n{dry}\nreal run:\n{real}");
+    assert_eq!(
+        summary(&dry),
+        summary(&real),
+        "dry run:\n{dry}\nreal run:\n{real}"
+    );
     assert_eq!(removed_paths(&real), vec![old.path.clone()], "{real}");
-    assert!(summary(&real).contains("removed 1 paths; 1 NARs marked"), "{real}");
+    assert!(
+        summary(&real).contains("removed 1 paths; 1 NARs marked"),
+        "{real}"
+    );
     assert_eq!(narinfo_status(&url, old).await, 404);
     let served = check(&url, &key, &[lib, app, old, fresh]).await;
     assert_eq!(served.len(), 3);
@@ -211,26 +240,53 @@ async fn max_size_evicts_the_least_recently_used_first() {
     }
     // "one" is the oldest publication but is downloaded last: "two" is least recently used.
     c.set(T0 + 1000);
-    let flushes = c.server.metric("stowix_server_last_use_flushes_total").await;
+    let flushes = c
+        .server
+        .metric("stowix_server_last_use_flushes_total")
+        .await;
     assert_eq!(status_of(&nar_url(&url, &p[0]).await).await, 200);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     // Flushes that wrote something: the only use so far is that download.
-    while c.server.metric("stowix_server_last_use_flushes_total").await < flushes + 1.0 {
-        assert!(std::time::Instant::now() < deadline, "no last-use flush within 20 s");
+    while c
+        .server
+        .metric("stowix_server_last_use_flushes_total")
+        .await
+        < flushes + 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no last-use flush within 20 s"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let fits = sizes[0] + sizes[2];
-    c.server.admin(&["repo", "configure", "lru", "--max-size", &format!("{fits}B")]);
+    c.server.admin(&[
+        "repo",
+        "configure",
+        "lru",
+        "--max-size",
+        &format!("{fits}B"),
+    ]);
     let dry = c.gc("lru", T0 + 2000, true);
     let real = c.gc("lru", T0 + 2000, false);
     assert_eq!(summary(&dry), summary(&real), "{dry}\n{real}");
-    assert_eq!(removed_paths(&real), vec![p[1].path.clone()], "{dry}\n{real}");
+    assert_eq!(
+        removed_paths(&real),
+        vec![p[1].path.clone()],
+        "{dry}\n{real}"
+    );
     // The checker downloads every NAR, which are uses too: stamp them before every last use
     // so far, where they change nothing.
     c.set(T0 + 50);
     check(&url, &key, &[&p[0], &p[1], &p[2]]).await;
     // One byte less: "three" (used at T0+200) goes next, "one" (T0+1000) stays.
-    c.server.admin(&["repo", "configure", "lru", "--max-size", &format!("{}B", fits - 1)]);
+    c.server.admin(&[
+        "repo",
+        "configure",
+        "lru",
+        "--max-size",
+        &format!("{}B", fits - 1),
+    ]);
     let real = c.gc("lru", T0 + 2000, false);
     assert_eq!(removed_paths(&real), vec![p[2].path.clone()], "{real}");
     assert_eq!(narinfo_status(&url, &p[0]).await, 200);
@@ -248,24 +304,34 @@ async fn path_delete_refuses_while_referenced_and_removes_dependents_with_the_fl
     push_paths(&url, &token, &[lib, app, old]).await;
     let lib_nar = nar_url(&url, lib).await;
 
-    let refused = c.server.admin_output(&["path", "delete", "--repo", "del", &lib.path]);
+    let refused = c
+        .server
+        .admin_output(&["path", "delete", "--repo", "del", &lib.path]);
     assert_eq!(refused.status.code(), Some(8));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains(&app.path), "{stderr}");
     assert_eq!(narinfo_status(&url, lib).await, 200);
 
-    let bad = c.server.admin_output(&["path", "delete", "--repo", "del", "not-a-path"]);
+    let bad = c
+        .server
+        .admin_output(&["path", "delete", "--repo", "del", "not-a-path"]);
     assert_eq!(bad.status.code(), Some(2));
 
     // A path nothing references goes at once, by hash part, NAR object included.
     let old_nar = nar_url(&url, old).await;
-    c.server.admin(&["path", "delete", "--repo", "del", &old.hash]);
+    c.server
+        .admin(&["path", "delete", "--repo", "del", &old.hash]);
     assert_eq!(narinfo_status(&url, old).await, 404);
     assert_eq!(status_of(&old_nar).await, 404);
 
-    let out = c
-        .server
-        .admin(&["path", "delete", "--repo", "del", &lib.path, "--with-dependents"]);
+    let out = c.server.admin(&[
+        "path",
+        "delete",
+        "--repo",
+        "del",
+        &lib.path,
+        "--with-dependents",
+    ]);
     assert!(out.contains(&lib.path) && out.contains(&app.path), "{out}");
     assert_eq!(narinfo_status(&url, lib).await, 404);
     assert_eq!(narinfo_status(&url, app).await, 404);
@@ -285,14 +351,23 @@ async fn pins_keep_their_last_revisions_and_nix_copy_substitutes_the_pinned_clos
     push_paths(&url, &token, &[lib, app, old, fresh]).await;
 
     // Not published: refused, naming it.
-    let other = load(&build_derivations(&[Drv::new("other", "echo other > $out")]));
+    let other = load(&build_derivations(&[Drv::new(
+        "other",
+        "echo other > $out",
+    )]));
     let resp = pin(&url, &token, "rel", &[&other[0]], None).await;
     assert_eq!(resp.status().as_u16(), 422);
     let err: api::ApiError = resp.json().await.unwrap();
     assert_eq!(err.code, api::codes::NOT_PUBLISHED);
     assert!(err.message.contains(&other[0].path), "{}", err.message);
     // A read token cannot pin.
-    assert_eq!(pin(&url, &read, "rel", &[app], None).await.status().as_u16(), 403);
+    assert_eq!(
+        pin(&url, &read, "rel", &[app], None)
+            .await
+            .status()
+            .as_u16(),
+        403
+    );
 
     for (i, paths) in [vec![old], vec![fresh], vec![app]].iter().enumerate() {
         let resp = pin(&url, &token, "rel", paths, Some(2)).await;
@@ -325,11 +400,13 @@ async fn pins_keep_their_last_revisions_and_nix_copy_substitutes_the_pinned_clos
     assert_eq!(listed.lines().count(), 3, "{listed}");
 
     // Everything unpinned goes: old (revision 1 was dropped) and nothing else.
-    c.server.admin(&["repo", "configure", "pins", "--retention", "1d"]);
+    c.server
+        .admin(&["repo", "configure", "pins", "--retention", "1d"]);
     let out = c.gc("pins", T0 + 100 * DAY, false);
     assert_eq!(removed_paths(&out), vec![old.path.clone()], "{out}");
     // Dropping revision 2 frees fresh; the remaining pin keeps app and lib.
-    c.server.admin(&["pin", "delete", "--repo", "pins", "rel", "--revision", "2"]);
+    c.server
+        .admin(&["pin", "delete", "--repo", "pins", "rel", "--revision", "2"]);
     let out = c.gc("pins", T0 + 100 * DAY, false);
     assert_eq!(removed_paths(&out), vec![fresh.path.clone()], "{out}");
     let served = check(&url, &key, &[lib, app, old, fresh]).await;
@@ -341,7 +418,9 @@ async fn pins_keep_their_last_revisions_and_nix_copy_substitutes_the_pinned_clos
     common::nix_copy_from(&url, &key, std::slice::from_ref(&app.path), None)
         .unwrap_or_else(|e| panic!("nix copy of the pinned closure: {e}"));
 
-    let missing = c.server.admin_output(&["pin", "delete", "--repo", "pins", "nope"]);
+    let missing = c
+        .server
+        .admin_output(&["pin", "delete", "--repo", "pins", "nope"]);
     assert_eq!(missing.status.code(), Some(2));
     c.server.admin(&["pin", "delete", "--repo", "pins", "rel"]);
     let out = c.gc("pins", T0 + 100 * DAY, false);
@@ -359,11 +438,20 @@ async fn the_server_collects_on_its_schedule_and_counts_it() {
     let url = c.server.repo_url("sched");
     let p = fixture();
     push_paths(&url, &token, &[&p[0], &p[1], &p[2]]).await;
-    c.server.admin(&["repo", "configure", "sched", "--retention", "1d"]);
+    c.server
+        .admin(&["repo", "configure", "sched", "--retention", "1d"]);
     c.set(T0 + 10 * DAY);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while c.server.metric("stowix_server_gc_paths_removed_total").await < 3.0 {
-        assert!(std::time::Instant::now() < deadline, "no collection within 30 s");
+    while c
+        .server
+        .metric("stowix_server_gc_paths_removed_total")
+        .await
+        < 3.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no collection within 30 s"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(c.server.metric("stowix_server_gc_runs_total").await >= 1.0);
@@ -382,7 +470,10 @@ async fn the_server_collects_on_its_schedule_and_counts_it() {
         stored as f64
     );
     let text = c.server.metrics_text().await;
-    assert!(text.contains("stowix_server_gc_duration_seconds_count"), "{text}");
+    assert!(
+        text.contains("stowix_server_gc_duration_seconds_count"),
+        "{text}"
+    );
     for path in &p[..3] {
         assert_eq!(narinfo_status(&url, path).await, 404);
     }

@@ -408,7 +408,10 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
             for key in &repo.upstream_keys {
                 println!("upstream key:      {key}");
             }
-            let policy = meta.policy(&repo.name).map_err(internal)?.unwrap_or_default();
+            let policy = meta
+                .policy(&repo.name)
+                .map_err(internal)?
+                .unwrap_or_default();
             let usage = meta.usage(&repo.name).map_err(internal)?;
             println!("retention:         {}", describe_policy(&policy));
             println!("paths:             {}", usage.paths);
@@ -612,7 +615,10 @@ fn format_duration(secs: u64) -> String {
 fn format_size(bytes: u64) -> String {
     for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
         if bytes >= 1 << shift {
-            return format!("{:.1} {unit} ({bytes} B)", bytes as f64 / (1u64 << shift) as f64);
+            return format!(
+                "{:.1} {unit} ({bytes} B)",
+                bytes as f64 / (1u64 << shift) as f64
+            );
         }
     }
     format!("{bytes} B")
@@ -715,11 +721,18 @@ fn path_delete(config: ServerConfig, repo: &str, path: &str, with_dependents: bo
     };
     let repo = repo.to_string();
     let outcome = runtime.block_on(async {
-        let state = crate::server::AppState::open(config, None).map_err(|m| (exit::FAILURE, m, None::<String>))?;
-        let failed = |err: crate::server::error::ServerError| (exit::FAILURE, err.body.message, None);
+        let state = crate::server::AppState::open(config, None)
+            .map_err(|m| (exit::FAILURE, m, None::<String>))?;
+        let failed =
+            |err: crate::server::error::ServerError| (exit::FAILURE, err.body.message, None);
         let (name, lookup) = (repo.clone(), hash.clone());
         let (found, published) = state
-            .db(move |meta| Ok((meta.repo(&name)?, meta.published_store_paths(&name, &[lookup])?)))
+            .db(move |meta| {
+                Ok((
+                    meta.repo(&name)?,
+                    meta.published_store_paths(&name, &[lookup])?,
+                ))
+            })
             .await
             .map_err(failed)?;
         if found.is_none() {
@@ -800,10 +813,14 @@ fn pin(meta: &dyn Metadata, command: PinCommand) -> AdminResult {
                 return Err((
                     exit::USAGE,
                     match revision {
-                        Some(r) => format!("pin '{name}' of repository '{repo}' has no revision {r}"),
+                        Some(r) => {
+                            format!("pin '{name}' of repository '{repo}' has no revision {r}")
+                        }
                         None => format!("repository '{repo}' has no pin named '{name}'"),
                     },
-                    Some(format!("`stowix admin pin list --repo {repo}` shows the pins")),
+                    Some(format!(
+                        "`stowix admin pin list --repo {repo}` shows the pins"
+                    )),
                 ));
             }
             eprintln!("deleted {removed} revision(s) of pin '{name}'");

@@ -86,8 +86,7 @@ pub struct RepoCollected {
 /// The clock the server stamps publications and uses with. Tests point `STOWIX_CLOCK_FILE` at
 /// a file holding Unix seconds to move time without sleeping; nothing else should set it.
 pub fn now() -> i64 {
-    static CLOCK_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> =
-        std::sync::OnceLock::new();
+    static CLOCK_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let file = CLOCK_FILE.get_or_init(|| std::env::var_os("STOWIX_CLOCK_FILE").map(Into::into));
     if let Some(path) = file {
         if let Some(at) = std::fs::read_to_string(path)
@@ -101,7 +100,10 @@ pub fn now() -> i64 {
 }
 
 /// One collection; `None` when another process's collector holds the lock.
-pub async fn run(state: &AppState, options: &GcOptions) -> ServerResult<Option<Vec<RepoCollected>>> {
+pub async fn run(
+    state: &AppState,
+    options: &GcOptions,
+) -> ServerResult<Option<Vec<RepoCollected>>> {
     let Some(guard) = state.db(|meta| meta.try_singleton("gc")).await? else {
         return Ok(None);
     };

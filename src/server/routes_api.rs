@@ -690,18 +690,6 @@ fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
-        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
-        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
-        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
-    }
-}
-
 /// Pin names: what a CI job would call a release channel, and safe in a URL path segment.
 pub fn is_valid_pin_name(name: &str) -> bool {
     (1..=100).contains(&name.len())
@@ -817,4 +805,16 @@ pub async fn list_pins(
     Ok(Json(crate::api::PinList {
         pins: pins.into_iter().map(pin_revision).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
+        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
+        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
+        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
+    }
 }

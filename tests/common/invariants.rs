@@ -52,7 +52,11 @@ pub async fn check_served(
             None => problems.push(format!("{hash}: its NAR {} is not served", info.url)),
             Some(file) => {
                 if Some(file.len() as u64) != info.file_size {
-                    problems.push(format!("{hash}: FileSize {:?}, got {}", info.file_size, file.len()));
+                    problems.push(format!(
+                        "{hash}: FileSize {:?}, got {}",
+                        info.file_size,
+                        file.len()
+                    ));
                 }
                 if info.file_hash.map(|h| h.to_typed_nix32()) != Some(sha256_nix32(&file)) {
                     problems.push(format!("{hash}: FileHash differs from the NAR's"));
@@ -64,7 +68,11 @@ pub async fn check_served(
                     other => return Err(format!("{hash}: compression {other} not handled here")),
                 };
                 if nar.len() as u64 != info.nar_size {
-                    problems.push(format!("{hash}: NarSize {}, got {}", info.nar_size, nar.len()));
+                    problems.push(format!(
+                        "{hash}: NarSize {}, got {}",
+                        info.nar_size,
+                        nar.len()
+                    ));
                 }
                 if sha256_nix32(&nar) != info.nar_hash.to_typed_nix32() {
                     problems.push(format!("{hash}: NarHash differs from the NAR's"));
@@ -77,7 +85,9 @@ pub async fn check_served(
                 continue;
             }
             if !served.contains_key(ref_hash)
-                && get(repo_url, &format!("{ref_hash}.narinfo"), token).await?.is_none()
+                && get(repo_url, &format!("{ref_hash}.narinfo"), token)
+                    .await?
+                    .is_none()
             {
                 problems.push(format!("{hash}: its reference {reference} is not served"));
             }
@@ -96,9 +106,14 @@ async fn get(repo_url: &str, file: &str, token: Option<&str>) -> Result<Option<V
     if let Some(token) = token {
         request = request.header("Authorization", bearer(token));
     }
-    let resp = request.send().await.map_err(|e| format!("GET {file}: {e}"))?;
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| format!("GET {file}: {e}"))?;
     match resp.status().as_u16() {
-        200 => Ok(Some(resp.bytes().await.map_err(|e| e.to_string())?.to_vec())),
+        200 => Ok(Some(
+            resp.bytes().await.map_err(|e| e.to_string())?.to_vec(),
+        )),
         404 => Ok(None),
         status => Err(format!("GET {file} answered {status}")),
     }

@@ -997,7 +997,10 @@ impl GcSession for PgGc<'_> {
         self.run(async |c| {
             let row = c
                 .client
-                .query_one("SELECT MIN(last_used_at) FROM narinfos WHERE repo = $1", &[&repo])
+                .query_one(
+                    "SELECT MIN(last_used_at) FROM narinfos WHERE repo = $1",
+                    &[&repo],
+                )
                 .await?;
             Ok(row.get(0))
         })
@@ -1913,7 +1916,9 @@ impl Metadata for PostgresMetadata {
         let max_size = policy.max_size_bytes.map(to_i64);
         self.call(false, async |c| {
             let statement = c
-                .prepare("UPDATE repos SET retention_secs = $2, max_size_bytes = $3 WHERE name = $1")
+                .prepare(
+                    "UPDATE repos SET retention_secs = $2, max_size_bytes = $3 WHERE name = $1",
+                )
                 .await?;
             Ok(c.client
                 .execute(&statement, &[&repo, &retention, &max_size])
@@ -1989,11 +1994,13 @@ impl Metadata for PostgresMetadata {
         match created {
             Some(Ok(())) => {}
             Some(Err(err)) => return Err(meta_error(&err, &self.pool.target)),
-            None => return Err(MetaError::Unavailable(format!(
-                "PostgreSQL at {} did not answer within {} s",
-                self.pool.target,
-                CALL_TIMEOUT.as_secs()
-            ))),
+            None => {
+                return Err(MetaError::Unavailable(format!(
+                    "PostgreSQL at {} did not answer within {} s",
+                    self.pool.target,
+                    CALL_TIMEOUT.as_secs()
+                )))
+            }
         }
         Ok(Box::new(PgGc {
             pooled: Some(pooled),

@@ -171,10 +171,10 @@ CREATE INDEX pin_roots_by_repo ON pin_roots (repo, hash);
 /// row (nothing is held in memory but the current row).
 fn backfill_retention(conn: &Connection) -> rusqlite::Result<()> {
     let mut select = conn.prepare("SELECT repo, hash, text FROM narinfos")?;
-    let mut set_url = conn.prepare("UPDATE narinfos SET nar_url = ?3 WHERE repo = ?1 AND hash = ?2")?;
-    let mut add_ref = conn.prepare(
-        "INSERT OR IGNORE INTO narinfo_refs (repo, hash, ref_hash) VALUES (?1, ?2, ?3)",
-    )?;
+    let mut set_url =
+        conn.prepare("UPDATE narinfos SET nar_url = ?3 WHERE repo = ?1 AND hash = ?2")?;
+    let mut add_ref = conn
+        .prepare("INSERT OR IGNORE INTO narinfo_refs (repo, hash, ref_hash) VALUES (?1, ?2, ?3)")?;
     let mut rows = select.query([])?;
     while let Some(row) = rows.next()? {
         let (repo, hash, text): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
@@ -778,7 +778,9 @@ impl Metadata for SqliteMetadata {
                 }
             }
         }
-        let open: Vec<usize> = (0..narinfos.len()).filter(|&i| states[i].is_none()).collect();
+        let open: Vec<usize> = (0..narinfos.len())
+            .filter(|&i| states[i].is_none())
+            .collect();
         let entries: Vec<(&str, &[String])> = open
             .iter()
             .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
@@ -863,7 +865,9 @@ impl Metadata for SqliteMetadata {
             .prepare_cached("SELECT COUNT(*) FROM narinfos WHERE repo = ?1")?
             .query_row([repo], |row| row.get(0))?;
         let (nars, bytes): (i64, i64) = conn
-            .prepare_cached("SELECT COUNT(*), COALESCE(SUM(file_size), 0) FROM nars WHERE repo = ?1")?
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(file_size), 0) FROM nars WHERE repo = ?1",
+            )?
             .query_row([repo], |row| Ok((row.get(0)?, row.get(1)?)))?;
         Ok(RepoUsage {
             paths: paths as u64,
@@ -964,7 +968,8 @@ impl Metadata for SqliteMetadata {
             let mut select = tx.prepare_cached(&format!(
                 "SELECT {NAR_COLUMNS} FROM nars WHERE {COLLECTIBLE} ORDER BY url LIMIT ?3"
             ))?;
-            let rows = select.query_map(params![repo, orphaned_before, limit as i64], nar_from_row)?;
+            let rows =
+                select.query_map(params![repo, orphaned_before, limit as i64], nar_from_row)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
         {
@@ -1024,7 +1029,8 @@ impl Metadata for SqliteMetadata {
         }
         let mut nars = Vec::new();
         {
-            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
             let mut delete_refs =
                 tx.prepare_cached("DELETE FROM narinfo_refs WHERE repo = ?1 AND hash = ?2")?;
             for (hash, _, _) in &closure {
@@ -1035,7 +1041,8 @@ impl Metadata for SqliteMetadata {
                 "SELECT {NAR_COLUMNS} FROM nars WHERE repo = ?1 AND url = ?2
                  AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = ?2)"
             ))?;
-            let mut delete_nar = tx.prepare_cached("DELETE FROM nars WHERE repo = ?1 AND url = ?2")?;
+            let mut delete_nar =
+                tx.prepare_cached("DELETE FROM nars WHERE repo = ?1 AND url = ?2")?;
             for (_, _, url) in &closure {
                 if let Some(nar) = unnamed.query_row([repo, url], nar_from_row).optional()? {
                     delete_nar.execute([repo, url])?;
@@ -1066,11 +1073,13 @@ impl Metadata for SqliteMetadata {
         let mut roots = Vec::new();
         let mut missing = Vec::new();
         {
-            let mut path_of = tx.prepare_cached(
-                "SELECT store_path FROM narinfos WHERE repo = ?1 AND hash = ?2",
-            )?;
+            let mut path_of =
+                tx.prepare_cached("SELECT store_path FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
             for hash in hashes {
-                match path_of.query_row([repo, hash], |row| row.get::<_, String>(0)).optional()? {
+                match path_of
+                    .query_row([repo, hash], |row| row.get::<_, String>(0))
+                    .optional()?
+                {
                     Some(path) => roots.push((hash.clone(), path)),
                     None => missing.push(hash.clone()),
                 }
@@ -1184,7 +1193,10 @@ impl Metadata for SqliteMetadata {
             params![repo, name, revision],
         )?;
         if revision.is_none() {
-            tx.execute("DELETE FROM pins WHERE repo = ?1 AND name = ?2", [repo, name])?;
+            tx.execute(
+                "DELETE FROM pins WHERE repo = ?1 AND name = ?2",
+                [repo, name],
+            )?;
         }
         tx.commit()?;
         Ok(removed as u64)
@@ -1338,7 +1350,8 @@ impl GcSession for SqliteGc {
             rows.collect::<rusqlite::Result<_>>()?
         };
         {
-            let mut delete = tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
             let mut delete_refs =
                 tx.prepare_cached("DELETE FROM narinfo_refs WHERE repo = ?1 AND hash = ?2")?;
             let mut done = tx.prepare_cached("DELETE FROM gc_dead WHERE hash = ?1")?;
