@@ -133,6 +133,7 @@ conformance!(
     unreferenced_nars_wait_for_their_grace,
     path_deletion_refuses_dependents_unless_asked,
     pins_number_revisions_and_keep_the_last,
+    max_size_evicts_least_recently_used_closures,
 );
 
 fn repo(name: &str, private: bool, priority: u32) -> RepoRecord {
@@ -995,6 +996,50 @@ fn path_deletion_refuses_dependents_unless_asked(b: &Backend) {
     }
     assert_eq!(m.usage("r").unwrap().paths, 0);
     assert_eq!(m.usage("r").unwrap().nars, 0);
+}
+
+fn max_size_evicts_least_recently_used_closures(b: &Backend) {
+    use stowix::server::gc::{collect_repo, GcOptions};
+    let m = &*b.meta;
+    m.create_repo(&repo("r", false, 40)).unwrap();
+    // Three paths of 100 bytes each, used at 1000, 1100 and 1200; then the first at 5000.
+    for (i, c) in ['a', 'b', 'c'].into_iter().enumerate() {
+        publish_at(m, "r", &[(c, &[])], 1000 + 100 * i as i64);
+    }
+    m.touch_nars("r", &[(format!("nar/{}.nar.xz", h('a')), 5000)])
+        .unwrap();
+    let run = |max: u64, dry_run: bool| {
+        m.set_policy(
+            "r",
+            &RetentionPolicy {
+                retention_secs: None,
+                max_size_bytes: Some(max),
+            },
+        )
+        .unwrap();
+        let options = GcOptions {
+            repo: Some("r".into()),
+            dry_run,
+            now: 10_000,
+            grace_secs: 60,
+            orphan_grace_secs: 1000,
+        };
+        collect_repo(m, "r", &options, |_| {}).unwrap()
+    };
+    let dry = run(200, true);
+    assert_eq!(
+        (dry.paths_removed, dry.kept_paths, dry.kept_bytes),
+        (1, 2, 200)
+    );
+    let real = run(200, false);
+    assert_eq!(real.removed, vec![format!("/nix/store/{}-b", h('b'))]);
+    assert_eq!(
+        (real.paths_removed, real.kept_paths, real.kept_bytes),
+        (1, 2, 200)
+    );
+    let real = run(199, false);
+    assert_eq!(real.removed, vec![format!("/nix/store/{}-c", h('c'))]);
+    assert_eq!((real.kept_paths, real.kept_bytes), (1, 100));
 }
 
 fn pins_number_revisions_and_keep_the_last(b: &Backend) {

@@ -219,10 +219,13 @@ pub fn collect_repo(
         ..RepoCollected::default()
     };
     let mut removed: Vec<RemovedPath> = Vec::new();
+    // Everything else this function asks the database happens outside the session's scope:
+    // the session holds a connection, and `stowix admin` has only one.
+    let usage = meta.usage(repo)?;
     {
         let mut session = meta.gc_session(repo)?;
         match cutoff_for(session.as_mut(), &policy, now, options.grace_secs)? {
-            None => collected.kept_paths = meta.usage(repo)?.paths,
+            None => collected.kept_paths = usage.paths,
             Some((cutoff, over)) => {
                 collected.over_max_size = over;
                 let live = session.mark(cutoff)?;

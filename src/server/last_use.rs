@@ -101,6 +101,7 @@ impl LastUse {
                 }
             }
         }
+        // Counted only when something was written (tests wait on it to know a use landed).
         ::metrics::counter!(super::metrics::LAST_USE_FLUSHES_TOTAL).increment(1);
     }
 }

@@ -690,18 +690,6 @@ fn parse_entry(entry: &crate::api::PublishEntry) -> Result<NarInfo, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
-        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
-        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
-        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
-    }
-}
-
 /// `POST api/v1/pins/{name}`: the store paths become the pin's next revision; each must be
 /// published here, whole path included (a path under the same hash part with another name is
 /// not the one published).
@@ -804,4 +792,16 @@ pub async fn list_pins(
     Ok(Json(crate::api::PinList {
         pins: pins.into_iter().map(pin_revision).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compressed_size_bound_saturates_instead_of_wrapping() {
+        assert_eq!(max_compressed_size(u64::MAX), u64::MAX);
+        assert_eq!(max_compressed_size(u64::MAX - (64 << 10)), u64::MAX);
+        assert_eq!(max_compressed_size(6400), 6400 + 100 + (64 << 10));
+    }
 }

@@ -274,6 +274,12 @@ impl TestServer {
         self.url = url;
     }
 
+    /// The `--config` file the server was started with, if any (`stowix admin` runs are not
+    /// given it: pass it when the command reads settings, e.g. `admin gc`'s grace periods).
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
     /// `http://127.0.0.1:PORT`, without a trailing slash.
     pub fn url(&self) -> &str {
         &self.url
