@@ -8,6 +8,7 @@
 //!                                               ──► delete the session row
 //!   object intents older than orphan_grace_secs ──► a nars row knows the key? clear the intent
 //!                                                  an open upload owns it?   leave it
+//!                                                  (a tail: only the upload's current one)
 //!                                                  otherwise                 delete object, clear
 //!   bucket listing (S3 only), NAR and upload objects (`<repo>/nar/`, `<repo>/uploads/`) older
 //!   than the grace period, unknown to every nars row and to every open upload ──► delete
@@ -18,7 +19,7 @@
 
 use super::backend::metadata::now_unix;
 use super::error::ServerResult;
-use super::staging::upload_id_of_key;
+use super::staging::{upload_id_of_key, upload_id_of_tail_key};
 use super::AppState;
 
 /// What one pass did (logged, and printed by `stowix admin janitor`).
@@ -123,10 +124,18 @@ fn holds_nar_bytes(key: &str) -> bool {
     matches!(key.split('/').nth(1), Some("nar" | "uploads"))
 }
 
+/// An upload's object is owned while the upload is open; a tail only while it is the open
+/// upload's current tail (one superseded by a later chunk, left by a replica that died before
+/// deleting it, is garbage even while the upload goes on).
 async fn owned_by_open_upload(state: &AppState, key: &str) -> ServerResult<bool> {
-    let Some(id) = upload_id_of_key(key) else {
+    if let Some(id) = upload_id_of_key(key) {
+        let id = id.to_string();
+        return Ok(state.db(move |meta| meta.upload(&id)).await?.is_some());
+    }
+    let Some(id) = upload_id_of_tail_key(key) else {
         return Ok(false);
     };
     let id = id.to_string();
-    Ok(state.db(move |meta| meta.upload(&id)).await?.is_some())
+    let parts = state.db(move |meta| meta.upload_parts(&id)).await?;
+    Ok(parts.last().and_then(|part| part.tail_key()) == Some(key))
 }
