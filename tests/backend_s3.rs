@@ -251,7 +251,14 @@ async fn chunks_of_any_size_merge_into_parts_and_the_janitor_keeps_only_the_curr
     let state =
         common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
     let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).unwrap();
-    let sizes = [1 << 20, 300 << 10, 3 << 20, 2 << 20, 64 << 10, 7 << 20];
+    let sizes = [
+        1 << 20,
+        300 << 10,
+        3 << 20,
+        2 << 20,
+        64 << 10,
+        PART as usize,
+    ];
     let mut offset = 0usize;
     let mut planted = None;
     for size in sizes.iter().cycle() {
