@@ -160,8 +160,10 @@ struct Setup {
 }
 
 fn serve(database_url: &str, s3: &S3Server) -> Setup {
-    let toml = format!("database = \"{database_url}\"\n{}", s3.config_toml());
-    let server = TestServer::start_with_env(&toml, s3.env());
+    // The database through the environment, so `stowix admin` (repositories, tokens) uses it too.
+    let mut env = s3.env();
+    env.push(("STOWIX_DATABASE_URL".into(), database_url.into()));
+    let server = TestServer::start_with_env(&s3.config_toml(), env);
     let repo = common::unique_name("outage");
     let public_key = server.create_repo(&repo, false);
     let token = server.create_token(&repo, "push");
@@ -206,10 +208,10 @@ async fn push_until(setup: &Setup, top: &str, bytes: f64) -> std::process::Child
         < bytes
     {
         assert!(Instant::now() < deadline, "the upload never started");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the push ended before the outage"
-        );
+        if child.try_wait().unwrap().is_some() {
+            let pushed = finished(child.wait_with_output().unwrap());
+            panic!("the push ended before the outage:\n{}", pushed.stderr);
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child
