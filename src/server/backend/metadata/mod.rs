@@ -147,14 +147,43 @@ impl UploadPart {
 /// Held by the one process (across all replicas) allowed to run a singleton task such as the
 /// janitor; dropping it lets another take over.
 pub struct SingletonGuard {
-    _held: Box<dyn Send>,
+    held: Box<dyn SingletonHold>,
+}
+
+/// What keeps a singleton, and whether it still does.
+pub trait SingletonHold: Send {
+    /// False once the singleton may be another process's: a lock that lives on a database
+    /// connection is gone with the connection, silently, until someone asks. Blocking.
+    fn still_held(&self) -> bool;
+}
+
+/// A hold that cannot be lost while it exists (a `flock` on a file this process has open).
+struct Unlosable<T>(#[allow(dead_code)] T);
+
+impl<T: Send> SingletonHold for Unlosable<T> {
+    fn still_held(&self) -> bool {
+        true
+    }
 }
 
 impl SingletonGuard {
     pub fn new(held: impl Send + 'static) -> Self {
         SingletonGuard {
-            _held: Box::new(held),
+            held: Box::new(Unlosable(held)),
         }
+    }
+
+    /// A guard whose hold can be lost, and says so.
+    pub fn watched(held: impl SingletonHold + 'static) -> Self {
+        SingletonGuard {
+            held: Box::new(held),
+        }
+    }
+
+    /// Whether this process still holds the singleton (a round trip to the database where the
+    /// hold lives there). Blocking.
+    pub fn still_held(&self) -> bool {
+        self.held.still_held()
     }
 }
 

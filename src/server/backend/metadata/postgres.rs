@@ -897,6 +897,29 @@ impl Drop for AdvisoryLockHolder {
     }
 }
 
+impl super::SingletonHold for AdvisoryLockHolder {
+    /// Asks the holding session itself: a terminated backend, a dropped connection or an
+    /// unlock elsewhere all read as lost.
+    fn still_held(&self) -> bool {
+        let Some(conn) = &self.conn else {
+            return false;
+        };
+        if conn.client.is_closed() {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let held = block_on(
+            conn.client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+                 AND pid = pg_backend_pid() AND granted)",
+                &[],
+            ),
+            deadline,
+        );
+        matches!(held, Some(Ok(row)) if row.get::<_, bool>(0))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rows.
 
@@ -1542,7 +1565,7 @@ impl Metadata for PostgresMetadata {
         );
         match granted {
             Some(Ok(row)) if row.get::<_, bool>(0) => {
-                Ok(Some(SingletonGuard::new(AdvisoryLockHolder {
+                Ok(Some(SingletonGuard::watched(AdvisoryLockHolder {
                     conn: Some(conn),
                     key,
                 })))
