@@ -134,7 +134,7 @@ fn lost(swept: &Swept) -> ServerError {
         "the janitor lost its lock (the database connection holding it closed); stopped this pass after {} expired uploads and {} orphans, the next pass takes over",
         swept.uploads_expired, swept.orphans_deleted
     );
-    tracing::warn!("{message}");
+    // Logged by the caller (`serve`'s janitor loop warns, `stowix admin janitor` prints it).
     ServerError::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         crate::api::codes::UNAVAILABLE,
