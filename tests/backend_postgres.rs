@@ -268,3 +268,36 @@ fn admin_db_commands_on_the_embedded_default_too() {
     assert!(run(&["db", "migrate"]).contains(&format!("0 -> {latest}")));
     assert!(run(&["db", "status"]).contains("up to date"));
 }
+
+#[test]
+fn a_janitor_lock_lost_with_its_connection_is_detected() {
+    use stowix::server::backend::metadata::{Metadata, PostgresMetadata};
+    let db = TestDatabase::create();
+    let meta = PostgresMetadata::open(db.url(), 2).expect("open the test database");
+    let guard = meta
+        .try_singleton("janitor")
+        .unwrap()
+        .expect("nobody holds the janitor's lock yet");
+    assert!(guard.still_held());
+    assert!(
+        meta.try_singleton("janitor").unwrap().is_none(),
+        "the lock is exclusive"
+    );
+    // The session holding the advisory lock, as an administrator (or a failover) would end it.
+    let holders = db.sql(&format!(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+         AND database = (SELECT oid FROM pg_database WHERE datname = '{}')",
+        db.name()
+    ));
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let pid = holders[0].clone().unwrap();
+    db.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    assert!(
+        !guard.still_held(),
+        "the guard still claims a lock its terminated session lost"
+    );
+    assert!(
+        meta.try_singleton("janitor").unwrap().is_some(),
+        "another process can take the lost lock"
+    );
+}

@@ -1,5 +1,6 @@
 //! The server on S3-compatible storage (a real SeaweedFS, see `tests/common/s3.rs`): chunked
-//! uploads as S3 multipart uploads, resumed across a server crash; verification of the object
+//! uploads as S3 multipart uploads, resumed across a server crash, chunks of any size merged
+//! into parts through tail objects; verification of the object
 //! read back from the bucket; Nix substituting through the server and through presigned
 //! redirects; and the janitor removing what no database row knows.
 
@@ -228,37 +229,131 @@ async fn a_file_hash_mismatch_is_refused_and_leaves_nothing_behind() {
     assert_eq!(stored.file_size, params.file_size);
 }
 
+/// The tail objects in the bucket (bytes waiting to become an S3 part).
+async fn tails(s3: &S3Server) -> Vec<String> {
+    s3.keys()
+        .await
+        .into_iter()
+        .filter(|k| k.contains(".tail-"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_short_chunk_ends_an_s3_upload() {
-    let s3 = S3Server::start();
-    let server = s3_server(&s3, "");
-    let repo = repo(&server, false);
+async fn chunks_of_any_size_merge_into_parts_and_the_janitor_keeps_only_the_current_tail() {
     common::require_nix();
-    let path = common::LocalPath::load(&common::build_random("short", 3 << 20));
+    let s3 = S3Server::start();
+    // A grace of zero: a superseded tail is garbage as soon as the janitor looks.
+    let server = s3_server(&s3, "orphan_grace_secs = 0\n");
+    let repo = repo(&server, false);
+    let built = common::build_random("merge", 12 << 20);
+    let path = common::LocalPath::load(&built);
+    let (file, params) = path.xz_upload();
     let state =
         common::create_upload(&repo.url, &repo.token, &common::xz_create_upload(&path)).await;
-    let (file, _) = path.xz_upload();
-    let resp = common::patch_chunk(
-        &repo.url,
-        &repo.token,
-        &state.upload_id,
-        0,
-        file[..1 << 20].to_vec(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    let resp = common::patch_chunk(
-        &repo.url,
-        &repo.token,
-        &state.upload_id,
+    let db = rusqlite::Connection::open(server.data_dir().join("stowix.db")).unwrap();
+    let sizes = [
         1 << 20,
-        file[1 << 20..].to_vec(),
+        300 << 10,
+        3 << 20,
+        2 << 20,
+        64 << 10,
+        PART as usize,
+    ];
+    let mut offset = 0usize;
+    let mut planted = None;
+    for size in sizes.iter().cycle() {
+        if offset == file.len() {
+            break;
+        }
+        let end = (offset + size).min(file.len());
+        let resp = common::patch_chunk(
+            &repo.url,
+            &repo.token,
+            &state.upload_id,
+            offset as u64,
+            file[offset..end].to_vec(),
+        )
+        .await;
+        let answer: api::UploadState = common::parse_ok(resp, "PATCH").await;
+        assert_eq!(answer.offset, end as u64, "every chunk is taken whole");
+        offset = end;
+        let parts: Vec<(u64, String)> = db
+            .prepare("SELECT size, etag FROM upload_parts WHERE upload_id = ?1 ORDER BY number")
+            .unwrap()
+            .query_map([&state.upload_id], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get(1)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(parts.iter().map(|p| p.0).sum::<u64>(), offset as u64);
+        let (last, whole) = parts.split_last().unwrap();
+        assert!(
+            whole.iter().all(|(size, _)| *size >= PART),
+            "every part but the last is at least 5 MiB: {parts:?}"
+        );
+        let current = tails(&s3).await;
+        if last.0 < PART {
+            assert_eq!(current.len(), 1, "one tail waits: {current:?}");
+            assert!(last.1.ends_with(&current[0]), "{parts:?} {current:?}");
+        } else {
+            assert_eq!(current, Vec::<String>::new(), "no tail at a part boundary");
+        }
+        // Midway, a superseded tail such as a replica killed before deleting it leaves: the
+        // janitor deletes it and keeps the upload's current tail.
+        if planted.is_none() && offset > 6 << 20 && last.0 < PART {
+            let stale = format!(
+                "{}/uploads/{}.tail-00000000deadbeef",
+                repo.name, state.upload_id
+            );
+            let client = s3.client();
+            let stale_path = object_store::path::Path::from(format!("{}/{stale}", s3.prefix()));
+            object_store::ObjectStoreExt::put(&*client, &stale_path, vec![7u8; 10].into())
+                .await
+                .unwrap();
+            // Object ages are whole seconds: let this one be older than a grace of zero.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let out = server.admin_output(&[
+                "--config",
+                server.root().join("config.toml").to_str().unwrap(),
+                "janitor",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(tails(&s3).await, current, "only the stale tail is deleted");
+            planted = Some(stale);
+        }
+    }
+    assert!(planted.is_some(), "the janitor ran while a tail waited");
+    let resp = common::complete_upload(
+        &repo.url,
+        &repo.token,
+        &state.upload_id,
+        &api::CompleteUpload {
+            file_hash: params.file_hash.clone(),
+            file_size: params.file_size,
+        },
     )
     .await;
-    let (status, error) = common::api_error(resp).await;
-    assert_eq!(status, 409);
-    assert_eq!(error.code, api::codes::OFFSET_MISMATCH);
-    assert!(error.message.contains("part minimum"), "{}", error.message);
+    let stored: api::NarStored = common::parse_ok(resp, "complete").await;
+    assert_eq!(stored.file_size, file.len() as u64);
+    assert_eq!(
+        tails(&s3).await,
+        Vec::<String>::new(),
+        "completion deletes the tail"
+    );
+    let intents: i64 = db
+        .query_row("SELECT COUNT(*) FROM object_intents", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(intents, 0, "every intent is settled");
+    // The push finds the NAR stored and only publishes it; Nix substitutes it, signed.
+    let pushed = push_common::push_with(&repo.url, Some(&repo.token), &[&built], &[]);
+    pushed.assert_code(exit::SUCCESS);
+    common::nix_copy_from(&repo.url, &repo.public_key, &[built], None)
+        .unwrap_or_else(|e| panic!("nix copy --from of the merged upload failed: {e}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -402,6 +497,17 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
     )
     .await;
     assert_eq!(resp.status(), 200);
+    // ... and a short chunk after it, which waits as a tail object.
+    let resp = common::patch_chunk(
+        &repo.url,
+        &repo.token,
+        &state.upload_id,
+        PART,
+        file[PART as usize..(PART + (1 << 20)) as usize].to_vec(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(tails(&s3).await.len(), 1, "the short chunk waits as a tail");
     let staging_id: String = rusqlite::Connection::open(server.data_dir().join("stowix.db"))
         .unwrap()
         .query_row(
@@ -432,6 +538,10 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
     assert!(
         !after.iter().any(|k| k.ends_with("/nar/orphan.nar.xz")),
         "the orphan is deleted: {after:?}"
+    );
+    assert!(
+        !after.iter().any(|k| k.contains(".tail-")),
+        "the abandoned upload's tail is deleted: {after:?}"
     );
     assert_eq!(
         common::get_upload_raw(&repo.url, &repo.token, &state.upload_id)

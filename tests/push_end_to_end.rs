@@ -155,3 +155,55 @@ async fn a_nar_larger_than_the_chunk_size_goes_up_in_chunks() {
 fn push_push_common(fx: &Fixture, args: &[&str], envs: &[(&str, &str)]) -> push_common::Pushed {
     push_common::push_with(&fx.url, Some(&fx.token), args, envs)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_calls_are_timed_per_operation_on_metrics() {
+    let fx = Fixture::new();
+    // 300 KiB in 64 KiB chunks: a chunked upload, so its operations show up too.
+    let top = common::build_derivations(&[
+        common::Drv::new("timed", "/usr/bin/head -c 307200 /dev/urandom > $out"),
+        common::Drv::new("uses-timed", "echo $dep0 > $out").deps(&[0]),
+    ])
+    .split_off(1);
+    let pushed = push_push_common(&fx, &[&top[0]], &[("STOWIX_CHUNK_SIZE", "65536")]);
+    pushed.assert_code(exit::SUCCESS);
+    let text = fx.server.metrics_text().await;
+    assert!(
+        text.contains("# TYPE stowix_server_database_seconds histogram"),
+        "{text}"
+    );
+    let count = |op: &str| {
+        common::sum_metric(
+            &text,
+            &format!("stowix_server_database_seconds_count{{op=\"{op}\"}}"),
+        )
+    };
+    // What every push does: presence, one session per NAR, the NARs' rows, one publication.
+    for op in [
+        "presence",
+        "open_upload",
+        "insert_nar",
+        "delete_upload",
+        "publish",
+    ] {
+        assert!(count(op) >= 1.0, "no {op} call was timed:\n{text}");
+    }
+    let everything =
+        common::sum_metric(&text, "stowix_server_database_seconds_bucket{le=\"+Inf\"}");
+    let counted = common::sum_metric(&text, "stowix_server_database_seconds_count");
+    assert_eq!(everything, counted, "every call falls in the +Inf bucket");
+    assert!(counted >= 5.0, "{text}");
+    if common::backends::backend() == common::backends::Backend::Scaleout {
+        // 64 KiB chunks on S3 wait as a growing tail: each chunk after the first replaces it.
+        assert!(
+            count("replace_last_upload_part") >= 3.0,
+            "short chunks did not go through the tail:\n{text}"
+        );
+    }
+    assert_eq!(
+        common::sum_metric(&text, "stowix_server_database_errors_total"),
+        0.0,
+        "a clean push fails no database call:\n{text}"
+    );
+    fx.substitute(&top);
+}

@@ -91,12 +91,17 @@ async fn server_killed_during_a_chunk_resumes_from_what_it_holds() {
         state.offset
     );
     // The bytes it read were written before the crash: a SIGKILL loses no written data, so a
-    // server holding nothing lost what it had received.
-    assert!(
-        state.offset > 0,
-        "the server read {half} bytes of the chunk before it was killed, and holds none of them \
-         after the restart"
-    );
+    // server holding nothing lost what it had received. S3 staging keeps whole chunks only
+    // (a part is sent once its chunk is complete), so there the broken chunk is gone whole.
+    if backends::backend() == backends::Backend::Scaleout {
+        assert_eq!(state.offset, 0, "S3 staging kept part of a broken chunk");
+    } else {
+        assert!(
+            state.offset > 0,
+            "the server read {half} bytes of the chunk before it was killed, and holds none of \
+             them after the restart"
+        );
+    }
     patch_rest(&url, &token, &id, &file, state.offset, chunk).await;
     let resp = complete_upload(
         &url,

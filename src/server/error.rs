@@ -83,8 +83,22 @@ impl From<std::io::Error> for ServerError {
         if is_storage_full(&err) {
             return ServerError::storage_full(format!("I/O: {err}"));
         }
+        if super::backend::storage::s3::is_unavailable(&err) {
+            return storage_unavailable(&err);
+        }
         ServerError::internal(format!("I/O: {err}"))
     }
+}
+
+/// A bucket restarting or unreachable: worth the client's retry, like a database failover.
+pub fn storage_unavailable(err: &dyn std::fmt::Display) -> ServerError {
+    tracing::warn!("object storage unavailable: {err}");
+    ServerError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        codes::UNAVAILABLE,
+        "the server's object storage is unavailable; retry shortly",
+    )
+    .with_retry_after(2)
 }
 
 impl From<super::metadata::MetaError> for ServerError {

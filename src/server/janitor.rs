@@ -8,17 +8,21 @@
 //!                                               ──► delete the session row
 //!   object intents older than orphan_grace_secs ──► a nars row knows the key? clear the intent
 //!                                                  an open upload owns it?   leave it
+//!                                                  (a tail: only the upload's current one)
 //!                                                  otherwise                 delete object, clear
 //!   bucket listing (S3 only), NAR and upload objects (`<repo>/nar/`, `<repo>/uploads/`) older
 //!   than the grace period, unknown to every nars row and to every open upload ──► delete
 //!   (listings, logs and debuginfo links are not the janitor's)
 //! ```
+//! Before each step that deletes, the janitor checks it still holds the lock; a lost lock (its
+//! PostgreSQL connection died) stops the pass with a warning.
+//!
 //! The grace period must outlast the longest verification of a completed upload (the object
 //! exists before its nars row): the default is a day.
 
-use super::backend::metadata::now_unix;
-use super::error::ServerResult;
-use super::staging::upload_id_of_key;
+use super::backend::metadata::{now_unix, SingletonGuard};
+use super::error::{ServerError, ServerResult};
+use super::staging::{upload_id_of_key, upload_id_of_tail_key};
 use super::AppState;
 
 /// What one pass did (logged, and printed by `stowix admin janitor`).
@@ -36,6 +40,7 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
     let Some(guard) = state.db(|meta| meta.try_singleton("janitor")).await? else {
         return Ok(None);
     };
+    let mut guard = Some(guard);
     let mut swept = Swept::default();
     let now = now_unix();
 
@@ -48,6 +53,7 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
         if last.is_some_and(|at| at >= cutoff) {
             continue;
         }
+        still_the_janitor(&mut guard, &swept).await?;
         let lock = state.upload_lock(&upload.id);
         let _held = lock.lock().await;
         state.staging.discard(state, &upload).await?;
@@ -58,6 +64,7 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
 
     let grace_cutoff = now - state.config.orphan_grace_secs as i64;
     loop {
+        still_the_janitor(&mut guard, &swept).await?;
         let intents = state
             .db(move |meta| meta.object_intents_before(grace_cutoff, BATCH))
             .await?;
@@ -90,6 +97,7 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
             .map(|object| object.key)
             .collect();
         for batch in old.chunks(BATCH) {
+            still_the_janitor(&mut guard, &swept).await?;
             for (key, deletable) in unknown_keys(state, batch.to_vec()).await? {
                 if deletable {
                     state.storage.delete(&key).await?;
@@ -100,6 +108,38 @@ pub async fn run(state: &AppState) -> ServerResult<Option<Swept>> {
     }
     drop(guard);
     Ok(Some(swept))
+}
+
+/// Before each step that deletes: the pass stops once its lock may be another replica's (on
+/// PostgreSQL the lock lives on one connection, and goes silently with it), so two janitors
+/// never sweep at once.
+async fn still_the_janitor(guard: &mut Option<SingletonGuard>, swept: &Swept) -> ServerResult<()> {
+    let Some(held) = guard.take() else {
+        return Err(lost(swept));
+    };
+    let (held, still) = tokio::task::spawn_blocking(move || {
+        let still = held.still_held();
+        (held, still)
+    })
+    .await?;
+    if !still {
+        return Err(lost(swept));
+    }
+    *guard = Some(held);
+    Ok(())
+}
+
+fn lost(swept: &Swept) -> ServerError {
+    let message = format!(
+        "the janitor lost its lock (the database connection holding it closed); stopped this pass after {} expired uploads and {} orphans, the next pass takes over",
+        swept.uploads_expired, swept.orphans_deleted
+    );
+    // Logged by the caller (`serve`'s janitor loop warns, `stowix admin janitor` prints it).
+    ServerError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        crate::api::codes::UNAVAILABLE,
+        message,
+    )
 }
 
 /// For each key: whether it may be deleted (no nars row and no open upload refers to it).
@@ -123,10 +163,18 @@ fn holds_nar_bytes(key: &str) -> bool {
     matches!(key.split('/').nth(1), Some("nar" | "uploads"))
 }
 
+/// An upload's object is owned while the upload is open; a tail only while it is the open
+/// upload's current tail (one superseded by a later chunk, left by a replica that died before
+/// deleting it, is garbage even while the upload goes on).
 async fn owned_by_open_upload(state: &AppState, key: &str) -> ServerResult<bool> {
-    let Some(id) = upload_id_of_key(key) else {
+    if let Some(id) = upload_id_of_key(key) {
+        let id = id.to_string();
+        return Ok(state.db(move |meta| meta.upload(&id)).await?.is_some());
+    }
+    let Some(id) = upload_id_of_tail_key(key) else {
         return Ok(false);
     };
     let id = id.to_string();
-    Ok(state.db(move |meta| meta.upload(&id)).await?.is_some())
+    let parts = state.db(move |meta| meta.upload_parts(&id)).await?;
+    Ok(parts.last().and_then(|part| part.tail_key()) == Some(key))
 }

@@ -22,6 +22,8 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "stowix_server_connections_refused_t
 pub const SLOW_BODIES_TOTAL: &str = "stowix_server_slow_bodies_total";
 pub const STORAGE_SECONDS: &str = "stowix_server_storage_seconds";
 pub const STORAGE_ERRORS_TOTAL: &str = "stowix_server_storage_errors_total";
+pub const DATABASE_SECONDS: &str = "stowix_server_database_seconds";
+pub const DATABASE_ERRORS_TOTAL: &str = "stowix_server_database_errors_total";
 pub const FILES_STORED_TOTAL: &str = "stowix_server_files_stored_total";
 pub const LAST_USE_FLUSHES_TOTAL: &str = "stowix_server_last_use_flushes_total";
 pub const GC_RUNS_TOTAL: &str = "stowix_server_gc_runs_total";
@@ -41,6 +43,13 @@ const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// From 50 µs (a narinfo read from SQLite's page cache) to 30 s (a PostgreSQL call's timeout,
+/// waiting for a connection included).
+const DATABASE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
 /// Installs the process-wide recorder. The server is its own process, so a global is right here.
 pub fn install_recorder() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
@@ -52,6 +61,8 @@ pub fn install_recorder() -> Result<PrometheusHandle, String> {
         .set_buckets_for_metric(Matcher::Full(STORAGE_SECONDS.into()), DURATION_BUCKETS)
         .map_err(|e| e.to_string())?
         .set_buckets_for_metric(Matcher::Full(GC_DURATION_SECONDS.into()), GC_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(Matcher::Full(DATABASE_SECONDS.into()), DATABASE_BUCKETS)
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
@@ -98,6 +109,15 @@ fn describe() {
     metrics::describe_counter!(
         STORAGE_ERRORS_TOTAL,
         "Object-store calls that failed (an absent object is not a failure), by operation"
+    );
+    metrics::describe_histogram!(
+        DATABASE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one metadata database call (SQLite or PostgreSQL), by operation"
+    );
+    metrics::describe_counter!(
+        DATABASE_ERRORS_TOTAL,
+        "Metadata database calls that returned an error, by operation"
     );
     metrics::describe_counter!(
         FILES_STORED_TOTAL,

@@ -530,13 +530,27 @@ async fn healthz(
     axum::extract::State(state): axum::extract::State<SharedState>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    match unready(&state).await {
+        None => "ok\n".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", reason.replace('\n', " ")),
+        )
+            .into_response(),
+    }
+}
+
+/// Why this replica cannot serve now (the database or the storage does not answer), or
+/// `None` when both do: `/healthz`, and `GET api/v1/info`, which a pushing client probes
+/// during an outage, so that it waits for the backends and not only for the process.
+pub(crate) async fn unready(state: &AppState) -> Option<String> {
     let meta = Arc::clone(&state.meta);
     let database = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::task::spawn_blocking(move || meta.ping()),
     )
     .await;
-    let failure = match database {
+    match database {
         Err(_) => Some("database: no answer within 5 s".to_string()),
         Ok(Err(err)) => Some(format!("database: {err}")),
         Ok(Ok(Err(err))) => Some(format!("database: {err}")),
@@ -544,14 +558,6 @@ async fn healthz(
             Ok(()) => None,
             Err(err) => Some(format!("storage: {err}")),
         },
-    };
-    match failure {
-        None => "ok\n".into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{}\n", reason.replace('\n', " ")),
-        )
-            .into_response(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! chunked NAR uploads, and batched publication. `docs/protocol.md` documents each route.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -91,6 +92,16 @@ pub async fn info(
 ) -> ServerResult<Json<RepoInfo>> {
     let key = SecretKey::parse(&repo.secret_key)
         .map_err(|err| ServerError::internal(format!("repository {} key: {err}", repo.name)))?;
+    // A client probing during an outage resumes when this answers: only once the bucket (and
+    // the database) answer again, or its retries would fail at once on the same outage.
+    if let Some(reason) = super::unready(&state).await {
+        return Err(ServerError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            codes::UNAVAILABLE,
+            format!("this server's backends are not ready ({reason}); retry shortly"),
+        )
+        .with_retry_after(2));
+    }
     let config = &state.config;
     Ok(Json(RepoInfo {
         repository: repo.name.clone(),
@@ -426,21 +437,30 @@ pub async fn upload_chunk(
         )
     })?;
     let record = find_upload(&state, &repo.name, &id).await?;
-    let _slot = state.upload_slot(&repo.name, token_id.as_deref())?;
-    let lock = state.upload_lock(&record.id);
-    let _guard = lock.lock().await;
+    let slot = state.upload_slot(&repo.name, token_id.as_deref())?;
+    let guard = state.upload_lock(&record.id).lock_owned().await;
     // Completion may have finished (and removed the upload) while this request waited.
     let record = find_upload(&state, &repo.name, &record.id).await?;
     // Sessions from before `max_nar_bytes` was checked at creation may declare any NarSize.
     let max_file_size = max_compressed_size(record.nar_size.min(state.config.max_nar_bytes));
-    let offset = state
-        .staging
-        .append(&state, &record, declared, body, max_file_size)
-        .await?;
-    let touched = record.id.clone();
-    state
-        .db(move |meta| meta.touch_upload(&touched, now_unix()))
-        .await?;
+    // On a task of its own, holding the slot and the lock: a client that goes away once its
+    // chunk is received (killed, or timing out while S3 takes the part) does not cancel the
+    // append halfway, so the bytes it sent are kept and its re-run resumes after them.
+    let task_state = Arc::clone(&state);
+    let task_record = record.clone();
+    let offset = tokio::spawn(async move {
+        let _held = (slot, guard);
+        let offset = task_state
+            .staging
+            .append(&task_state, &task_record, declared, body, max_file_size)
+            .await?;
+        let touched = task_record.id.clone();
+        task_state
+            .db(move |meta| meta.touch_upload(&touched, now_unix()))
+            .await?;
+        ServerResult::Ok(offset)
+    })
+    .await??;
     Ok(state_response(
         StatusCode::OK,
         UploadState {

@@ -5,22 +5,33 @@
 //!             create          PATCH chunk (offset CAS)          complete                 abort/expiry
 //!  local:  (nothing)   ──►  append to <uploads>/<id>.part ──► verify file ──► rename     remove .part
 //!                           offset = the file's length          into the store
-//!  S3:     intent(key),  ──► body in memory ──► UploadPart n ──► CompleteMultipart(key) ──► AbortMultipart,
-//!          CreateMultipart    ──► add_upload_part(offset CAS)    ──► stream key back once   delete key,
-//!          (staging_id)       offset = Σ part sizes (database)     through the verifier     clear intent
-//!                                                                ──► nars row (object_key)
+//!  S3:     intent(key),  ──► body in memory ──┐                ──► tail? UploadPart n ──► AbortMultipart,
+//!          CreateMultipart  tail? + its bytes ┤                ──► CompleteMultipart(key) delete key and
+//!          (staging_id)   ≥ 5 MiB: UploadPart n                ──► stream key back once   tail, clear
+//!                         < 5 MiB: intent, PUT new tail object    through the verifier    intents
+//!                         ──► add/replace_last_upload_part (CAS)  ──► nars row (object_key)
+//!                         ──► delete the old tail              ──► delete the tail
+//!                         offset = Σ part and tail sizes (database)
 //! ```
 //! Local staging is today's behaviour exactly: the bytes of a chunk that broke off are kept.
 //! S3 staging keeps every piece of state in the shared database and bucket, so each chunk and
 //! the completion may land on any replica: a chunk that breaks off is dropped whole (the offset
 //! stays at the last part), and two replicas racing on one offset cannot both append, because
-//! `Metadata::add_upload_part` only appends at the offset it was given. Every part but the last
-//! must be at least 5 MiB (S3's rule): a shorter chunk ends the upload.
+//! `Metadata::add_upload_part` and `replace_last_upload_part` only write at the offset they
+//! were given.
 //!
-//! Memory: an S3 chunk is held whole before it is sent as a part, so S3 staging holds at most
-//! `max_concurrent_uploads × max_chunk_bytes` (64 × 64 MiB = 4 GiB with the defaults; lower
-//! `max_chunk_bytes` to 16 MiB for 1 GiB) of chunk data. Completion streams the object back
-//! once through the verifier and holds nothing whole.
+//! Chunks of any size: S3 wants every part but the last to be at least 5 MiB, so bytes that
+//! would make a shorter part wait as the upload's *tail*, a small object
+//! (`<repo>/uploads/<id>.tail-<nonce>`, a fresh key per write, its intent recorded first)
+//! listed as the last entry of the part list. The next chunk, on whichever replica, reads the
+//! tail back, puts the two together and uploads them as part n (or as a new, longer tail);
+//! completion uploads the tail as the last part. A replica killed mid-chunk leaves at most a
+//! tail object nothing refers to, which the janitor deletes after the grace period.
+//!
+//! Memory: an S3 chunk is held whole, with the tail it joins, before it is sent:
+//! `max_concurrent_uploads × (max_chunk_bytes + 5 MiB)` at most (64 × 69 MiB ≈ 4.3 GiB with the
+//! defaults; lower `max_chunk_bytes` to 16 MiB for 1.3 GiB). Completion streams the object back
+//! once through the verifier and holds nothing whole but the tail.
 
 use std::sync::Arc;
 
@@ -28,7 +39,7 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::StatusCode;
 
-use super::backend::metadata::{now_unix, NarRecord, UploadPart, UploadRecord};
+use super::backend::metadata::{now_unix, NarRecord, UploadPart, UploadRecord, TAIL_ETAG_PREFIX};
 use super::backend::storage::s3::{S3Store, MAX_PARTS, MIN_PART_BYTES};
 use super::error::{ServerError, ServerResult};
 use super::upload::{self, Expected};
@@ -210,6 +221,27 @@ pub fn upload_id_of_key(key: &str) -> Option<&str> {
     crate::api::is_valid_upload_id(rest).then_some(rest)
 }
 
+/// Hex digits of the nonce in a tail key.
+const TAIL_NONCE_LEN: usize = 16;
+
+/// A fresh key for an upload's tail. Each write gets its own (the nonce), so a replica that
+/// loses the race for an offset never overwrites the tail the winner recorded, and a tail is
+/// never rewritten in place while another replica may be reading it.
+fn new_tail_key(repo: &str, upload_id: &str) -> String {
+    use rand::Rng;
+    let nonce: [u8; TAIL_NONCE_LEN / 2] = rand::rngs::OsRng.gen();
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{repo}/uploads/{upload_id}.tail-{nonce}")
+}
+
+/// The upload id a tail key made by [`new_tail_key`] belongs to.
+pub fn upload_id_of_tail_key(key: &str) -> Option<&str> {
+    let (_, rest) = key.split_once("/uploads/")?;
+    let (id, nonce) = rest.split_once(".tail-")?;
+    let hex = nonce.len() == TAIL_NONCE_LEN && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+    (crate::api::is_valid_upload_id(id) && hex).then_some(id)
+}
+
 impl S3Staging {
     /// The multipart upload id, creating the multipart upload first when the session has none
     /// (a replica died between opening the session and creating it). Intent comes first, so a
@@ -236,10 +268,95 @@ impl S3Staging {
         let id = id.to_string();
         state.db(move |meta| meta.upload_parts(&id)).await
     }
+
+    /// The bytes of `tail`, an upload's tail part. A tail that is gone was replaced by a
+    /// request on another replica, which moved the offset: that is a 409, as for any race.
+    async fn read_tail(
+        &self,
+        state: &AppState,
+        upload: &UploadRecord,
+        tail: &UploadPart,
+        declared: u64,
+    ) -> ServerResult<Vec<bytes::Bytes>> {
+        let key = tail.tail_key().unwrap_or_default();
+        let Some((len, stream)) = self.store.get(key).await? else {
+            let now = held_by(&self.parts(state, &upload.id).await?);
+            if now != declared {
+                return Err(chunk_offset_mismatch(declared, now));
+            }
+            return Err(ServerError::internal(format!(
+                "the tail {key} of upload {} is missing from the bucket",
+                upload.id
+            )));
+        };
+        let pieces: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(stream).await?;
+        if len != tail.size || pieces.iter().map(|p| p.len() as u64).sum::<u64>() != tail.size {
+            return Err(ServerError::internal(format!(
+                "the tail {key} of upload {} holds {len} bytes, not the {} recorded",
+                upload.id, tail.size
+            )));
+        }
+        Ok(pieces)
+    }
+
+    /// Writes `pieces` as a new tail object, its intent recorded first.
+    async fn write_tail(
+        &self,
+        state: &AppState,
+        upload: &UploadRecord,
+        number: u32,
+        pieces: Vec<bytes::Bytes>,
+        size: u64,
+    ) -> ServerResult<UploadPart> {
+        let key = new_tail_key(&upload.repo, &upload.id);
+        let intent = key.clone();
+        state
+            .db(move |meta| meta.record_object_intent(&intent, now_unix()))
+            .await?;
+        let mut whole = bytes::BytesMut::with_capacity(size as usize);
+        for piece in pieces {
+            whole.extend_from_slice(&piece);
+        }
+        self.store.put_bytes(&key, whole.freeze()).await?;
+        Ok(UploadPart {
+            number,
+            size,
+            etag: format!("{TAIL_ETAG_PREFIX}{key}"),
+        })
+    }
+
+    /// Deletes a tail object nothing refers to any more, then its intent. Best effort: a
+    /// failure leaves the intent, and the janitor deletes the object after the grace period.
+    async fn drop_tail(&self, state: &AppState, key: &str) {
+        if let Err(err) = self.store.delete(key).await {
+            tracing::warn!("leaving the superseded tail {key} to the janitor: {err}");
+            return;
+        }
+        let intent = key.to_string();
+        if let Err(err) = state
+            .db(move |meta| meta.clear_object_intent(&intent))
+            .await
+        {
+            tracing::warn!(
+                "leaving the intent of the deleted tail {key} to the janitor: {}",
+                err.body.message
+            );
+        }
+    }
 }
 
 fn held_by(parts: &[UploadPart]) -> u64 {
     parts.iter().map(|part| part.size).sum()
+}
+
+/// The upload's last part when it is a tail.
+fn tail_of(parts: &[UploadPart]) -> Option<&UploadPart> {
+    parts.last().filter(|part| part.tail_key().is_some())
+}
+
+/// Whether a tail and a chunk of `total` bytes together go up as a part, or wait as a new tail.
+fn makes_a_part(total: u64) -> bool {
+    total >= MIN_PART_BYTES
 }
 
 #[async_trait]
@@ -265,16 +382,26 @@ impl ChunkStaging for S3Staging {
         if declared != held {
             return Err(chunk_offset_mismatch(declared, held));
         }
-        if let Some(last) = parts.last().filter(|part| part.size < MIN_PART_BYTES) {
+        let tail = tail_of(&parts).cloned();
+        // Sessions staged by a binary from before tails ended at a short part: S3 would refuse
+        // to assemble a part after it.
+        if let Some(last) = parts
+            .last()
+            .filter(|part| tail.is_none() && part.size < MIN_PART_BYTES)
+        {
             return Err(offset_mismatch(
                 format!(
-                    "this upload's last chunk was {} bytes, under S3's {MIN_PART_BYTES}-byte part minimum, so it ended the upload at {held} bytes: complete it, or abort it and send chunks of at least {MIN_PART_BYTES} bytes",
+                    "this upload's last part was {} bytes, under S3's {MIN_PART_BYTES}-byte part minimum, so it ended the upload at {held} bytes: complete it, or abort it and start over",
                     last.size
                 ),
                 held,
             ));
         }
-        if parts.len() >= MAX_PARTS as usize {
+        // A tail grows (or becomes a part) in place; otherwise the chunk is the next part.
+        let number = tail
+            .as_ref()
+            .map_or(parts.len() as u32 + 1, |tail| tail.number);
+        if number > MAX_PARTS {
             return Err(ServerError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 codes::PAYLOAD_TOO_LARGE,
@@ -302,21 +429,41 @@ impl ChunkStaging for S3Staging {
         if size == 0 {
             return Ok(held);
         }
-        let number = parts.len() as u32 + 1;
-        let key = upload_object_key(&upload.repo, &upload.id);
-        let etag = self
-            .store
-            .put_part(&key, &staging_id, number, pieces)
-            .await?;
+        let mut data = match &tail {
+            Some(tail) => self.read_tail(state, upload, tail, declared).await?,
+            None => Vec::new(),
+        };
+        data.extend(pieces);
+        let total = tail.as_ref().map_or(0, |tail| tail.size) + size;
+        let recorded = if makes_a_part(total) {
+            let key = upload_object_key(&upload.repo, &upload.id);
+            let etag = self.store.put_part(&key, &staging_id, number, data).await?;
+            UploadPart {
+                number,
+                size: total,
+                etag,
+            }
+        } else {
+            self.write_tail(state, upload, number, data, total).await?
+        };
         let id = upload.id.clone();
-        let part = UploadPart { number, size, etag };
+        let (last, part) = (tail.clone(), recorded.clone());
         let appended = state
-            .db(move |meta| meta.add_upload_part(&id, held, &part, now_unix()))
+            .db(move |meta| match &last {
+                Some(last) => meta.replace_last_upload_part(&id, held, last, &part, now_unix()),
+                None => meta.add_upload_part(&id, held, &part, now_unix()),
+            })
             .await?;
         if !appended {
-            // Another replica appended at this offset first; its part is the one recorded.
+            // Another replica moved the offset first; its part (or tail) is the one recorded.
+            if let Some(key) = recorded.tail_key() {
+                self.drop_tail(state, key).await;
+            }
             let now = held_by(&self.parts(state, &upload.id).await?);
             return Err(chunk_offset_mismatch(declared, now));
+        }
+        if let Some(old) = tail.as_ref().and_then(UploadPart::tail_key) {
+            self.drop_tail(state, old).await;
         }
         Ok(held + size)
     }
@@ -345,16 +492,32 @@ impl ChunkStaging for S3Staging {
         }
         let staging_id = self.staging_id(state, upload).await?;
         let key = upload_object_key(&upload.repo, &upload.id);
-        let etags = parts.into_iter().map(|part| part.etag).collect();
-        if let Err(err) = self
-            .store
-            .complete_multipart(&key, &staging_id, etags)
-            .await
-        {
+        let tail = tail_of(&parts).cloned();
+        let assembled: ServerResult<()> = async {
+            let mut etags: Vec<String> = parts.iter().map(|part| part.etag.clone()).collect();
+            // The tail goes up as the last part, which S3 lets be short. Not recorded: a
+            // retried completion uploads it again under the same number.
+            if let Some(tail) = &tail {
+                let bytes = self.read_tail(state, upload, tail, held).await?;
+                let etag = self
+                    .store
+                    .put_part(&key, &staging_id, tail.number, bytes)
+                    .await?;
+                if let Some(last) = etags.last_mut() {
+                    *last = etag;
+                }
+            }
+            self.store
+                .complete_multipart(&key, &staging_id, etags)
+                .await?;
+            Ok(())
+        }
+        .await;
+        if let Err(err) = assembled {
             // An earlier completion (on a replica that died before answering) may have
             // assembled the object already; then only the verification is left to do.
             if self.store.head(&key).await? != Some(held) {
-                return Err(err.into());
+                return Err(err);
             }
         }
         let mut verified = self.verify_object(&key, &upload.compression, limit).await?;
@@ -393,7 +556,18 @@ impl ChunkStaging for S3Staging {
             ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
         } else {
             // The same file was stored meanwhile (another session): its object serves it.
-            self.store.delete(&key).await?;
+            // Unless the row is this upload's own, from a completion that died before
+            // answering: then this object is the one it names.
+            let (repo_owned, url) = (repo.to_string(), record.url.clone());
+            let existing = state
+                .db(move |meta| meta.nar_by_url(&repo_owned, &url))
+                .await?;
+            if existing.is_none_or(|nar| nar.object_key != key) {
+                self.store.delete(&key).await?;
+            }
+        }
+        if let Some(tail) = tail.as_ref().and_then(UploadPart::tail_key) {
+            self.drop_tail(state, tail).await;
         }
         let intent = key;
         state
@@ -409,6 +583,13 @@ impl ChunkStaging for S3Staging {
         }
         // Completed but refused (or never published): the assembled object goes too.
         self.store.delete(&key).await?;
+        if let Some(tail) = tail_of(&self.parts(state, &upload.id).await?) {
+            let tail = tail.tail_key().unwrap_or_default().to_string();
+            self.store.delete(&tail).await?;
+            state
+                .db(move |meta| meta.clear_object_intent(&tail))
+                .await?;
+        }
         state.db(move |meta| meta.clear_object_intent(&key)).await
     }
 }
@@ -456,6 +637,45 @@ mod tests {
         ] {
             assert_eq!(upload_id_of_key(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn tail_keys_name_their_upload_and_differ_on_every_write() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let key = new_tail_key("cache", id);
+        assert!(
+            key.starts_with(&format!("cache/uploads/{id}.tail-")),
+            "{key}"
+        );
+        assert!(crate::server::storage::is_safe_key(&key));
+        assert_eq!(upload_id_of_tail_key(&key), Some(id));
+        assert_ne!(key, new_tail_key("cache", id));
+        // A tail is not the upload's object, and the upload's object is not a tail.
+        assert_eq!(upload_id_of_key(&key), None);
+        assert_eq!(upload_id_of_tail_key(&upload_object_key("cache", id)), None);
+        for other in [
+            "cache/uploads/short.tail-0123456789abcdef",
+            &format!("cache/uploads/{id}.tail-0123"),
+            &format!("cache/uploads/{id}.tail-0123456789abcdeg"),
+        ] {
+            assert_eq!(upload_id_of_tail_key(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_a_last_part_marked_as_a_tail_is_one() {
+        let part = |number, etag: &str| UploadPart {
+            number,
+            size: 10,
+            etag: etag.into(),
+        };
+        let tail = part(2, &format!("{TAIL_ETAG_PREFIX}cache/uploads/x.tail-1"));
+        assert_eq!(tail.tail_key(), Some("cache/uploads/x.tail-1"));
+        assert_eq!(tail_of(&[part(1, "\"e1\""), tail.clone()]), Some(&tail));
+        assert_eq!(tail_of(&[part(1, "\"e1\"")]), None);
+        assert_eq!(tail_of(&[]), None);
+        assert!(!makes_a_part(MIN_PART_BYTES - 1));
+        assert!(makes_a_part(MIN_PART_BYTES));
     }
 
     #[test]

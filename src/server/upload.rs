@@ -357,6 +357,10 @@ pub async fn verify_and_store(
 /// The answer to a file that failed verification (its rejection is counted by reason).
 pub fn verification_failed(err: verify::VerifyError) -> ServerError {
     let (status, code, reason) = match &err {
+        // A bucket that broke off the read-back says nothing about the upload's bytes.
+        verify::VerifyError::Io(io) if super::backend::storage::s3::is_unavailable(io) => {
+            return super::error::storage_unavailable(io)
+        }
         verify::VerifyError::Io(io) => {
             return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
         }

@@ -712,7 +712,7 @@ impl TestServer {
     }
 
     /// The NAR objects the server's storage holds for `repo`, names only, sorted: files under
-    /// `<data dir>/store/<repo>/nar`, or every object under `<prefix>/<repo>/` in the bucket
+    /// `<data dir>/store/<repo>/nar`, or the NAR objects under `<prefix>/<repo>/` in the bucket
     /// (S3 keeps a chunked upload's NAR where its multipart upload assembled it, beside the
     /// `nar/` keys of single-request uploads; unfinished multipart uploads are not objects).
     pub fn stored_nar_objects(&self, repo: &str) -> Vec<String> {
@@ -722,6 +722,11 @@ impl TestServer {
                 b.objects()
                     .into_iter()
                     .filter_map(|k| k.strip_prefix(&dir).map(str::to_string))
+                    // Listings and the tails of unfinished uploads hold no NAR.
+                    .filter(|k| {
+                        k.starts_with("nar/")
+                            || (k.starts_with("uploads/") && !k.contains(".tail-"))
+                    })
                     .collect()
             }
             None => {

@@ -55,6 +55,8 @@ pub struct S3Server {
     secret_key: String,
     /// This test's key prefix inside the bucket.
     prefix: String,
+    /// How the harness started it (every port and the data dir fixed), for [`S3Server::restart`].
+    command: Option<(PathBuf, Vec<std::ffi::OsString>)>,
 }
 
 impl S3Server {
@@ -80,6 +82,7 @@ impl S3Server {
             access_key: var("AWS_ACCESS_KEY_ID"),
             secret_key: var("AWS_SECRET_ACCESS_KEY"),
             prefix: format!("t-{}", super::nonce()),
+            command: None,
         };
         server.wait_ready();
         server
@@ -104,7 +107,6 @@ impl S3Server {
         .expect("write SeaweedFS identities");
         let data = dir.path().join("data");
         std::fs::create_dir(&data).expect("create SeaweedFS data dir");
-        let log = std::fs::File::create(dir.path().join("weed.log")).expect("create weed.log");
         let bucket = "stowix".to_string();
         let s3_port = free_port();
         let mut cmd = Command::new(&weed);
@@ -146,15 +148,8 @@ impl S3Server {
         ] {
             cmd.arg(format!("-{flag}={}", free_port()));
         }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log);
-        let child = cmd.spawn().unwrap_or_else(|err| {
-            panic!(
-                "cannot start {} ({err}): run scripts/install-prerequisites.sh",
-                weed.display()
-            )
-        });
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let child = spawn_weed(&weed, &args, dir.path());
         let mut server = S3Server {
             child: Some(child),
             dir: Some(dir),
@@ -163,6 +158,7 @@ impl S3Server {
             access_key: ACCESS_KEY.into(),
             secret_key: SECRET_KEY.into(),
             prefix,
+            command: Some((weed, args)),
         };
         server.wait_ready();
         server
@@ -315,6 +311,42 @@ impl S3Server {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+impl S3Server {
+    /// Starts the stopped SeaweedFS again, with the same ports and data directory, and waits
+    /// until it serves the bucket: the same store back after an outage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the store before restarting it");
+        let (weed, args) = self
+            .command
+            .clone()
+            .expect("only a SeaweedFS started by the harness can be restarted");
+        let dir = self.dir.as_ref().expect("the store's directory").path();
+        self.child = Some(spawn_weed(&weed, &args, dir));
+        self.wait_ready();
+    }
+}
+
+/// `weed ARGS`, its output appended to `dir/weed.log`.
+fn spawn_weed(weed: &std::path::Path, args: &[std::ffi::OsString], dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weed.log"))
+        .expect("open weed.log");
+    Command::new(weed)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot start {} ({err}): run scripts/install-prerequisites.sh",
+                weed.display()
+            )
+        })
 }
 
 impl Drop for S3Server {

@@ -118,7 +118,9 @@ pub fn redact(url: &str) -> String {
 pub fn open(config: &ServerConfig) -> Result<Backends, String> {
     // A malformed URL is reported as it is, not as a database that failed to open.
     DatabaseUrl::of(config)?;
-    let meta = open_metadata(config).map_err(|err| {
+    let meta = open_metadata(config)
+        .map(|meta| -> Arc<dyn Metadata> { Arc::new(metadata::timed::Timed::new(meta)) });
+    let meta = meta.map_err(|err| {
         format!(
             "cannot open the metadata database {}: {err}",
             database_label(config)
@@ -130,13 +132,6 @@ pub fn open(config: &ServerConfig) -> Result<Backends, String> {
                 .map_err(|err| format!("cannot create storage in {}: {err}", root.display()))?,
         ),
         StorageUrl::S3 { bucket, prefix } => {
-            if config.max_chunk_bytes < storage::s3::MIN_PART_BYTES {
-                return Err(format!(
-                    "max_chunk_bytes = {} is under S3's {}-byte part minimum: raise it for S3 storage",
-                    config.max_chunk_bytes,
-                    storage::s3::MIN_PART_BYTES
-                ));
-            }
             let url = if prefix.is_empty() {
                 format!("s3://{bucket}")
             } else {
@@ -276,23 +271,5 @@ mod tests {
         assert!(StorageUrl::parse("gs://x")
             .unwrap_err()
             .contains("--storage"));
-    }
-
-    #[test]
-    fn s3_storage_refuses_chunks_under_the_part_minimum() {
-        let config = ServerConfig {
-            storage: Some("s3://nars".into()),
-            max_chunk_bytes: 1 << 20,
-            data_dir: std::env::temp_dir().join(format!("stowix-chunk-{}", std::process::id())),
-            ..ServerConfig::default()
-        };
-        let err = open(&config)
-            .err()
-            .expect("1 MiB chunks cannot be S3 parts");
-        assert!(
-            err.contains("max_chunk_bytes") && err.contains("S3"),
-            "{err}"
-        );
-        let _ = std::fs::remove_dir_all(&config.data_dir);
     }
 }

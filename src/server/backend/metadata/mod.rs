@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!   routes, auth, publish, janitor ──► Metadata (sync; async callers use spawn_blocking)
+//!                                      timed.rs (latency and errors per operation, on /metrics)
 //!                                        ├─► sqlite.rs    embedded default: one file in the data dir
 //!                                        └─► postgres.rs  shared by any number of replicas
 //! ```
@@ -12,6 +13,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod timed;
 
 pub use postgres::PostgresMetadata;
 pub use sqlite::SqliteMetadata;
@@ -117,27 +119,71 @@ pub struct UploadRecord {
     pub updated_at: i64,
 }
 
-/// One chunk of a chunked upload as the storage backend holds it (an S3 part).
+/// One chunk of a chunked upload as the storage backend holds it (an S3 part), or the
+/// upload's tail: bytes too few for an S3 part yet, waiting in a small object of their own
+/// until the next chunk (or the completion) makes them one (see `staging.rs`). Only the last
+/// part may be a tail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadPart {
     /// 1-based, consecutive.
     pub number: u32,
     pub size: u64,
-    /// The backend's identifier of the part (the S3 ETag), needed to assemble the object.
+    /// The backend's identifier of the part (the S3 ETag), needed to assemble the object; for
+    /// a tail, [`TAIL_ETAG_PREFIX`] and the tail object's key. Kept in the one column so the
+    /// offset stays the sum of the sizes, under the same compare-and-set.
     pub etag: String,
+}
+
+/// Marks a tail in [`UploadPart::etag`]. S3 ETags are quoted hex, so none starts like this.
+pub const TAIL_ETAG_PREFIX: &str = "tail:";
+
+impl UploadPart {
+    /// The tail object's key, when this part is a tail.
+    pub fn tail_key(&self) -> Option<&str> {
+        self.etag.strip_prefix(TAIL_ETAG_PREFIX)
+    }
 }
 
 /// Held by the one process (across all replicas) allowed to run a singleton task such as the
 /// janitor; dropping it lets another take over.
 pub struct SingletonGuard {
-    _held: Box<dyn Send>,
+    held: Box<dyn SingletonHold>,
+}
+
+/// What keeps a singleton, and whether it still does.
+pub trait SingletonHold: Send {
+    /// False once the singleton may be another process's: a lock that lives on a database
+    /// connection is gone with the connection, silently, until someone asks. Blocking.
+    fn still_held(&self) -> bool;
+}
+
+/// A hold that cannot be lost while it exists (a `flock` on a file this process has open).
+struct Unlosable<T>(#[allow(dead_code)] T);
+
+impl<T: Send> SingletonHold for Unlosable<T> {
+    fn still_held(&self) -> bool {
+        true
+    }
 }
 
 impl SingletonGuard {
     pub fn new(held: impl Send + 'static) -> Self {
         SingletonGuard {
-            _held: Box::new(held),
+            held: Box::new(Unlosable(held)),
         }
+    }
+
+    /// A guard whose hold can be lost, and says so.
+    pub fn watched(held: impl SingletonHold + 'static) -> Self {
+        SingletonGuard {
+            held: Box::new(held),
+        }
+    }
+
+    /// Whether this process still holds the singleton (a round trip to the database where the
+    /// hold lives there). Blocking.
+    pub fn still_held(&self) -> bool {
+        self.held.still_held()
     }
 }
 
@@ -375,6 +421,18 @@ pub trait Metadata: Send + Sync {
     ) -> MetaResult<bool>;
     /// The session's parts, by number.
     fn upload_parts(&self, id: &str) -> MetaResult<Vec<UploadPart>>;
+    /// Replaces the session's last part, `last`, by `part` (the same number) only if the
+    /// parts recorded so far total exactly `offset` bytes and the last one is still `last`
+    /// (number and etag), and touches the session: the compare-and-set of
+    /// [`Metadata::add_upload_part`] for a tail that grows or becomes a whole part.
+    fn replace_last_upload_part(
+        &self,
+        id: &str,
+        offset: u64,
+        last: &UploadPart,
+        part: &UploadPart,
+        at: i64,
+    ) -> MetaResult<bool>;
 
     /// Creates the upload session for `upload`'s (repository, NarHash, compression, encoder),
     /// or returns the one that exists: one atomic step under a uniqueness rule, so concurrent

@@ -951,6 +951,29 @@ impl Drop for AdvisoryLockHolder {
     }
 }
 
+impl super::SingletonHold for AdvisoryLockHolder {
+    /// Asks the holding session itself: a terminated backend, a dropped connection or an
+    /// unlock elsewhere all read as lost.
+    fn still_held(&self) -> bool {
+        let Some(conn) = &self.conn else {
+            return false;
+        };
+        if conn.client.is_closed() {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let held = block_on(
+            conn.client.query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+                 AND pid = pg_backend_pid() AND granted)",
+                &[],
+            ),
+            deadline,
+        );
+        matches!(held, Some(Ok(row)) if row.get::<_, bool>(0))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A collection's session.
 
@@ -2347,7 +2370,7 @@ impl Metadata for PostgresMetadata {
         );
         match granted {
             Some(Ok(row)) if row.get::<_, bool>(0) => {
-                Ok(Some(SingletonGuard::new(AdvisoryLockHolder {
+                Ok(Some(SingletonGuard::watched(AdvisoryLockHolder {
                     conn: Some(conn),
                     key,
                 })))
@@ -2360,6 +2383,63 @@ impl Metadata for PostgresMetadata {
                 CALL_TIMEOUT.as_secs()
             ))),
         }
+    }
+
+    fn replace_last_upload_part(
+        &self,
+        id: &str,
+        offset: u64,
+        last: &UploadPart,
+        part: &UploadPart,
+        at: i64,
+    ) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let lock = c
+                .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
+                .await?;
+            let recorded = c
+                .prepare(
+                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
+                     WHERE upload_id = $1",
+                )
+                .await?;
+            let replace = c
+                .prepare(
+                    "UPDATE upload_parts SET size = $4, etag = $5
+                     WHERE upload_id = $1 AND number = $2 AND etag = $3",
+                )
+                .await?;
+            let touch = c
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
+                .await?;
+            let tx = c.client.transaction().await?;
+            // The same row lock as add_upload_part: appends and replacements of one upload
+            // are serialised across replicas.
+            if tx.query_opt(&lock, &[&id]).await?.is_none() {
+                return Ok(false);
+            }
+            let row = tx.query_one(&recorded, &[&id]).await?;
+            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
+            if held != to_i64(offset)
+                || part.number != last.number
+                || i64::from(last.number) != parts
+            {
+                return Ok(false);
+            }
+            let number = i64::from(last.number);
+            let replaced = tx
+                .execute(
+                    &replace,
+                    &[&id, &number, &last.etag, &to_i64(part.size), &part.etag],
+                )
+                .await?;
+            if replaced != 1 {
+                return Ok(false);
+            }
+            tx.execute(&touch, &[&id, &at]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 }
 

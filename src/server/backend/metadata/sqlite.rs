@@ -1228,6 +1228,40 @@ impl Metadata for SqliteMetadata {
         let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
         Ok(locked.then(|| SingletonGuard::new(file)))
     }
+
+    fn replace_last_upload_part(
+        &self,
+        id: &str,
+        offset: u64,
+        last: &UploadPart,
+        part: &UploadPart,
+        at: i64,
+    ) -> MetaResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let (held, parts): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM upload_parts WHERE upload_id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if held != offset as i64 || part.number != last.number || i64::from(last.number) != parts {
+            return Ok(false);
+        }
+        let replaced = tx.execute(
+            "UPDATE upload_parts SET size = ?4, etag = ?5
+             WHERE upload_id = ?1 AND number = ?2 AND etag = ?3",
+            params![id, last.number, last.etag, part.size as i64, part.etag],
+        )?;
+        if replaced != 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
+            params![id, at],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
 }
 
 /// NARs marked unreferenced before `?2` that no narinfo names.

@@ -68,6 +68,26 @@ async fn timed<T>(
     result
 }
 
+/// An object-store failure a retry may cure: the store unreachable, timing out, or answering
+/// with an error object_store does not name (5xx, after its own retries). The server answers
+/// it with 503 and Retry-After, which a pushing client rides out like a server restart.
+#[derive(Debug)]
+pub struct StorageUnavailable(pub String);
+
+impl std::fmt::Display for StorageUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StorageUnavailable {}
+
+/// Whether `err` is a [`StorageUnavailable`].
+pub fn is_unavailable(err: &io::Error) -> bool {
+    err.get_ref()
+        .is_some_and(|inner| inner.is::<StorageUnavailable>())
+}
+
 /// Static credentials. Without them, object_store looks for an instance role (on AWS).
 #[derive(Clone)]
 pub struct AwsKeys {
@@ -189,10 +209,13 @@ impl S3Store {
             _ => io::ErrorKind::Other,
         };
         let detail = err.to_string().replace('\n', " ");
-        io::Error::new(
-            kind,
-            format!("S3 storage {}: {op} {key}: {detail}", self.url),
-        )
+        let message = format!("S3 storage {}: {op} {key}: {detail}", self.url);
+        // Transport failures and unnamed HTTP errors; refusals with a meaning of their own
+        // (credentials, a missing object) are not cured by waiting.
+        if matches!(err, object_store::Error::Generic { .. }) {
+            return io::Error::other(StorageUnavailable(message));
+        }
+        io::Error::new(kind, message)
     }
 
     /// Uploads a local file as one object: one PUT when small, else a multipart upload with at
@@ -269,7 +292,9 @@ impl S3Store {
                     .map_err(move |err| {
                         ::metrics::counter!(metrics::STORAGE_ERRORS_TOTAL, "op" => "get")
                             .increment(1);
-                        io::Error::other(format!("S3 storage {url}: reading {owned_key}: {err}"))
+                        io::Error::other(StorageUnavailable(format!(
+                            "S3 storage {url}: reading {owned_key}: {err}"
+                        )))
                     })
                     .boxed();
                 Ok(Some((len, stream)))
