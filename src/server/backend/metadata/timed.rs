@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    MetaResult, Metadata, NarRecord, OpenedUpload, Presence, PublishedNarInfo, RepoRecord,
-    SessionCaps, SingletonGuard, TokenRecord, UploadPart, UploadRecord,
+    GcSession, MetaResult, Metadata, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord,
+    Presence, PublishState, PublishedNarInfo, RepoRecord, RepoUsage, RetentionPolicy, SessionCaps,
+    SingletonGuard, TokenRecord, UploadPart, UploadRecord,
 };
 use crate::server::metrics;
 
@@ -42,6 +43,106 @@ fn timed<T>(op: &'static str, call: impl FnOnce() -> MetaResult<T>) -> MetaResul
 }
 
 impl Metadata for Timed {
+    fn publish_checked(
+        &self,
+        repo: &str,
+        narinfos: &[PublishedNarInfo],
+        at: i64,
+    ) -> MetaResult<Vec<PublishState>> {
+        timed("publish_checked", || {
+            self.inner.publish_checked(repo, narinfos, at)
+        })
+    }
+
+    fn policy(&self, repo: &str) -> MetaResult<Option<RetentionPolicy>> {
+        timed("policy", || self.inner.policy(repo))
+    }
+
+    fn set_policy(&self, repo: &str, policy: &RetentionPolicy) -> MetaResult<bool> {
+        timed("set_policy", || self.inner.set_policy(repo, policy))
+    }
+
+    fn usage(&self, repo: &str) -> MetaResult<RepoUsage> {
+        timed("usage", || self.inner.usage(repo))
+    }
+
+    fn touch_paths(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        timed("touch_paths", || self.inner.touch_paths(repo, uses))
+    }
+
+    fn touch_nars(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        timed("touch_nars", || self.inner.touch_nars(repo, uses))
+    }
+
+    /// Only opening the session is timed: its steps are a collection's, measured by
+    /// `stowix_server_gc_duration_seconds`.
+    fn gc_session(&self, repo: &str) -> MetaResult<Box<dyn GcSession + '_>> {
+        timed("gc_session", || self.inner.gc_session(repo))
+    }
+
+    fn mark_unpublished_nars(
+        &self,
+        repo: &str,
+        created_before: i64,
+        now: i64,
+        dry_run: bool,
+    ) -> MetaResult<u64> {
+        timed("mark_unpublished_nars", || {
+            self.inner
+                .mark_unpublished_nars(repo, created_before, now, dry_run)
+        })
+    }
+
+    fn collectible_nars(&self, repo: &str, orphaned_before: i64) -> MetaResult<(u64, u64)> {
+        timed("collectible_nars", || {
+            self.inner.collectible_nars(repo, orphaned_before)
+        })
+    }
+
+    fn take_collectible_nars(
+        &self,
+        repo: &str,
+        orphaned_before: i64,
+        limit: usize,
+    ) -> MetaResult<Vec<NarRecord>> {
+        timed("take_collectible_nars", || {
+            self.inner
+                .take_collectible_nars(repo, orphaned_before, limit)
+        })
+    }
+
+    fn delete_paths(
+        &self,
+        repo: &str,
+        hashes: &[String],
+        with_dependents: bool,
+    ) -> MetaResult<PathDeletion> {
+        timed("delete_paths", || {
+            self.inner.delete_paths(repo, hashes, with_dependents)
+        })
+    }
+
+    fn create_pin(
+        &self,
+        repo: &str,
+        name: &str,
+        hashes: &[String],
+        keep: Option<u32>,
+        at: i64,
+    ) -> MetaResult<PinCreated> {
+        timed("create_pin", || {
+            self.inner.create_pin(repo, name, hashes, keep, at)
+        })
+    }
+
+    fn pins(&self, repo: Option<&str>) -> MetaResult<Vec<PinRecord>> {
+        timed("pins", || self.inner.pins(repo))
+    }
+
+    fn delete_pin(&self, repo: &str, name: &str, revision: Option<u64>) -> MetaResult<u64> {
+        timed("delete_pin", || self.inner.delete_pin(repo, name, revision))
+    }
+
     fn create_repo(&self, repo: &RepoRecord) -> MetaResult<bool> {
         timed("create_repo", || self.inner.create_repo(repo))
     }
