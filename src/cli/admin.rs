@@ -38,6 +38,10 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Copy an embedded installation (SQLite + local files in a data dir) into the backends
+    /// given by --database and --storage: repositories, tokens, NARs, narinfos, listings,
+    /// build logs and debuginfo links. Idempotent; rerun it after an interruption.
+    Migrate(super::migrate::MigrateArgs),
     /// Run one janitor pass now (servers run one every janitor_interval_secs): abort uploads
     /// inactive past upload_expiry_hours, delete stored objects no NAR record knows once they
     /// are older than orphan_grace_secs.
@@ -160,6 +164,7 @@ pub fn run(args: AdminArgs) -> i32 {
             }
         }
         AdminCommand::Janitor => return janitor(config),
+        AdminCommand::Migrate(args) => return super::migrate::run(&config, args),
         command => command,
     };
     let meta = match crate::server::backend::open(&config) {
@@ -170,7 +175,7 @@ pub fn run(args: AdminArgs) -> i32 {
     let result = match command {
         AdminCommand::Repo { command } => repo(meta, command),
         AdminCommand::Token { command } => token(meta, command),
-        AdminCommand::Db { .. } | AdminCommand::Janitor => {
+        AdminCommand::Db { .. } | AdminCommand::Janitor | AdminCommand::Migrate(_) => {
             unreachable!("handled before opening the backends")
         }
     };

@@ -17,5 +17,15 @@ pub const UNREACHABLE: i32 = 6;
 /// The server cannot store more (HTTP 507, its storage is full): nothing more can succeed
 /// until its administrator makes room; a re-run then resumes.
 pub const SERVER_FULL: i32 = 7;
+/// `admin migrate`: the source data dir is missing, not a directory or unreadable.
+pub const NO_SOURCE: i32 = 8;
+/// `admin migrate`: the source is not an embedded installation this stowix reads (no
+/// `stowix.db`, not a stowix database, or a schema version other than this binary's).
+pub const NOT_EMBEDDED: i32 = 9;
+/// `admin migrate`: the target database or storage is the source's own.
+pub const SAME_AS_TARGET: i32 = 10;
+/// `admin migrate`: the target holds a repository or token of the same name with different
+/// secrets; nothing was overwritten.
+pub const CONFLICT: i32 = 11;
 /// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.
 pub const INTERRUPTED: i32 = 130;

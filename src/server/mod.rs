@@ -22,6 +22,7 @@ pub mod conn;
 pub mod error;
 pub mod janitor;
 pub mod metrics;
+pub mod migrate;
 pub mod publish;
 mod routes_api;
 mod routes_cache;
