@@ -136,11 +136,7 @@ async fn assert_every_narinfo_has_its_nar(
         let (status, nar) = get(&format!("{url}/{nar_url}"), token).await;
         assert_eq!(status, 200, "{nar_url} of {hash}.narinfo is not served");
         assert_eq!(nar.len(), size, "{nar_url}: size");
-        assert_eq!(
-            format!("sha256:{}", sha256_nix32(&nar)),
-            file_hash,
-            "{nar_url}: FileHash"
-        );
+        assert_eq!(sha256_nix32(&nar), file_hash, "{nar_url}: FileHash");
     }
     hashes.len()
 }
@@ -166,15 +162,14 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     let revoked = source.create_token(&public, "push");
     let private_push = source.create_token(&private, "push");
     let private_read = source.create_token(&private, "read");
-    source.admin(&[
-        "token",
-        "revoke",
-        token_id(&revoked).expect("token id"),
-    ]);
+    source.admin(&["token", "revoke", token_id(&revoked).expect("token id")]);
 
     let marker = nonce();
     let paths = build_derivations(&[
-        Drv::new("mig-dep", &format!("echo 'building dep {marker}'; echo {marker} > $out")),
+        Drv::new(
+            "mig-dep",
+            &format!("echo 'building dep {marker}'; echo {marker} > $out"),
+        ),
         Drv::new("mig-top", "echo 'building top'; echo $dep0 > $out").deps(&[0]),
     ]);
     let top = paths[1].clone();
@@ -187,8 +182,11 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     let drv = deriver(&paths[0]);
     let dir = tempfile::tempdir().unwrap();
     let netrc = netrc_file(dir.path(), &public_url, &push);
-    nix(&["store", "copy-log", "--to", &public_url, &drv], Some(&netrc))
-        .expect("nix store copy-log --to");
+    nix(
+        &["store", "copy-log", "--to", &public_url, &drv],
+        Some(&netrc),
+    )
+    .expect("nix store copy-log --to");
     let log_path = format!("log/{}", drv.trim_start_matches("/nix/store/"));
     let (status, log_before) = get(&format!("{public_url}/{log_path}"), None).await;
     assert_eq!(status, 200);
@@ -205,10 +203,7 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
 
     // Idempotent: a second run finds everything there and says so.
     let second = assert_migrated(&migrate(source.data_dir(), &backends));
-    assert!(
-        second.contains("nothing to copy"),
-        "second run:\n{second}"
-    );
+    assert!(second.contains("nothing to copy"), "second run:\n{second}");
     assert_eq!(counts(&second, "NARs"), (0, 3), "{second}");
     assert_eq!(counts(&second, "narinfos"), (0, 3), "{second}");
     assert_eq!(counts(&second, "tokens"), (0, 4), "{second}");
@@ -229,13 +224,19 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     )
     .expect("nix copy --from the migrated private repository with the read token");
     assert_eq!(
-        get(&format!("{private_url}/{}.narinfo", hash_part(&secret)), None)
-            .await
-            .0,
+        get(
+            &format!("{private_url}/{}.narinfo", hash_part(&secret)),
+            None
+        )
+        .await
+        .0,
         404,
         "the private repository stays private"
     );
-    assert_eq!(assert_every_narinfo_has_its_nar(&target, &public, None).await, 2);
+    assert_eq!(
+        assert_every_narinfo_has_its_nar(&target, &public, None).await,
+        2
+    );
     assert_eq!(
         assert_every_narinfo_has_its_nar(&target, &private, Some(&private_read)).await,
         1
@@ -269,11 +270,11 @@ fn bad_sources_and_targets_fail_with_their_own_exit_codes() {
     let expect = |out: Output, code: i32, needle: &str| {
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(code), "{}", text(&out));
-        let first = stderr.lines().next().unwrap_or_default();
-        assert!(
-            first.starts_with("error: ") && first.contains(needle),
-            "first line {first:?} should name {needle:?}\n{stderr}"
-        );
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+        assert!(error.contains(needle), "{error:?} should name {needle:?}");
     };
 
     let missing = data_dir.join("nope");
@@ -302,7 +303,10 @@ fn bad_sources_and_targets_fail_with_their_own_exit_codes() {
     same.args(["admin", "migrate", "--from-data-dir"])
         .arg(&data_dir)
         .arg("--database")
-        .arg(format!("sqlite://{}", not_embedded.path().join("t.db").display()))
+        .arg(format!(
+            "sqlite://{}",
+            not_embedded.path().join("t.db").display()
+        ))
         .arg("--storage")
         .arg(format!("file://{}", data_dir.join("store").display()));
     expect(same.output().unwrap(), exit::SAME_AS_TARGET, "store");
@@ -418,11 +422,18 @@ async fn a_migration_killed_mid_copy_finishes_on_a_rerun() {
     let (nars, present) = counts(&rerun, "NARs");
     assert_eq!(nars + present, PATHS as u64, "{rerun}");
     assert!(present >= at_kill as u64, "{rerun}");
-    assert_eq!(counts(&rerun, "narinfos").0 as usize, PATHS - published, "{rerun}");
+    assert_eq!(
+        counts(&rerun, "narinfos").0 as usize,
+        PATHS - published,
+        "{rerun}"
+    );
     let again = assert_migrated(&migrate(source.data_dir(), &backends));
     assert!(again.contains("nothing to copy"), "{again}");
     assert!(
-        backends.db.query("SELECT key FROM object_intents").is_empty(),
+        backends
+            .db
+            .query("SELECT key FROM object_intents")
+            .is_empty(),
         "a finished migration leaves no intents"
     );
 

@@ -31,7 +31,12 @@ pub struct BackendArgs {
     pub data_dir: Option<PathBuf>,
     /// Metadata database: sqlite:///abs/path.db or postgres://user@host:5432/db
     /// [default: <data-dir>/stowix.db].
-    #[arg(long, global = true, env = "STOWIX_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "STOWIX_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database: Option<String>,
     /// NAR storage: file:///abs/dir or s3://bucket[/prefix] [default: <data-dir>/store].
     /// S3 credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN.

@@ -144,7 +144,11 @@ impl Source {
             .map_err(|e| self.failed(e))
     }
 
-    pub fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> Result<Option<NarRecord>, MigrateError> {
+    pub fn nar_by_hash(
+        &self,
+        repo: &str,
+        nar_hash: &str,
+    ) -> Result<Option<NarRecord>, MigrateError> {
         self.conn
             .query_row(
                 &format!(
@@ -189,7 +193,9 @@ impl Source {
     /// Chunked uploads not completed yet: not migrated (their clients push them again).
     pub fn unfinished_uploads(&self) -> Result<u64, MigrateError> {
         self.conn
-            .query_row("SELECT count(*) FROM uploads", [], |row| row.get::<_, i64>(0))
+            .query_row("SELECT count(*) FROM uploads", [], |row| {
+                row.get::<_, i64>(0)
+            })
             .map(|n| n as u64)
             .map_err(|e| self.failed(e))
     }

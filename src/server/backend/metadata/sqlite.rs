@@ -246,7 +246,10 @@ fn migrate_uploads(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
-pub(crate) fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+pub(crate) fn token_from_row(
+    conn: &Connection,
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<TokenRecord> {
     let id: String = row.get(0)?;
     let secret: Vec<u8> = row.get(1)?;
     let scope: String = row.get(2)?;
@@ -297,7 +300,8 @@ fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
     })
 }
 
-pub(crate) const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
+pub(crate) const NAR_COLUMNS: &str =
+    "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
 const UPLOAD_COLUMNS: &str =
     "id, repo, nar_hash, nar_size, compression, encoder, created_at, staging_id, updated_at";
 
