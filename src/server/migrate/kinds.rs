@@ -208,8 +208,9 @@ impl Kind for Narinfos {
 
     fn copy(&self, run: &Migration<'_>, tally: &mut Tally) -> Result<(), MigrateError> {
         let meta = &run.target.meta;
-        // NARs a running source stored after the NAR pass, copied here before their narinfos.
-        let mut late = Tally::default();
+        // Bytes of NARs a running source stored after the NAR pass, copied here before their
+        // narinfos.
+        let mut late_bytes = 0;
         for repo in run.source.repos()? {
             let repo = repo.name;
             let mut after = String::new();
@@ -228,15 +229,23 @@ impl Kind for Narinfos {
                         Presence::Published => tally.present += 1,
                         Presence::NarStored => publish.push(info),
                         Presence::Missing => {
+                            // The NAR pass counted this NAR's own failure already, if it had
+                            // one: here it only explains the narinfo's.
+                            let mut attempt = Tally::default();
                             let copied = match run.source.nar_by_hash(&repo, &info.nar_hash)? {
-                                Some(nar) => copy_nar(run, &repo, &nar, &mut late)?,
+                                Some(nar) => copy_nar(run, &repo, &nar, &mut attempt)?,
                                 None => false,
                             };
+                            late_bytes += attempt.bytes;
                             if copied {
                                 publish.push(info);
                             } else {
+                                let why = attempt
+                                    .failures
+                                    .pop()
+                                    .unwrap_or_else(|| "not in the source".into());
                                 tally.fail(format!(
-                                    "narinfo {repo}/{}.narinfo: its NAR ({}) is not in the source",
+                                    "narinfo {repo}/{}.narinfo not published: its NAR {}: {why}",
                                     info.hash, info.nar_hash
                                 ));
                             }
@@ -253,10 +262,7 @@ impl Kind for Narinfos {
                 run.reporter.progress(self.name(), tally);
             }
         }
-        tally.bytes += late.bytes;
-        for failure in late.failures {
-            tally.fail(failure);
-        }
+        tally.bytes += late_bytes;
         Ok(())
     }
 }
