@@ -88,11 +88,19 @@ fn failed(err: &MigrateError) -> i32 {
     super::fail(code, &err.to_string(), hint.as_deref())
 }
 
-/// Progress as plain lines on stderr, at most one a second per kind, plus one when a kind is
-/// done: readable in a terminal and in a log alike.
-#[derive(Default)]
+/// Progress as plain lines on stderr: one a second while a kind is being copied, and one when
+/// it is done: readable in a terminal and in a log alike.
 struct Lines {
-    last: Cell<Option<Instant>>,
+    /// The last line printed (or the start): the next waits [`PROGRESS_EVERY`] from here.
+    last: Cell<Instant>,
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines {
+            last: Cell::new(Instant::now()),
+        }
+    }
 }
 
 /// How often a progress line may be printed.
@@ -101,19 +109,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 impl Reporter for Lines {
     fn progress(&self, kind: &str, tally: &Tally) {
         let now = Instant::now();
-        if self
-            .last
-            .get()
-            .is_some_and(|at| now.duration_since(at) < PROGRESS_EVERY)
-        {
+        if now.duration_since(self.last.get()) < PROGRESS_EVERY {
             return;
         }
-        self.last.set(Some(now));
+        self.last.set(now);
         eprintln!("  {kind}: {} ...", counts(tally));
     }
 
     fn done(&self, kind: &str, tally: &Tally) {
-        self.last.set(None);
+        self.last.set(Instant::now());
         eprintln!("  {kind}: {}", counts(tally));
     }
 }
