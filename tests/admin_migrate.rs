@@ -412,6 +412,19 @@ async fn a_migration_killed_mid_copy_finishes_on_a_rerun() {
         "migrate had copied all {PATHS} NARs when killed: make the NARs larger"
     );
 
+    // What the killed run was writing is known to the janitor: an intent without a row.
+    let intents = backends.db.query("SELECT key FROM object_intents");
+    assert!(intents.len() <= 1, "one NAR in flight at most: {intents:?}");
+    for key in &intents {
+        assert!(
+            backends
+                .db
+                .query(&format!("SELECT url FROM nars WHERE object_key = '{key}'"))
+                .is_empty(),
+            "{key} has its row and its intent"
+        );
+    }
+
     // Killed mid-copy, the target is consistent: what it publishes is whole.
     target.restart();
     let published = assert_every_narinfo_has_its_nar(&target, &repo, None).await;
