@@ -62,6 +62,10 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: PinCommand,
     },
+    /// Copy an embedded installation (SQLite + local files in a data dir) into the backends
+    /// given by --database and --storage: repositories, tokens, NARs, narinfos, listings,
+    /// build logs and debuginfo links. Idempotent; rerun it after an interruption.
+    Migrate(super::migrate::MigrateArgs),
     /// Run one janitor pass now (servers run one every janitor_interval_secs): abort uploads
     /// inactive past upload_expiry_hours, delete stored objects no NAR record knows once they
     /// are older than orphan_grace_secs.
@@ -235,6 +239,7 @@ pub fn run(args: AdminArgs) -> i32 {
                     with_dependents,
                 },
         } => return path_delete(config, &repo, &path, with_dependents),
+        AdminCommand::Migrate(args) => return super::migrate::run(&config, args),
         command => command,
     };
     let meta = match crate::server::backend::open(&config) {
@@ -249,7 +254,8 @@ pub fn run(args: AdminArgs) -> i32 {
         AdminCommand::Db { .. }
         | AdminCommand::Janitor
         | AdminCommand::Gc { .. }
-        | AdminCommand::Path { .. } => {
+        | AdminCommand::Path { .. }
+        | AdminCommand::Migrate(_) => {
             unreachable!("handled before opening the backends")
         }
     };

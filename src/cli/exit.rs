@@ -22,5 +22,15 @@ pub const SERVER_FULL: i32 = 7;
 pub const REFUSED: i32 = 8;
 /// A pin named a store path the repository has not published (`nix pin`, `nix push --pin`).
 pub const NOT_PUBLISHED: i32 = 9;
+/// `admin migrate`: the source data dir is missing, not a directory or unreadable.
+pub const NO_SOURCE: i32 = 10;
+/// `admin migrate`: the source is not an embedded installation this stowix reads (no
+/// `stowix.db`, not a stowix database, or a schema version other than this binary's).
+pub const NOT_EMBEDDED: i32 = 11;
+/// `admin migrate`: the target database or storage is the source's own.
+pub const SAME_AS_TARGET: i32 = 12;
+/// `admin migrate`: the target holds a repository or token of the same name with different
+/// secrets; nothing was overwritten.
+pub const CONFLICT: i32 = 13;
 /// Stopped by Ctrl-C (128 + SIGINT, the shell convention); unfinished uploads stay resumable.
 pub const INTERRUPTED: i32 = 130;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod exit;
+mod migrate;
 pub mod pin;
 pub mod push;
 pub mod serve;

@@ -23,25 +23,30 @@ pub struct ServeArgs {
 #[derive(clap::Args, Debug)]
 pub struct BackendArgs {
     /// TOML configuration file; `stowix serve --print-config` shows a commented template.
-    #[arg(long, env = "STOWIX_CONFIG")]
+    #[arg(long, global = true, env = "STOWIX_CONFIG")]
     pub config: Option<PathBuf>,
     /// Directory for NARs, unfinished uploads and the metadata database
     /// [default: $XDG_DATA_HOME/stowix, or `data_dir` in the config file].
-    #[arg(long, env = "STOWIX_DATA_DIR")]
+    #[arg(long, global = true, env = "STOWIX_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Metadata database: sqlite:///abs/path.db or postgres://user@host:5432/db
     /// [default: <data-dir>/stowix.db].
-    #[arg(long, env = "STOWIX_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "STOWIX_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub database: Option<String>,
     /// NAR storage: file:///abs/dir or s3://bucket[/prefix] [default: <data-dir>/store].
     /// S3 credentials come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN.
-    #[arg(long, env = "STOWIX_STORAGE_URL")]
+    #[arg(long, global = true, env = "STOWIX_STORAGE_URL")]
     pub storage: Option<String>,
     /// Endpoint of a self-hosted S3-compatible store, e.g. http://127.0.0.1:8333 [default: AWS].
-    #[arg(long, env = "STOWIX_S3_ENDPOINT")]
+    #[arg(long, global = true, env = "STOWIX_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     /// S3 region [default: us-east-1].
-    #[arg(long, env = "STOWIX_S3_REGION")]
+    #[arg(long, global = true, env = "STOWIX_S3_REGION")]
     pub s3_region: Option<String>,
 }
 

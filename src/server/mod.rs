@@ -24,6 +24,7 @@ pub mod gc;
 pub mod janitor;
 pub mod last_use;
 pub mod metrics;
+pub mod migrate;
 pub mod publish;
 mod routes_api;
 mod routes_cache;

@@ -19,6 +19,12 @@ use super::config::ServerConfig;
 use metadata::{MetaError, MetaResult, Metadata, PostgresMetadata, SqliteMetadata};
 use storage::{LocalStorage, S3Storage, Storage};
 
+/// The embedded database's file name in the data dir.
+pub const DATABASE_FILE: &str = "stowix.db";
+
+/// The embedded storage's directory in the data dir.
+pub const STORE_DIR: &str = "store";
+
 pub struct Backends {
     pub meta: Arc<dyn Metadata>,
     pub storage: Arc<dyn Storage>,
@@ -41,7 +47,7 @@ pub enum StorageUrl {
 impl DatabaseUrl {
     pub fn of(config: &ServerConfig) -> Result<Self, String> {
         match &config.database {
-            None => Ok(DatabaseUrl::Sqlite(config.data_dir.join("stowix.db"))),
+            None => Ok(DatabaseUrl::Sqlite(config.data_dir.join(DATABASE_FILE))),
             Some(url) => Self::parse(url),
         }
     }
@@ -63,7 +69,7 @@ impl DatabaseUrl {
 impl StorageUrl {
     pub fn of(config: &ServerConfig) -> Result<Self, String> {
         match &config.storage {
-            None => Ok(StorageUrl::Files(config.data_dir.join("store"))),
+            None => Ok(StorageUrl::Files(config.data_dir.join(STORE_DIR))),
             Some(url) => Self::parse(url),
         }
     }
@@ -126,7 +132,13 @@ pub fn open(config: &ServerConfig) -> Result<Backends, String> {
             database_label(config)
         )
     })?;
-    let storage: Arc<dyn Storage> = match StorageUrl::of(config)? {
+    let storage = open_storage(config)?;
+    Ok(Backends { meta, storage })
+}
+
+/// The configured storage alone; nothing is contacted yet (S3 answers on first use).
+pub fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>, String> {
+    Ok(match StorageUrl::of(config)? {
         StorageUrl::Files(root) => Arc::new(
             LocalStorage::new(root.clone())
                 .map_err(|err| format!("cannot create storage in {}: {err}", root.display()))?,
@@ -144,8 +156,7 @@ pub fn open(config: &ServerConfig) -> Result<Backends, String> {
                 &config.s3_region,
             )?))
         }
-    };
-    Ok(Backends { meta, storage })
+    })
 }
 
 /// Connections a server's metadata may use at once: the readers, plus one for writes

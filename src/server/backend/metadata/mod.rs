@@ -377,6 +377,8 @@ pub trait Metadata: Send + Sync {
     /// False when there is no such repository.
     fn set_upstream_keys(&self, name: &str, keys: &[String]) -> MetaResult<bool>;
 
+    /// Stores the token as given, its revocation included (a migrated revoked token never
+    /// exists unrevoked).
     fn create_token(&self, token: &TokenRecord) -> MetaResult<()>;
     fn token(&self, id: &str) -> MetaResult<Option<TokenRecord>>;
     fn tokens(&self) -> MetaResult<Vec<TokenRecord>>;

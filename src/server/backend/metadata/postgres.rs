@@ -1352,7 +1352,7 @@ impl Metadata for PostgresMetadata {
             let insert_token = c
                 .prepare(
                     "INSERT INTO tokens (id, secret_sha256, scope, description, created_at, revoked_at)
-                     VALUES ($1, $2, $3, $4, $5, NULL)",
+                     VALUES ($1, $2, $3, $4, $5, $6)",
                 )
                 .await?;
             let insert_repo = c
@@ -1367,6 +1367,7 @@ impl Metadata for PostgresMetadata {
                     &token.scope.as_str(),
                     &token.description,
                     &token.created_at,
+                    &token.revoked_at,
                 ],
             )
             .await?;

@@ -187,9 +187,9 @@ fn backfill_retention(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-const REPO_COLUMNS: &str = "name, private, secret_key, priority, upstream_keys";
+pub(crate) const REPO_COLUMNS: &str = "name, private, secret_key, priority, upstream_keys";
 
-fn repo_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RepoRecord> {
+pub(crate) fn repo_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RepoRecord> {
     let keys: String = row.get(4)?;
     Ok(RepoRecord {
         name: row.get(0)?,
@@ -319,7 +319,10 @@ fn migrate_uploads(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
-fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+pub(crate) fn token_from_row(
+    conn: &Connection,
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<TokenRecord> {
     let id: String = row.get(0)?;
     let secret: Vec<u8> = row.get(1)?;
     let scope: String = row.get(2)?;
@@ -344,7 +347,7 @@ fn token_from_row(conn: &Connection, row: &rusqlite::Row<'_>) -> rusqlite::Resul
     })
 }
 
-fn nar_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<NarRecord> {
+pub(crate) fn nar_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<NarRecord> {
     Ok(NarRecord {
         url: row.get(0)?,
         object_key: row.get(6)?,
@@ -370,7 +373,8 @@ fn upload_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRecord> {
     })
 }
 
-const NAR_COLUMNS: &str = "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
+pub(crate) const NAR_COLUMNS: &str =
+    "url, compression, nar_hash, nar_size, file_hash, file_size, object_key";
 const UPLOAD_COLUMNS: &str =
     "id, repo, nar_hash, nar_size, compression, encoder, created_at, staging_id, updated_at";
 
@@ -420,13 +424,14 @@ impl Metadata for SqliteMetadata {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO tokens (id, secret_sha256, scope, description, created_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 token.id,
                 token.secret_sha256.as_slice(),
                 token.scope.as_str(),
                 token.description,
-                token.created_at
+                token.created_at,
+                token.revoked_at
             ],
         )?;
         for repo in &token.repos {

@@ -70,6 +70,31 @@ impl Storage for LocalStorage {
         .map_err(std::io::Error::other)?
     }
 
+    async fn put_copy(&self, key: &str, source: &Path) -> std::io::Result<()> {
+        let target = self.path_of(key)?;
+        let source = source.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().expect("keys have a directory part");
+            std::fs::create_dir_all(dir)?;
+            // Copied beside the target and renamed, so the name appears only for whole bytes.
+            let mut staged = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::copy(&mut std::fs::File::open(&source)?, &mut staged)?;
+            staged.as_file().sync_all()?;
+            staged.persist(&target).map_err(|err| err.error)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    async fn size(&self, key: &str) -> std::io::Result<Option<u64>> {
+        match tokio::fs::metadata(self.path_of(key)?).await {
+            Ok(meta) => Ok(Some(meta.len())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     async fn get(&self, key: &str) -> std::io::Result<Option<(u64, ObjectReader)>> {
         let path = self.path_of(key)?;
         match tokio::fs::File::open(&path).await {

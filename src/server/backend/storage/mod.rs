@@ -53,6 +53,11 @@ pub trait Storage: Send + Sync {
     fn chunk_staging(&self) -> Arc<dyn ChunkStaging>;
     /// Stores a small object (a listing, a debuginfo link) whole, atomically like `put_file`.
     async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()>;
+    /// Stores a copy of the file at `source` under `key`, atomically like `put_file`, leaving
+    /// `source` as it is and streaming it (a NAR may be GiBs): `stowix admin migrate`.
+    async fn put_copy(&self, key: &str, source: &Path) -> std::io::Result<()>;
+    /// The object's size, or `None` when absent: without reading it.
+    async fn size(&self, key: &str) -> std::io::Result<Option<u64>>;
 }
 
 /// Object keys are built by the server from validated parts (`<repo>/nar/<nix32>.nar.xz`);

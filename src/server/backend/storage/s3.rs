@@ -476,6 +476,14 @@ impl super::Storage for S3Storage {
         Ok(())
     }
 
+    async fn put_copy(&self, key: &str, source: &std::path::Path) -> io::Result<()> {
+        self.store.put_file(key, source).await
+    }
+
+    async fn size(&self, key: &str) -> io::Result<Option<u64>> {
+        self.store.head(key).await
+    }
+
     async fn get(&self, key: &str) -> io::Result<Option<(u64, super::ObjectReader)>> {
         Ok(self.store.get(key).await?.map(|(len, stream)| {
             let reader: super::ObjectReader = Box::pin(tokio_util::io::StreamReader::new(stream));
