@@ -175,7 +175,9 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     let top = paths[1].clone();
     let public_url = source.repo_url(&public);
     let private_url = source.repo_url(&private);
-    push_with(&public_url, Some(&push), &[&top], &[]).assert_code(exit::SUCCESS);
+    push_with(&public_url, Some(&push), &["--pin", "release", &top], &[])
+        .assert_code(exit::SUCCESS);
+    source.admin(&["repo", "configure", &public, "--retention", "30d"]);
     let secret = build_text("mig-secret", &format!("secret {marker}"));
     push_with(&private_url, Some(&private_push), &[&secret], &[]).assert_code(exit::SUCCESS);
     // A build log, as Nix uploads it.
@@ -200,6 +202,8 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     assert_eq!(counts(&first, "narinfos"), (3, 0), "{first}");
     assert_eq!(counts(&first, "listings"), (3, 0), "{first}");
     assert_eq!(counts(&first, "build logs"), (1, 0), "{first}");
+    assert_eq!(counts(&first, "retention policies"), (1, 0), "{first}");
+    assert_eq!(counts(&first, "pin revisions"), (1, 0), "{first}");
 
     // Idempotent: a second run finds everything there and says so.
     let second = assert_migrated(&migrate(source.data_dir(), &backends));
@@ -207,11 +211,23 @@ async fn an_embedded_installation_moves_to_postgres_and_s3_and_keeps_working() {
     assert_eq!(counts(&second, "NARs"), (0, 3), "{second}");
     assert_eq!(counts(&second, "narinfos"), (0, 3), "{second}");
     assert_eq!(counts(&second, "tokens"), (0, 4), "{second}");
+    assert_eq!(counts(&second, "pin revisions"), (0, 1), "{second}");
 
     target.restart();
     let public_url = target.repo_url(&public);
     let private_url = target.repo_url(&private);
     assert_eq!(target.admin(&["repo", "list"]).lines().count(), 2);
+    let pins = target.admin(&["pin", "list", "--repo", &public]);
+    assert!(
+        pins.lines()
+            .any(|l| l.contains("\trelease\t") && l.contains(&top)),
+        "the pin after migration:\n{pins}"
+    );
+    let shown = target.admin(&["repo", "show", &public]);
+    assert!(
+        shown.contains("30d") || shown.contains("2592000"),
+        "{shown}"
+    );
 
     // The same substituter keys keep working.
     nix_copy_from(&public_url, &public_key, std::slice::from_ref(&top), None)

@@ -7,7 +7,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Kind, MigrateError, Migration, Tally};
 use crate::nix::hash::Sha256Hash;
-use crate::server::backend::metadata::{now_unix, NarRecord, Presence};
+use crate::server::backend::metadata::{
+    now_unix, NarRecord, PinCreated, PinRecord, Presence, RetentionPolicy,
+};
 
 /// Rows read from the source per query, and narinfos published per transaction.
 const PAGE: usize = 500;
@@ -36,6 +38,89 @@ impl Kind for Repos {
                     )));
                 }
                 tally.present += 1;
+            }
+            run.reporter.progress(self.name(), tally);
+        }
+        Ok(())
+    }
+}
+
+/// Retention policies, after the repositories they belong to. A target repository with a
+/// policy of its own keeps it.
+pub struct Policies;
+
+impl Kind for Policies {
+    fn name(&self) -> &'static str {
+        "retention policies"
+    }
+
+    fn copy(&self, run: &Migration<'_>, tally: &mut Tally) -> Result<(), MigrateError> {
+        let meta = &run.target.meta;
+        for repo in run.source.repos()? {
+            let Some(policy) = run.source.policy(&repo.name)? else {
+                continue;
+            };
+            if policy == RetentionPolicy::default() {
+                continue;
+            }
+            match meta.policy(&repo.name)? {
+                Some(existing) if existing == RetentionPolicy::default() => {
+                    meta.set_policy(&repo.name, &policy)?;
+                    tally.copied += 1;
+                }
+                _ => tally.present += 1,
+            }
+            run.reporter.progress(self.name(), tally);
+        }
+        Ok(())
+    }
+}
+
+/// Pin revisions, after the narinfos they pin, oldest first with their creation times, so
+/// `keep` drops in the target what it dropped in the source. Revision numbers start again
+/// at 1 in the target; a revision is recognised on a rerun by its time and paths.
+pub struct Pins;
+
+impl Kind for Pins {
+    fn name(&self) -> &'static str {
+        "pin revisions"
+    }
+
+    fn copy(&self, run: &Migration<'_>, tally: &mut Tally) -> Result<(), MigrateError> {
+        let meta = &run.target.meta;
+        let mut target_pins: Option<(String, Vec<PinRecord>)> = None;
+        for pin in run.source.pins()? {
+            if target_pins
+                .as_ref()
+                .is_none_or(|(repo, _)| *repo != pin.repo)
+            {
+                target_pins = Some((pin.repo.clone(), meta.pins(Some(&pin.repo))?));
+            }
+            let (_, existing) = target_pins.as_ref().expect("just set");
+            let known = existing.iter().any(|p| {
+                p.name == pin.name
+                    && p.created_at == pin.created_at
+                    && p.store_paths == pin.store_paths
+            });
+            if known {
+                tally.present += 1;
+                continue;
+            }
+            let hashes: Vec<String> = pin
+                .store_paths
+                .iter()
+                .filter_map(|p| crate::nix::StorePath::from_absolute(p).ok())
+                .map(|p| p.hash_part().to_string())
+                .collect();
+            match meta.create_pin(&pin.repo, &pin.name, &hashes, pin.keep, pin.created_at)? {
+                PinCreated::Created { .. } => tally.copied += 1,
+                PinCreated::NotPublished(missing) => tally.fail(format!(
+                    "pin {}/{} revision {}: not published in the target: {}",
+                    pin.repo,
+                    pin.name,
+                    pin.revision,
+                    missing.join(", ")
+                )),
             }
             run.reporter.progress(self.name(), tally);
         }

@@ -5,7 +5,8 @@
 //!   <data dir>/stowix.db (read-only) ─► Source ─┐
 //!   <data dir>/store/<key>           ─► Source ─┤  for each kind in KINDS, in order:
 //!                                               ▼
-//!   repositories ─► tokens ─► NARs ─► narinfos ─► listings ─► logs ─► debuginfo links
+//!   repositories ─► retention policies ─► tokens ─► NARs ─► narinfos ─► pin revisions
+//!     ─► listings ─► logs ─► debuginfo links
 //!                                               │
 //!                                               ▼
 //!   Target { Metadata, Storage } ◄─ rows and objects the target lacks; what it has stays
@@ -139,9 +140,11 @@ trait Kind: Sync {
 /// narinfos name NARs, listings and debuginfo links describe NARs). Add new kinds here.
 const KINDS: &[&dyn Kind] = &[
     &kinds::Repos,
+    &kinds::Policies,
     &kinds::Tokens,
     &kinds::Nars,
     &kinds::Narinfos,
+    &kinds::Pins,
     &kinds::Objects::LISTINGS,
     &kinds::Objects::LOGS,
     &kinds::Objects::DEBUGINFO,

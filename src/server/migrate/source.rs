@@ -12,9 +12,12 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::MigrateError;
 use crate::server::backend::metadata::sqlite::{
-    nar_from_row, repo_from_row, token_from_row, NAR_COLUMNS, REPO_COLUMNS, SCHEMA_VERSION,
+    nar_from_row, read_pins, read_policy, repo_from_row, token_from_row, NAR_COLUMNS, REPO_COLUMNS,
+    SCHEMA_VERSION,
 };
-use crate::server::backend::metadata::{NarRecord, PublishedNarInfo, RepoRecord, TokenRecord};
+use crate::server::backend::metadata::{
+    NarRecord, PinRecord, PublishedNarInfo, RepoRecord, RetentionPolicy, TokenRecord,
+};
 use crate::server::backend::storage::is_safe_key;
 use crate::server::backend::{DATABASE_FILE, STORE_DIR};
 
@@ -100,6 +103,16 @@ impl Source {
             .map_err(|e| self.failed(e))?;
         rows.collect::<rusqlite::Result<_>>()
             .map_err(|e| self.failed(e))
+    }
+
+    /// `repo`'s retention policy (`--retention`, `--max-size`).
+    pub fn policy(&self, repo: &str) -> Result<Option<RetentionPolicy>, MigrateError> {
+        read_policy(&self.conn, repo).map_err(|e| self.failed(e))
+    }
+
+    /// Every live pin revision (a few per release channel: read whole).
+    pub fn pins(&self) -> Result<Vec<PinRecord>, MigrateError> {
+        read_pins(&self.conn, None).map_err(|e| self.failed(e))
     }
 
     /// Every token with its repositories (a few per user: read whole).

@@ -189,6 +189,54 @@ fn backfill_retention(conn: &Connection) -> rusqlite::Result<()> {
 
 pub(crate) const REPO_COLUMNS: &str = "name, private, secret_key, priority, upstream_keys";
 
+/// A repository's retention policy; `None` when there is no such repository. Shared with
+/// `stowix admin migrate`, which reads a data dir's database through its own connection.
+pub(crate) fn read_policy(
+    conn: &Connection,
+    repo: &str,
+) -> rusqlite::Result<Option<RetentionPolicy>> {
+    conn.prepare_cached("SELECT retention_secs, max_size_bytes FROM repos WHERE name = ?1")?
+        .query_row([repo], |row| {
+            Ok(RetentionPolicy {
+                retention_secs: row.get::<_, Option<i64>>(0)?.map(|v| v as u64),
+                max_size_bytes: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+            })
+        })
+        .optional()
+}
+
+/// The live revisions of every pin (of `repo`, or of all repositories), in repository, name
+/// and revision order. Shared with `stowix admin migrate`.
+pub(crate) fn read_pins(conn: &Connection, repo: Option<&str>) -> rusqlite::Result<Vec<PinRecord>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT v.repo, v.name, v.revision, v.created_at, p.keep,
+                (SELECT group_concat(store_path, ' ') FROM
+                    (SELECT store_path FROM pin_roots r
+                     WHERE r.repo = v.repo AND r.name = v.name AND r.revision = v.revision
+                     ORDER BY store_path))
+         FROM pin_revisions v JOIN pins p ON p.repo = v.repo AND p.name = v.name
+         WHERE ?1 IS NULL OR v.repo = ?1
+         ORDER BY v.repo, v.name, v.revision",
+    )?;
+    let rows = stmt.query_map([repo], |row| {
+        let paths: Option<String> = row.get(5)?;
+        Ok(PinRecord {
+            repo: row.get(0)?,
+            name: row.get(1)?,
+            revision: row.get::<_, i64>(2)? as u64,
+            created_at: row.get(3)?,
+            keep: row.get(4)?,
+            store_paths: paths
+                .unwrap_or_default()
+                .split(' ')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    })?;
+    rows.collect()
+}
+
 pub(crate) fn repo_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RepoRecord> {
     let keys: String = row.get(4)?;
     Ok(RepoRecord {
@@ -840,16 +888,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn policy(&self, repo: &str) -> MetaResult<Option<RetentionPolicy>> {
-        self.reader()
-            .prepare_cached("SELECT retention_secs, max_size_bytes FROM repos WHERE name = ?1")?
-            .query_row([repo], |row| {
-                Ok(RetentionPolicy {
-                    retention_secs: row.get::<_, Option<i64>>(0)?.map(|v| v as u64),
-                    max_size_bytes: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
-                })
-            })
-            .optional()
-            .map_err(MetaError::from)
+        read_policy(&self.reader(), repo).map_err(MetaError::from)
     }
 
     fn set_policy(&self, repo: &str, policy: &RetentionPolicy) -> MetaResult<bool> {
@@ -1155,34 +1194,7 @@ impl Metadata for SqliteMetadata {
     }
 
     fn pins(&self, repo: Option<&str>) -> MetaResult<Vec<PinRecord>> {
-        let conn = self.reader();
-        let mut stmt = conn.prepare_cached(
-            "SELECT v.repo, v.name, v.revision, v.created_at, p.keep,
-                    (SELECT group_concat(store_path, ' ') FROM
-                        (SELECT store_path FROM pin_roots r
-                         WHERE r.repo = v.repo AND r.name = v.name AND r.revision = v.revision
-                         ORDER BY store_path))
-             FROM pin_revisions v JOIN pins p ON p.repo = v.repo AND p.name = v.name
-             WHERE ?1 IS NULL OR v.repo = ?1
-             ORDER BY v.repo, v.name, v.revision",
-        )?;
-        let rows = stmt.query_map([repo], |row| {
-            let paths: Option<String> = row.get(5)?;
-            Ok(PinRecord {
-                repo: row.get(0)?,
-                name: row.get(1)?,
-                revision: row.get::<_, i64>(2)? as u64,
-                created_at: row.get(3)?,
-                keep: row.get(4)?,
-                store_paths: paths
-                    .unwrap_or_default()
-                    .split(' ')
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(read_pins(&self.reader(), repo)?)
     }
 
     fn delete_pin(&self, repo: &str, name: &str, revision: Option<u64>) -> MetaResult<u64> {
