@@ -120,6 +120,7 @@ conformance!(
     concurrent_opens_of_one_nar_get_one_session,
     concurrent_opens_never_exceed_the_caps,
     upload_parts_append_only_at_the_recorded_offset,
+    a_tail_is_replaced_only_where_it_was_read,
     concurrent_part_appends_at_one_offset_admit_one,
     upload_lifecycle,
     object_intents_and_known_keys,
@@ -488,6 +489,54 @@ fn upload_parts_append_only_at_the_recorded_offset(b: &Backend) {
         !m.add_upload_part("missing", 0, &part(1, 1), 1).unwrap(),
         "no session, no part"
     );
+}
+
+fn a_tail_is_replaced_only_where_it_was_read(b: &Backend) {
+    let m = &*b.meta;
+    m.open_upload(&upload("u", "r", "n"), "t", CAPS).unwrap();
+    let tail = |size, key: &str| UploadPart {
+        number: 2,
+        size,
+        etag: format!("tail:r/uploads/u.tail-{key}"),
+    };
+    assert!(m.add_upload_part("u", 0, &part(1, 5 << 20), 1_000).unwrap());
+    let first = tail(100, "a");
+    assert!(m.add_upload_part("u", 5 << 20, &first, 1_001).unwrap());
+    assert_eq!(
+        m.upload_parts("u").unwrap()[1].tail_key(),
+        Some("r/uploads/u.tail-a")
+    );
+    let held = (5 << 20) + 100;
+    // A longer tail replaces the one it was read from, at the offset the parts add up to.
+    let second = tail(300, "b");
+    assert!(!m
+        .replace_last_upload_part("u", held - 1, &first, &second, 1_002)
+        .unwrap());
+    assert!(m
+        .replace_last_upload_part("u", held, &first, &second, 1_002)
+        .unwrap());
+    assert_eq!(m.upload("u").unwrap().unwrap().updated_at, 1_002);
+    // A racer that read the first tail loses, whatever it brings.
+    assert!(
+        !m.replace_last_upload_part("u", held, &first, &part(2, 6 << 20), 1_003)
+            .unwrap(),
+        "the first tail is gone"
+    );
+    // The tail becomes a whole part; the number stays, the offset grows.
+    assert!(m
+        .replace_last_upload_part("u", (5 << 20) + 300, &second, &part(2, 6 << 20), 1_004)
+        .unwrap());
+    assert_eq!(
+        m.upload_parts("u").unwrap(),
+        [part(1, 5 << 20), part(2, 6 << 20)]
+    );
+    // Only the last part can be replaced, and never by another number.
+    assert!(!m
+        .replace_last_upload_part("u", 11 << 20, &part(1, 5 << 20), &part(1, 1), 1_005)
+        .unwrap());
+    assert!(!m
+        .replace_last_upload_part("u", 11 << 20, &part(2, 6 << 20), &part(3, 1), 1_005)
+        .unwrap());
 }
 
 fn concurrent_part_appends_at_one_offset_admit_one(b: &Backend) {
