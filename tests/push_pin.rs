@@ -142,5 +142,5 @@ async fn a_push_repairs_a_reference_deleted_while_it_ran() {
         started.elapsed(),
         ended.stderr
     );
-    fixture.substitute(&[app.clone()]);
+    fixture.substitute(std::slice::from_ref(app));
 }
