@@ -748,6 +748,7 @@ impl Metadata for SqliteMetadata {
         &self,
         repo: &str,
         narinfos: &[PublishedNarInfo],
+        exempt: &HashSet<String>,
         at: i64,
     ) -> MetaResult<Vec<PublishState>> {
         let facts: Vec<NarInfoFacts> = narinfos
@@ -759,7 +760,7 @@ impl Metadata for SqliteMetadata {
         // in `stowix admin`) writes only in transactions of its own, before or after this one.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
-        let mut present = HashSet::new();
+        let mut present = exempt.clone();
         {
             let mut published =
                 tx.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
