@@ -750,6 +750,11 @@ fn a_newer_schema_is_refused(b: &Backend) {
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL only.
 
+/// No exempt references.
+fn none() -> std::collections::HashSet<String> {
+    std::collections::HashSet::new()
+}
+
 /// A 32-character hash part made of `c`.
 fn h(c: char) -> String {
     std::iter::repeat_n(c, 32).collect()
@@ -783,7 +788,7 @@ fn publish_at(m: &dyn Metadata, repo: &str, paths: &[(char, &[char])], at: i64) 
         store_nar(m, repo, *c, 100);
     }
     let infos: Vec<PublishedNarInfo> = paths.iter().map(|(c, r)| path(*c, r)).collect();
-    let states = m.publish_checked(repo, &infos, at).unwrap();
+    let states = m.publish_checked(repo, &infos, &none(), at).unwrap();
     assert!(states.iter().all(|s| *s == PublishState::New), "{states:?}");
 }
 
@@ -843,7 +848,7 @@ fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
     store_nar(m, "r", 'b', 1);
     // b references a, which is neither published nor in the batch.
     assert_eq!(
-        m.publish_checked("r", &[path('b', &['a', 'b'])], 1)
+        m.publish_checked("r", &[path('b', &['a', 'b'])], &none(), 1)
             .unwrap(),
         vec![PublishState::MissingReferences(vec![h('a')])]
     );
@@ -853,6 +858,7 @@ fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
         m.publish_checked(
             "r",
             &[path('c', &['b']), path('b', &['a']), path('a', &[])],
+            &none(),
             1
         )
         .unwrap(),
@@ -864,12 +870,20 @@ fn publication_checks_references_and_nars_in_its_transaction(b: &Backend) {
     );
     store_nar(m, "r", 'd', 1);
     assert_eq!(
-        m.publish_checked("r", &[path('d', &['c']), path('a', &[])], 1)
+        m.publish_checked("r", &[path('d', &['c']), path('a', &[])], &none(), 1)
             .unwrap(),
         vec![
             PublishState::MissingReferences(vec![h('c')]),
             PublishState::Already
         ]
+    );
+    // A reference a trusted upstream serves (proven by the publication) is exempt.
+    store_nar(m, "r", 'f', 1);
+    let upstream: std::collections::HashSet<String> = [h('u')].into_iter().collect();
+    assert_eq!(
+        m.publish_checked("r", &[path('f', &['u', 'a'])], &upstream, 1)
+            .unwrap(),
+        vec![PublishState::New]
     );
     // The default `publish` reports the same as booleans.
     store_nar(m, "r", 'e', 1);
@@ -958,7 +972,8 @@ fn a_publication_during_a_collection_keeps_what_it_references(b: &Backend) {
     ));
     store_nar(m, "r", 'y', 1);
     assert_eq!(
-        m.publish_checked("r", &[path('y', &['b'])], 500).unwrap(),
+        m.publish_checked("r", &[path('y', &['b'])], &none(), 500)
+            .unwrap(),
         vec![PublishState::MissingReferences(vec![h('b')])]
     );
 }
@@ -1001,7 +1016,8 @@ fn unreferenced_nars_wait_for_their_grace(b: &Backend) {
 
 fn publish_at_existing(m: &dyn Metadata, repo: &str, c: char) {
     assert_eq!(
-        m.publish_checked(repo, &[path(c, &[])], 1).unwrap(),
+        m.publish_checked(repo, &[path(c, &[])], &none(), 1)
+            .unwrap(),
         vec![PublishState::New]
     );
 }

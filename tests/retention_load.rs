@@ -14,104 +14,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use push_common::*;
-use stowix::nix::narinfo::NarInfo;
-use stowix::nix::signing::PublicKey;
 
 /// How long pushes and substitutions race the collector.
 const LOAD: Duration = Duration::from_secs(30);
 
-/// What [`check_whole`] found wrong, one line per problem.
-type Problems = Vec<String>;
-
-/// The invariant, over HTTP as a substituter sees it: for each of `paths` the repository
-/// serves a narinfo for, its signature verifies with `key`, its NAR downloads and matches
-/// FileHash, FileSize, NarHash and NarSize, and every reference's narinfo is served too.
-/// Paths it no longer serves are fine: collecting is allowed, breaking a closure is not.
-async fn check_whole(url: &str, key: &PublicKey, paths: &BTreeSet<String>) -> Problems {
-    let client = http();
-    let mut problems = Vec::new();
-    for path in paths {
-        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
-        let response = client
-            .get(format!("{url}/{hash}.narinfo"))
-            .send()
-            .await
-            .expect("GET narinfo");
-        if response.status() == 404 {
-            continue;
-        }
-        let text = response.text().await.expect("narinfo body");
-        let info = match NarInfo::parse(&text) {
-            Ok(info) => info,
-            Err(err) => {
-                problems.push(format!("{path}: {err}"));
-                continue;
-            }
-        };
-        if !info
-            .sigs
-            .iter()
-            .any(|sig| key.verify(&info.fingerprint(), sig))
-        {
-            problems.push(format!(
-                "{path}: no valid signature by the repository's key"
-            ));
-        }
-        for reference in &info.references {
-            let status = client
-                .get(format!("{url}/{}.narinfo", reference.hash_part()))
-                .send()
-                .await
-                .expect("GET reference narinfo")
-                .status();
-            if status != 200 {
-                problems.push(format!(
-                    "{path}: its reference {} answers {status}",
-                    reference.to_absolute()
-                ));
-            }
-        }
-        let nar = client
-            .get(format!("{url}/{}", info.url))
-            .send()
-            .await
-            .expect("GET NAR");
-        if nar.status() != 200 {
-            problems.push(format!(
-                "{path}: its NAR {} answers {}",
-                info.url,
-                nar.status()
-            ));
-            continue;
-        }
-        let file = nar.bytes().await.expect("NAR body").to_vec();
-        if Some(file.len() as u64) != info.file_size
-            || info.file_hash.map(|h| h.to_typed_nix32()) != Some(sha256_nix32(&file))
-        {
-            problems.push(format!(
-                "{path}: its NAR file ({} bytes, {}) does not match FileSize {:?}, \
-                 FileHash {:?}",
-                file.len(),
-                sha256_nix32(&file),
-                info.file_size,
-                info.file_hash.map(|h| h.to_typed_nix32())
-            ));
-            continue;
-        }
-        let nar = match info.compression.as_str() {
-            "xz" => unxz(&file),
-            "none" => file,
-            other => {
-                problems.push(format!("{path}: unexpected compression {other}"));
-                continue;
-            }
-        };
-        if nar.len() as u64 != info.nar_size || sha256_nix32(&nar) != info.nar_hash.to_typed_nix32()
-        {
-            problems.push(format!("{path}: its NAR does not match NarHash/NarSize"));
-        }
-    }
-    problems
+/// The invariant (`common::invariants`) over every path pushed so far: paths no longer served
+/// are fine (collecting is allowed), a served one with a missing NAR or reference is not.
+async fn check_whole(url: &str, public_key: &str, paths: &BTreeSet<String>) -> Result<(), String> {
+    let hashes: Vec<String> = paths
+        .iter()
+        .map(|p| p["/nix/store/".len().."/nix/store/".len() + 32].to_string())
+        .collect();
+    invariants::check_served(url, public_key, None, &hashes)
+        .await
+        .map(|_| ())
 }
 
 /// Most pushes one run makes: their closures are built up front, in one `nix-build`.
@@ -147,7 +63,6 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
     );
     let repo = unique_name("load");
     let public_key = server.create_repo(&repo, false);
-    let key = PublicKey::parse(&public_key).unwrap();
     let token = server.create_token(&repo, "push");
     let url = server.repo_url(&repo);
     server.admin(&["repo", "configure", &repo, "--retention", "2s"]);
@@ -216,7 +131,7 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
         std::thread::spawn(move || {
             let mut copies = 0;
             while !stop.load(Ordering::Relaxed) {
-                nix_copy_from(&url, &public_key, &[top.clone()], None)
+                nix_copy_from(&url, &public_key, std::slice::from_ref(&top), None)
                     .unwrap_or_else(|e| panic!("substituting the pinned closure failed: {e}"));
                 copies += 1;
             }
@@ -229,8 +144,9 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let paths = pushed.lock().unwrap().clone();
-        let problems = check_whole(&url, &key, &paths).await;
-        assert!(problems.is_empty(), "mid-run: {}", problems.join("\n"));
+        if let Err(problems) = check_whole(&url, &public_key, &paths).await {
+            panic!("mid-run: {problems}");
+        }
         samples += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -240,12 +156,9 @@ async fn pushes_and_substitutions_stay_whole_while_the_collector_runs_every_seco
     // Let the collector take what it will, then the invariant once more.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let paths = pushed.lock().unwrap().clone();
-    let problems = check_whole(&url, &key, &paths).await;
-    assert!(
-        problems.is_empty(),
-        "after the run: {}",
-        problems.join("\n")
-    );
+    if let Err(problems) = check_whole(&url, &public_key, &paths).await {
+        panic!("after the run: {problems}");
+    }
     let removed = server.metric("stowix_server_gc_paths_removed_total").await;
     eprintln!(
         "{runs} pushes ({repairs} with a repair round, {reruns} re-run), {copies} substitutions, \

@@ -77,16 +77,17 @@ pub async fn publish(
         .iter()
         .filter_map(|text| PublicKey::parse(text).ok())
         .collect();
-    let (mut outcome, rows) = tokio::task::spawn_blocking(move || {
+    let (mut outcome, rows, exempt) = tokio::task::spawn_blocking(move || {
         let proven = proven_upstream(&upstream, &upstream_keys);
-        decide_and_sign(candidates, &published, &proven, &key)
+        let exempt: HashSet<String> = proven.iter().map(|p| p.hash_part().to_string()).collect();
+        decide_and_sign(candidates, &published, &proven, &key).map(|(o, r)| (o, r, exempt))
     })
     .await??;
     let repo_name = repo.name.clone();
     let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
     let at = super::gc::now();
     let states = state
-        .db(move |meta| meta.publish_checked(&repo_name, &rows, at))
+        .db(move |meta| meta.publish_checked(&repo_name, &rows, &exempt, at))
         .await?;
     // Between the check above and this transaction, a concurrent request may have published
     // some of these, and a collection may have removed a reference or a NAR: the transaction

@@ -393,7 +393,12 @@ pub trait Metadata: Send + Sync {
     /// missing are not published ([`Metadata::publish_checked`] says why).
     fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
         Ok(self
-            .publish_checked(repo, narinfos, now_unix())?
+            .publish_checked(
+                repo,
+                narinfos,
+                &std::collections::HashSet::new(),
+                now_unix(),
+            )?
             .into_iter()
             .map(|state| state == PublishState::New)
             .collect())
@@ -466,10 +471,13 @@ pub trait Metadata: Send + Sync {
     /// Publishes in one transaction that also checks, under locks a collector must wait for,
     /// that every reference (outside the batch) is published and every named NAR stored; a
     /// NAR marked unreferenced is revived. `at` is the publication time and first use.
+    /// `exempt`: references (hash parts) a trusted upstream cache serves, proven by the
+    /// publication: they need not be published here.
     fn publish_checked(
         &self,
         repo: &str,
         narinfos: &[PublishedNarInfo],
+        exempt: &std::collections::HashSet<String>,
         at: i64,
     ) -> MetaResult<Vec<PublishState>>;
 

@@ -1786,6 +1786,7 @@ impl Metadata for PostgresMetadata {
         &self,
         repo: &str,
         narinfos: &[PublishedNarInfo],
+        exempt: &HashSet<String>,
         at: i64,
     ) -> MetaResult<Vec<PublishState>> {
         let facts: Vec<NarInfoFacts> = narinfos
@@ -1852,7 +1853,7 @@ impl Metadata for PostgresMetadata {
                 )
                 .await?;
             let tx = c.client.transaction().await?;
-            let present: HashSet<String> = tx
+            let locked: HashSet<String> = tx
                 .query(&lock_paths, &[&repo, &wanted])
                 .await?
                 .iter()
@@ -1866,7 +1867,7 @@ impl Metadata for PostgresMetadata {
                 .collect();
             let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
             for (i, info) in narinfos.iter().enumerate() {
-                if present.contains(&info.hash) {
+                if locked.contains(&info.hash) {
                     states[i] = Some(PublishState::Already);
                 } else if !facts[i].nar_url.is_empty() && !stored.contains(&facts[i].nar_url) {
                     states[i] = Some(PublishState::NarGone(facts[i].nar_url.clone()));
@@ -1877,6 +1878,7 @@ impl Metadata for PostgresMetadata {
                 .iter()
                 .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
                 .collect();
+            let present: HashSet<String> = locked.union(exempt).cloned().collect();
             for (&i, missing) in open.iter().zip(batch_missing(&entries, &present)) {
                 if !missing.is_empty() {
                     states[i] = Some(PublishState::MissingReferences(missing));

@@ -10,6 +10,7 @@
 //! `op` is the trait method's name: a fixed, small set. The time includes waiting for a
 //! connection (the pool, or SQLite's writer mutex), which is what a request waits too.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,10 +48,11 @@ impl Metadata for Timed {
         &self,
         repo: &str,
         narinfos: &[PublishedNarInfo],
+        exempt: &HashSet<String>,
         at: i64,
     ) -> MetaResult<Vec<PublishState>> {
         timed("publish_checked", || {
-            self.inner.publish_checked(repo, narinfos, at)
+            self.inner.publish_checked(repo, narinfos, exempt, at)
         })
     }
 
