@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use super::exit;
-use super::push::{client_exit_code, fail, line_prefix, parse_pin_name, runtime, SecretArg};
+use super::push::{client_exit_code, fail, line_prefix, parse_pin_name, runtime, RepoArgs};
 use crate::api::{codes, PinRequest};
-use crate::client::{self, ClientConfig, ClientError, PushClient, RateLimits, RepoUrl, Token};
+use crate::client::{self, ClientConfig, ClientError, PushClient, RateLimits};
 use crate::nix::StorePath;
 use crate::push::report::LineReporter;
 use crate::push::{closure, Progress};
@@ -35,18 +35,8 @@ pub struct PinArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
 
-    /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
-    #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
-    pub target: Option<String>,
-
-    /// API token with push scope (stx_live_…); prefer the environment variable.
-    #[arg(
-        long,
-        env = "STOWIX_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<SecretArg>,
+    #[command(flatten)]
+    pub repo: RepoArgs,
 }
 
 /// The store path an argument names. Unlike a push, a pin needs no local copy: a store path
@@ -59,25 +49,9 @@ fn pin_root(arg: &str) -> Result<StorePath, String> {
 }
 
 pub fn run(args: PinArgs) -> i32 {
-    let Some(target) = args.target.as_deref() else {
-        return fail(
-            exit::USAGE,
-            "no repository given\nhint: pass --target URL or set STOWIX_TARGET",
-        );
-    };
-    let repo = match RepoUrl::parse(target) {
-        Ok(repo) => repo,
-        Err(err) => return fail(exit::USAGE, format!("invalid --target: {err}")),
-    };
-    let Some(SecretArg(token_text)) = &args.token else {
-        return fail(
-            exit::USAGE,
-            "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
-        );
-    };
-    let token = match Token::parse(token_text) {
-        Ok(token) => token,
-        Err(err) => return fail(exit::USAGE, err),
+    let (repo, token) = match args.repo.check() {
+        Ok(checked) => checked,
+        Err(code) => return code,
     };
     let mut roots = Vec::with_capacity(args.paths.len());
     for arg in &args.paths {

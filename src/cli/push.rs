@@ -40,7 +40,7 @@ const PUSH_GATEWAY_JOB: &str = "stowix_push";
 /// A token from the command line or environment; `Debug` never shows it, and clap never
 /// echoes it because it is validated after parsing, not by clap.
 #[derive(Clone)]
-pub struct SecretArg(pub(crate) String);
+pub struct SecretArg(String);
 
 impl From<String> for SecretArg {
     fn from(text: String) -> Self {
@@ -86,10 +86,9 @@ pub(crate) fn parse_pin_name(text: &str) -> Result<String, String> {
     crate::api::check_pin_name(text).map(|()| text.to_owned())
 }
 
-/// Every flag of `stowix nix push` that is not about which paths: shared with `watch-store`
-/// and `watch-exec`, which push through the same pipeline.
+/// Which repository, and the push token for it: every command that talks to the push API.
 #[derive(clap::Args, Debug)]
-pub struct PushFlags {
+pub struct RepoArgs {
     /// Full URL of the repository, e.g. https://cache.example.com/myrepo.
     #[arg(long, env = "STOWIX_TARGET", value_name = "URL")]
     pub target: Option<String>,
@@ -103,6 +102,37 @@ pub struct PushFlags {
         value_name = "TOKEN"
     )]
     pub token: Option<SecretArg>,
+}
+
+impl RepoArgs {
+    /// The repository URL and token, checked offline; `Err(code)` after printing the usage
+    /// error (exit 2).
+    pub(crate) fn check(&self) -> Result<(RepoUrl, Token), i32> {
+        let Some(target) = self.target.as_deref() else {
+            return Err(fail(
+                exit::USAGE,
+                "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
+            ));
+        };
+        let repo = RepoUrl::parse(target)
+            .map_err(|err| fail(exit::USAGE, format!("invalid --target: {err}")))?;
+        let Some(SecretArg(token_text)) = &self.token else {
+            return Err(fail(
+                exit::USAGE,
+                "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
+            ));
+        };
+        let token = Token::parse(token_text).map_err(|err| fail(exit::USAGE, err))?;
+        Ok((repo, token))
+    }
+}
+
+/// Every flag of `stowix nix push` that is not about which paths: shared with `watch-store`
+/// and `watch-exec`, which push through the same pipeline.
+#[derive(clap::Args, Debug)]
+pub struct PushFlags {
+    #[command(flatten)]
+    pub repo: RepoArgs,
 
     /// One line per path per event: present, compressed, uploaded, published, failed.
     #[arg(long, short)]
@@ -289,21 +319,7 @@ impl Prepared {
     pub(crate) fn check(flags: &PushFlags) -> Result<Self, i32> {
         let level = compression_level(flags.compression, flags.compression_level)
             .map_err(|err| fail(exit::USAGE, err))?;
-        let Some(target) = flags.target.as_deref() else {
-            return Err(fail(
-                exit::USAGE,
-                "no repository given\nhint: pass --target URL or set STOWIX_TARGET, e.g. https://cache.example.com/myrepo",
-            ));
-        };
-        let repo = RepoUrl::parse(target)
-            .map_err(|err| fail(exit::USAGE, format!("invalid --target: {err}")))?;
-        let Some(SecretArg(token_text)) = &flags.token else {
-            return Err(fail(
-                exit::USAGE,
-                "no token given\nhint: pass --token or set STOWIX_TOKEN to a token with push scope for this repository",
-            ));
-        };
-        let token = Token::parse(token_text).map_err(|err| fail(exit::USAGE, err))?;
+        let (repo, token) = flags.repo.check()?;
         let mut upstream_keys = Vec::new();
         for text in flags.upstream_keys.iter().filter(|t| !t.is_empty()) {
             let key = PublicKey::parse(text).map_err(|err| {

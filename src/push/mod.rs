@@ -219,32 +219,10 @@ pub async fn run(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<(), PushError> {
-    let mut result = run_round(
-        Arc::clone(&client),
-        info,
-        roots,
-        config.clone(),
-        Arc::clone(&progress),
-        cancel.clone(),
-    )
-    .await;
+    let mut roots = roots;
     let mut round = 0;
-    let mut deferred = progress.take_deferred();
-    while result.is_ok() && !deferred.is_empty() && round < REPAIR_ROUNDS {
-        round += 1;
-        progress.warn(&format!(
-            "{} {} could not be published because the repository collected paths they need \
-             while this push ran: pushing them again (repair round {round} of {REPAIR_ROUNDS})",
-            deferred.len(),
-            if deferred.len() == 1 { "path" } else { "paths" },
-        ));
-        progress.set_repairing(Some(deferred.iter().map(|(info, _)| &info.path)));
-        let roots = Roots {
-            paths: deferred.iter().map(|(info, _)| info.path.clone()).collect(),
-            stdin: false,
-            tolerant: false,
-        };
-        result = run_round(
+    loop {
+        let result = run_round(
             Arc::clone(&client),
             info,
             roots,
@@ -253,14 +231,29 @@ pub async fn run(
             cancel.clone(),
         )
         .await;
-        deferred = progress.take_deferred();
+        let deferred = progress.take_deferred();
+        if result.is_err() || deferred.is_empty() || round == REPAIR_ROUNDS {
+            // Out of rounds (or the run failed): what is still deferred fails with its refusal.
+            for (info, failure) in deferred {
+                progress.failed(&info.path, &failure);
+            }
+            progress.set_repairing(None::<[&crate::nix::StorePath; 0]>);
+            return result;
+        }
+        round += 1;
+        progress.warn(&format!(
+            "{} {} could not be published because the repository collected paths they need \
+             while this push ran: pushing them again (repair round {round} of {REPAIR_ROUNDS})",
+            deferred.len(),
+            if deferred.len() == 1 { "path" } else { "paths" },
+        ));
+        progress.set_repairing(Some(deferred.iter().map(|(info, _)| &info.path)));
+        roots = Roots {
+            paths: deferred.iter().map(|(info, _)| info.path.clone()).collect(),
+            stdin: false,
+            tolerant: false,
+        };
     }
-    // Out of rounds (or the run failed): what is still deferred fails with its refusal.
-    for (info, failure) in deferred {
-        progress.failed(&info.path, &failure);
-    }
-    progress.set_repairing(None::<[&crate::nix::StorePath; 0]>);
-    result
 }
 
 async fn run_round(

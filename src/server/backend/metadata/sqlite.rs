@@ -260,6 +260,20 @@ pub struct SqliteMetadata {
 }
 
 impl SqliteMetadata {
+    /// Raises last uses in one transaction: `update` takes the repository, the key and the
+    /// time as `?1`, `?2` and `?3`.
+    fn touch(&self, update: &str, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut touch = tx.prepare_cached(update)?;
+            for (key, at) in uses {
+                touch.execute(params![repo, key, at])?;
+            }
+        }
+        Ok(tx.commit()?)
+    }
+
     /// One connection for everything: what `stowix admin` needs.
     pub fn open(path: &Path) -> MetaResult<Self> {
         Self::open_with_readers(path, 0)
@@ -922,31 +936,19 @@ impl Metadata for SqliteMetadata {
     }
 
     fn touch_paths(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut touch = tx.prepare_cached(
-                "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND hash = ?2",
-            )?;
-            for (hash, at) in uses {
-                touch.execute(params![repo, hash, at])?;
-            }
-        }
-        Ok(tx.commit()?)
+        self.touch(
+            "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND hash = ?2",
+            repo,
+            uses,
+        )
     }
 
     fn touch_nars(&self, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut touch = tx.prepare_cached(
-                "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND nar_url = ?2",
-            )?;
-            for (url, at) in uses {
-                touch.execute(params![repo, url, at])?;
-            }
-        }
-        Ok(tx.commit()?)
+        self.touch(
+            "UPDATE narinfos SET last_used_at = MAX(last_used_at, ?3) WHERE repo = ?1 AND nar_url = ?2",
+            repo,
+            uses,
+        )
     }
 
     fn gc_session(&self, repo: &str) -> MetaResult<Box<dyn GcSession + '_>> {
