@@ -193,6 +193,11 @@ async fn retention_by_age_keeps_pins_and_closures_and_nars_outlive_their_narinfo
         "dry run:\n{dry}\nreal run:\n{real}"
     );
     assert_eq!(removed_paths(&real), vec![old.path.clone()], "{real}");
+    assert_eq!(
+        removed_paths(&dry),
+        removed_paths(&real),
+        "the dry run lists what goes"
+    );
     assert!(
         summary(&real).contains("removed 1 paths; 1 NARs marked"),
         "{real}"

@@ -694,6 +694,10 @@ fn gc(config: ServerConfig, repo: Option<String>, dry_run: bool, now: Option<i64
                 for path in &r.removed {
                     println!("  {path}");
                 }
+                let unlisted = r.paths_removed.saturating_sub(r.removed.len() as u64);
+                if unlisted > 0 {
+                    println!("  ... and {unlisted} more");
+                }
             }
             exit::SUCCESS
         }

@@ -84,6 +84,13 @@ impl<V: Clone> TtlCache<V> {
         shard.insert(key, (Instant::now(), value));
     }
 
+    /// Forgets every entry: more changed than is worth naming key by key.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
     /// Drops `key` here (the process that changed it sees the change at once).
     pub fn forget(&self, key: &str) {
         self.shard(key)

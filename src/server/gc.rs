@@ -45,6 +45,9 @@ use super::AppState;
 const SWEEP_BATCH: usize = 1000;
 /// NAR records deleted per transaction (their objects are deleted after it commits).
 const NAR_BATCH: usize = 500;
+/// Store paths a collection reports by name per repository; the rest are counted. Keeps a
+/// collection of millions of paths bounded in memory, and its output readable.
+pub const LISTED_PATHS: usize = 10_000;
 
 /// When a collection runs and what it may remove.
 #[derive(Clone, Debug)]
@@ -71,7 +74,7 @@ pub struct RepoCollected {
     pub kept_bytes: u64,
     /// Paths removed (a dry run: that a real run at the same moment would remove).
     pub paths_removed: u64,
-    /// Their store paths, sorted (real runs only: a dry run counts).
+    /// The first [`LISTED_PATHS`] of their store paths, sorted.
     pub removed: Vec<String>,
     /// NARs newly marked unreferenced (deleted after `orphan_grace_secs`).
     pub nars_marked: u64,
@@ -135,12 +138,18 @@ pub async fn run(
             })
         })
         .await??;
-        for path in &collected.removed {
-            if let Some(hash) = path
-                .strip_prefix(crate::nix::store_path::STORE_DIR)
-                .and_then(|rest| rest.trim_start_matches('/').get(..32))
-            {
-                state.narinfos.remove(&format!("{}/{hash}", collected.repo));
+        let all_named = collected.paths_removed == collected.removed.len() as u64;
+        if !options.dry_run && !all_named {
+            // Not every removed path is named: drop the whole read cache instead.
+            state.narinfos.clear();
+        } else if !options.dry_run {
+            for path in &collected.removed {
+                if let Some(hash) = path
+                    .strip_prefix(crate::nix::store_path::STORE_DIR)
+                    .and_then(|rest| rest.trim_start_matches('/').get(..32))
+                {
+                    state.narinfos.remove(&format!("{}/{hash}", collected.repo));
+                }
             }
         }
         if !options.dry_run {
@@ -235,6 +244,7 @@ pub fn collect_repo(
                 if options.dry_run {
                     collected.nars_marked += dead.nars;
                     collected.paths_removed = dead.paths;
+                    collected.removed = session.dead_paths(LISTED_PATHS)?;
                 } else {
                     loop {
                         let swept = session.sweep(SWEEP_BATCH, now)?;
@@ -242,14 +252,15 @@ pub fn collect_repo(
                             break;
                         }
                         collected.nars_marked += swept.nars_orphaned;
-                        removed.extend(swept.paths);
+                        collected.paths_removed += swept.paths.len() as u64;
+                        let room = LISTED_PATHS.saturating_sub(removed.len());
+                        removed.extend(swept.paths.into_iter().take(room));
                     }
                 }
             }
         }
     }
     if !options.dry_run {
-        collected.paths_removed = removed.len() as u64;
         collected.removed = removed.into_iter().map(|p| p.store_path).collect();
     }
     let grace_cutoff = now.saturating_sub(options.grace_secs as i64);

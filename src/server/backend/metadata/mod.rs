@@ -319,6 +319,9 @@ pub trait GcSession {
     fn mark(&mut self, cutoff: i64) -> MetaResult<LiveSet>;
     /// Records the published paths the last mark left out: the candidates `sweep` removes.
     fn dead(&mut self) -> MetaResult<DeadSet>;
+    /// The store paths of the first `limit` candidates [`GcSession::dead`] recorded, sorted:
+    /// what a dry run lists.
+    fn dead_paths(&mut self, limit: usize) -> MetaResult<Vec<String>>;
     /// Removes at most `limit` candidates that no published path references any more (so a
     /// path goes only after, or together with, everything that references it; a path published
     /// meanwhile that references a candidate keeps it, and its closure). Their NARs, once no

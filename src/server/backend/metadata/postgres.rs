@@ -1083,6 +1083,23 @@ impl GcSession for PgGc<'_> {
         })
     }
 
+    fn dead_paths(&mut self, limit: usize) -> MetaResult<Vec<String>> {
+        let repo = self.repo.clone();
+        let limit = to_i64(limit as u64);
+        self.run(async |c| {
+            Ok(c.client
+                .query(
+                    "SELECT n.store_path FROM gc_dead d JOIN narinfos n ON n.repo = $1 AND n.hash = d.hash
+                     ORDER BY n.store_path LIMIT $2",
+                    &[&repo, &limit],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect())
+        })
+    }
+
     fn dead(&mut self) -> MetaResult<DeadSet> {
         let repo = self.repo.clone();
         let cutoff = self.cutoff;

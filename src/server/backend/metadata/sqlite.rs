@@ -1353,6 +1353,15 @@ impl GcSession for SqliteGc {
         })
     }
 
+    fn dead_paths(&mut self, limit: usize) -> MetaResult<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT n.store_path FROM gc_dead d JOIN narinfos n ON n.repo = ?1 AND n.hash = d.hash
+             ORDER BY n.store_path LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![self.repo, limit as i64], |row| row.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn dead(&mut self) -> MetaResult<DeadSet> {
         let conn = &self.conn;
         conn.execute("DELETE FROM gc_dead", [])?;
