@@ -184,7 +184,7 @@ async fn database_calls_are_timed_per_operation_on_metrics() {
         "open_upload",
         "insert_nar",
         "delete_upload",
-        "publish",
+        "publish_checked",
     ] {
         assert!(count(op) >= 1.0, "no {op} call was timed:\n{text}");
     }
