@@ -3,8 +3,9 @@
 //!
 //! ```text
 //!             create          PATCH chunk (offset CAS)          complete                 abort/expiry
-//!  local:  (nothing)   ──►  append to <uploads>/<id>.part ──► verify file ──► rename     remove .part
-//!                           offset = the file's length          into the store
+//!  local:  (nothing)   ──►  append to <uploads>/<id>.part ──► hard link, verify ──► remove .part
+//!                           offset = the file's length          ──► rename the link
+//!                                                                   into the store
 //!  S3:     intent(key),  ──► body in memory ──┐                ──► tail? UploadPart n ──► AbortMultipart,
 //!          CreateMultipart  tail? + its bytes ┤                ──► CompleteMultipart(key) delete key and
 //!          (staging_id)   ≥ 5 MiB: UploadPart n                ──► stream key back once   tail, clear
@@ -183,7 +184,21 @@ impl ChunkStaging for LocalStaging {
         expected: Expected,
     ) -> ServerResult<(NarRecord, bool)> {
         let path = Self::path(state, &upload.id);
-        upload::verify_and_store(state, repo, &path, &upload.compression, expected).await
+        // `verify_and_store` moves the file it is given into the store. It gets a hard link
+        // to the part instead (no copy), so when a step after the move fails (the database
+        // dropping its connection before the `nars` row), the part is still whole here and the
+        // retried completion finds the full offset instead of answering "send from 0". The
+        // link lives in tmp/, which the server empties at start should it die meanwhile.
+        let link = state.tmp_dir.join(format!("{}.completing", upload.id));
+        let _ = tokio::fs::remove_file(&link).await;
+        tokio::fs::hard_link(&path, &link).await?;
+        let result =
+            upload::verify_and_store(state, repo, &link, &upload.compression, expected).await;
+        let _ = tokio::fs::remove_file(&link).await;
+        if result.is_ok() {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        result
     }
 
     async fn discard(&self, state: &AppState, upload: &UploadRecord) -> ServerResult<()> {
