@@ -2,7 +2,8 @@
 //! uploads as S3 multipart uploads, resumed across a server crash, chunks of any size merged
 //! into parts through tail objects; verification of the object
 //! read back from the bucket; Nix substituting through the server and through presigned
-//! redirects; and the janitor removing what no database row knows.
+//! redirects; and the janitor removing what no database row knows, and nothing that a push in
+//! flight still needs.
 
 mod common;
 mod push_common;
@@ -578,4 +579,63 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
     assert!(narinfo.contains("URL: nar/"), "{narinfo}");
     common::nix_copy_from(&repo.url, &repo.public_key, &[kept], None)
         .unwrap_or_else(|e| panic!("nix copy --from after the janitor failed: {e}"));
+}
+
+/// The janitor running every second, with a grace of 2 s, while three pushes of chunked NARs
+/// (1 MiB chunks, so tails come and go) run for longer than that: it must take nothing an
+/// upload in flight still needs. Every push ends 0, every pass is logged, and real Nix
+/// substitutes every closure from the bucket with signatures required.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_janitor_running_every_second_leaves_concurrent_pushes_whole() {
+    common::require_nix();
+    let s3 = S3Server::start();
+    let server = s3_server(&s3, "janitor_interval_secs = 1\norphan_grace_secs = 2\n");
+    let repo = repo(&server, false);
+    let roots: Vec<String> = (0..3)
+        .map(|i| {
+            common::build_derivations(&[
+                common::Drv::new(&format!("janitor-lib-{i}"), "echo lib > $out"),
+                common::Drv::new(
+                    &format!("janitor-app-{i}"),
+                    "{ echo $dep0; /usr/bin/head -c 6291456 /dev/urandom; } > $out",
+                )
+                .deps(&[0]),
+            ])
+            .remove(1)
+        })
+        .collect();
+    let pushes: Vec<_> = roots
+        .iter()
+        .map(|root| {
+            let mut cmd = push_command(
+                &repo.url,
+                Some(&repo.token),
+                &["--max-upload-rate", "1MiB", root.as_str()],
+            );
+            cmd.env("STOWIX_CHUNK_SIZE", "1048576");
+            cmd.spawn_output()
+        })
+        .collect();
+    for (root, push) in roots.iter().zip(pushes) {
+        let pushed = finished(push.join().expect("push thread"));
+        assert_eq!(pushed.code, exit::SUCCESS, "{root}:\n{}", pushed.stderr);
+    }
+    let passes = server.log_text().matches("janitor pass done").count();
+    assert!(
+        passes >= 3,
+        "the janitor ran {passes} times during the pushes"
+    );
+    common::nix_copy_from(&repo.url, &repo.public_key, &roots, None)
+        .unwrap_or_else(|e| panic!("nix copy --from after the janitor ran: {e}"));
+}
+
+/// Runs a command to completion on a thread of its own, so several run at once.
+trait SpawnOutput {
+    fn spawn_output(self) -> std::thread::JoinHandle<std::process::Output>;
+}
+
+impl SpawnOutput for std::process::Command {
+    fn spawn_output(mut self) -> std::thread::JoinHandle<std::process::Output> {
+        std::thread::spawn(move || self.output().expect("run stowix nix push"))
+    }
 }
