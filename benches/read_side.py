@@ -54,8 +54,8 @@ def get(url):
         return r.read()
 
 
-def wait_http(url, proc, what):
-    deadline = time.time() + 60
+def wait_http(url, proc, what, timeout=60):
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
@@ -77,7 +77,7 @@ def start_server(stowix, work, args):
     log_file = open(work / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc, "stowix serve")
+    wait_http(url + "/healthz", proc, "stowix serve", timeout=120)
     return proc, url, cmd[2:]
 
 
@@ -213,7 +213,9 @@ def main():
     ap.add_argument("--database")
     ap.add_argument("--storage")
     ap.add_argument("--s3-endpoint", dest="s3_endpoint")
-    ap.add_argument("--label", default="embedded default (SQLite + local files)")
+    ap.add_argument("--scaleout", action="store_true",
+                    help="PostgreSQL (a fresh database on 127.0.0.1:5432) + SeaweedFS started here, as benches/backends.py does")
+    ap.add_argument("--label", default=None, help="the report's heading [default: the backend]")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"),
                     help="the report goes between this file's read-side markers (appended if absent)")
     args = ap.parse_args()
@@ -223,8 +225,18 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="stowix-read-"))
     # nginx's workers drop to an unprivileged user: they must be able to read the copies.
     work.chmod(0o755)
-    server = nginx = None
+    server = nginx = weed = database = None
+    if args.label is None:
+        args.label = "PostgreSQL + SeaweedFS" if args.scaleout or args.database else "embedded default (SQLite + local files)"
     try:
+        if args.scaleout:
+            import backends  # the SeaweedFS start-up of the backends benchmark
+            database = f"stowix_read_{random.getrandbits(32):08x}"
+            sh(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", f"CREATE DATABASE {database}"])
+            weed, endpoint = backends.start_seaweed(work)
+            os.environ.update(AWS_ACCESS_KEY_ID=backends.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=backends.SECRET_KEY)
+            args.database = f"postgres://postgres@127.0.0.1:5432/{database}"
+            args.storage, args.s3_endpoint = f"s3://{backends.BUCKET}/read", endpoint
         server, url, serve_args = start_server(args.stowix, work, args)
         repo, store_paths = fill(args.stowix, url, serve_args, work, args.paths, args.nar_mib)
         root = work / "www"
@@ -248,10 +260,13 @@ def main():
                     log(f"round {rep + 1} {name} {who}: {r['rps']:.0f} req/s, p99 {r['p99_ms']:.2f} ms")
         write_report(args, results)
     finally:
-        for proc in (server, nginx):
+        for proc in (server, nginx, weed):
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
+        if database:
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
+                            f"DROP DATABASE IF EXISTS {database}"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -260,7 +275,8 @@ def write_report(args, results):
     lines = [
         f"### Read side: {args.label}",
         "",
-        f"`python3 benches/read_side.py --reps {args.reps} --duration {args.duration}` on {os.cpu_count()} cores "
+        f"`python3 benches/read_side.py --reps {args.reps} --duration {args.duration}"
+        f"{' --scaleout' if args.scaleout else ''}` on {os.cpu_count()} cores "
         f"({cpu}), {platform.system()} {platform.release()}; wrk {args.threads} threads, {args.connections} "
         f"connections, {args.duration} s per run, stowix and nginx alternating; medians of {args.reps} rounds "
         f"(spread = (max - min) / median). {args.paths} narinfos, nginx serving copies of the server's own answers.",
@@ -282,7 +298,9 @@ def write_report(args, results):
                      f"{n_p99:.2f} ms | {s_spread:.0f}% / {n_spread:.0f}% |")
     lines.append("")
     section = "\n".join(lines)
-    start, end = "<!-- read-side:start -->", "<!-- read-side:end -->"
+    # One block per backend, so both runs stay in the report.
+    tag = "read-side-scaleout" if args.database else "read-side"
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     out = Path(args.out)
     text = out.read_text() if out.exists() else ""
     block = f"{start}\n{section}{end}\n"

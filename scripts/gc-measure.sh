@@ -83,5 +83,6 @@ EOF
 if [ "$backend" = postgres ]; then
   psql -h 127.0.0.1 -U postgres -q -d "$db" -f "$work/load.sql"
 fi
+echo "collecting with $bin" >&2
 /usr/bin/time -f "wall %e s, peak RSS %M KiB" "$bin" admin "${args[@]}" gc --repo bench --now "$now" \
   | grep -v '^  '

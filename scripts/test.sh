@@ -25,9 +25,9 @@ fi
 SCALEOUT_FILES=(
   server_bombs server_connections server_fairness server_harness server_hostile
   server_integrity server_limits server_nix_copy server_push_api server_read server_workers
-  server_auth server_restart server_security server_upload
+  server_auth server_restart server_security server_upload server_batch
   push_bad_input push_errors push_failure_policy push_compression push_end_to_end push_flags
-  push_resume concurrent_push faults kill_resume
+  push_resume push_batch concurrent_push faults kill_resume
   retention retention_load push_pin
 )
 # Left out of the scale-out run, file by file: tests that look inside the embedded data dir,

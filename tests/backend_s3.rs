@@ -314,16 +314,7 @@ async fn chunks_of_any_size_merge_into_parts_and_the_janitor_keeps_only_the_curr
                 .unwrap();
             // Object ages are whole seconds: let this one be older than a grace of zero.
             tokio::time::sleep(Duration::from_millis(1100)).await;
-            let out = server.admin_output(&[
-                "--config",
-                server.root().join("config.toml").to_str().unwrap(),
-                "janitor",
-            ]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            server.admin_with_config(&["janitor"]);
             assert_eq!(tails(&s3).await, current, "only the stale tail is deleted");
             planted = Some(stale);
         }
@@ -525,16 +516,7 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
     // Activity is recorded in whole seconds: let this one end, so an expiry of zero covers it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
-    let out = server.admin_output(&[
-        "--config",
-        server.root().join("config.toml").to_str().unwrap(),
-        "janitor",
-    ]);
-    assert!(
-        out.status.success(),
-        "stowix admin janitor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.admin_with_config(&["janitor"]);
     let after = s3.keys().await;
     assert!(
         !after.iter().any(|k| k.ends_with("/nar/orphan.nar.xz")),
@@ -582,9 +564,10 @@ async fn the_janitor_removes_orphan_objects_and_abandoned_multipart_uploads() {
 }
 
 /// The janitor running every second, with a grace of 2 s, while three pushes of chunked NARs
-/// (1 MiB chunks, so tails come and go) run for longer than that: it must take nothing an
-/// upload in flight still needs. Every push ends 0, every pass is logged, and real Nix
-/// substitutes every closure from the bucket with signatures required.
+/// run for longer than that: 1 MiB chunks at 256 KiB/s, so each upload's current tail object
+/// (4 MiB NARs stay under S3's 5 MiB part minimum) is older than the grace at every pass. The
+/// janitor must take nothing an upload in flight still needs: every push ends 0, the passes
+/// are logged, and real Nix substitutes every closure from the bucket, signatures required.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_janitor_running_every_second_leaves_concurrent_pushes_whole() {
     common::require_nix();
@@ -597,7 +580,7 @@ async fn the_janitor_running_every_second_leaves_concurrent_pushes_whole() {
                 common::Drv::new(&format!("janitor-lib-{i}"), "echo lib > $out"),
                 common::Drv::new(
                     &format!("janitor-app-{i}"),
-                    "{ echo $dep0; /usr/bin/head -c 6291456 /dev/urandom; } > $out",
+                    "{ echo $dep0; /usr/bin/head -c 4194304 /dev/urandom; } > $out",
                 )
                 .deps(&[0]),
             ])
@@ -610,7 +593,7 @@ async fn the_janitor_running_every_second_leaves_concurrent_pushes_whole() {
             let mut cmd = push_command(
                 &repo.url,
                 Some(&repo.token),
-                &["--max-upload-rate", "1MiB", root.as_str()],
+                &["--max-upload-rate", "256KiB", root.as_str()],
             );
             cmd.env("STOWIX_CHUNK_SIZE", "1048576");
             cmd.spawn_output()

@@ -240,11 +240,12 @@ async fn answers_429_and_503_without_retry_after() {
         .on_path("/api/v1/uploads")
         .on_method("POST")
         .times(2),
+        // The small NARs (lib, top) go in one batch.
         Rule::new(Fault::Status {
             status: 429,
             retry_after: None,
         })
-        .on_path("/api/v1/nars")
+        .on_path("/api/v1/nar-batch")
         .times(2),
         Rule::new(Fault::Status {
             status: 503,
@@ -397,6 +398,12 @@ async fn permanent_503_on_uploads_fails_every_path_cleanly() {
             retry_after: None,
         })
         .on_path("/api/v1/uploads"),
+        // A refused batch is sent again NAR by NAR, which the first rule refuses too.
+        Rule::new(Fault::Status {
+            status: 503,
+            retry_after: None,
+        })
+        .on_path("/api/v1/nar-batch"),
     ]);
     let started = Instant::now();
     let pushed = s.push(&[]);

@@ -273,6 +273,25 @@ fn nars_presence_and_store_paths(b: &Backend) {
     assert!(!m
         .insert_nar("r", &nar("nar/a.nar.xz", "sha256:other"))
         .unwrap());
+    // A batch in one transaction: what is new, in order; of two with one URL, only the first.
+    assert_eq!(
+        m.insert_nars(
+            "r",
+            &[
+                nar("nar/b1.nar.xz", "sha256:b1"),
+                nar("nar/a.nar.xz", "sha256:na"),
+                nar("nar/b2.nar.xz", "sha256:b2"),
+                nar("nar/b1.nar.xz", "sha256:b1"),
+            ]
+        )
+        .unwrap(),
+        [true, false, true, false]
+    );
+    assert!(m.insert_nars("r", &[]).unwrap().is_empty());
+    assert_eq!(
+        m.nar_by_url("r", "nar/b2.nar.xz").unwrap(),
+        Some(nar("nar/b2.nar.xz", "sha256:b2"))
+    );
     let stored = m.nar_by_url("r", "nar/a.nar.xz").unwrap().unwrap();
     assert_eq!(
         stored,
@@ -522,6 +541,19 @@ fn a_tail_is_replaced_only_where_it_was_read(b: &Backend) {
             .unwrap(),
         "the first tail is gone"
     );
+    // At the right offset and count too, a stale tail (same size, another object) loses: the
+    // compare-and-set is on the tail's identity, not only on the sizes.
+    assert!(
+        !m.replace_last_upload_part(
+            "u",
+            (5 << 20) + 300,
+            &tail(300, "a"),
+            &part(2, 6 << 20),
+            1_003
+        )
+        .unwrap(),
+        "a tail other than the current one"
+    );
     // The tail becomes a whole part; the number stays, the offset grows.
     assert!(m
         .replace_last_upload_part("u", (5 << 20) + 300, &second, &part(2, 6 << 20), 1_004)
@@ -653,6 +685,18 @@ fn object_intents_and_known_keys(b: &Backend) {
     m.clear_object_intent("k/mid").unwrap();
     m.clear_object_intent("k/none").unwrap();
     assert!(m.object_intents_before(600, 10).unwrap().is_empty());
+
+    // A batch upload's intents: in one call, a key twice (one NAR sent twice in a batch).
+    let batch: Vec<String> = ["b/1", "b/2", "b/1"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    m.record_object_intents(&batch, 300).unwrap();
+    assert_eq!(m.object_intents_before(600, 10).unwrap(), ["b/1", "b/2"]);
+    m.clear_object_intents(&batch).unwrap();
+    assert!(m.object_intents_before(600, 10).unwrap().is_empty());
+    m.record_object_intents(&[], 300).unwrap();
+    m.clear_object_intents(&[]).unwrap();
 
     m.insert_nar("r", &nar("nar/x.nar.xz", "sha256:x")).unwrap();
     let keys: Vec<String> = [
@@ -966,10 +1010,14 @@ fn a_publication_during_a_collection_keeps_what_it_references(b: &Backend) {
     drop(session);
     assert_eq!(published(m, "r", &['a', 'b', 'x']), [true, true, true]);
     // And the other way round: once b is gone, a publication referencing it is refused.
-    assert!(matches!(
-        m.delete_paths("r", &[h('b')], true).unwrap(),
-        PathDeletion::Deleted { .. }
-    ));
+    let PathDeletion::Deleted { paths, .. } = m.delete_paths("r", &[h('b')], true).unwrap() else {
+        panic!("a deletion with its dependents is never refused");
+    };
+    let mut deleted: Vec<String> = paths.into_iter().map(|p| p.hash).collect();
+    deleted.sort();
+    let mut expected = vec![h('b'), h('x')];
+    expected.sort();
+    assert_eq!(deleted, expected, "b and x, which references it");
     store_nar(m, "r", 'y', 1);
     assert_eq!(
         m.publish_checked("r", &[path('y', &['b'])], &none(), 500)

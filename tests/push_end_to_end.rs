@@ -182,16 +182,13 @@ async fn database_calls_are_timed_per_operation_on_metrics() {
     for op in [
         "presence",
         "open_upload",
-        "insert_nar",
+        "insert_nars",
         "delete_upload",
         "publish_checked",
     ] {
         assert!(count(op) >= 1.0, "no {op} call was timed:\n{text}");
     }
-    let everything =
-        common::sum_metric(&text, "stowix_server_database_seconds_bucket{le=\"+Inf\"}");
     let counted = common::sum_metric(&text, "stowix_server_database_seconds_count");
-    assert_eq!(everything, counted, "every call falls in the +Inf bucket");
     assert!(counted >= 5.0, "{text}");
     if common::backends::backend() == common::backends::Backend::Scaleout {
         // 64 KiB chunks on S3 wait as a growing tail: each chunk after the first replaces it.

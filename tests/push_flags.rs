@@ -107,8 +107,8 @@ fn max_requests_per_second_paces_every_request() {
     let fx = Fixture::new();
     let proxy = FaultProxy::start(fx.server.url(), vec![]);
     let target = format!("{}/{}", proxy.url, fx.repo);
-    // Sixteen small paths and a root: at least one upload request each, plus info, presence
-    // and publication.
+    // Sixteen small paths and a root, each NAR in a request of its own (--no-batch): at least
+    // one upload request each, plus info, presence and publication.
     let mut drvs: Vec<common::Drv> = (0..16)
         .map(|i| common::Drv::new(&format!("leaf{i}"), &format!("echo leaf {i} > $out")))
         .collect();
@@ -122,7 +122,12 @@ fn max_requests_per_second_paces_every_request() {
     let pushed = push_common::push_with(
         &target,
         Some(&fx.token),
-        &["--max-requests-per-second", &RATE.to_string(), &root],
+        &[
+            "--no-batch",
+            "--max-requests-per-second",
+            &RATE.to_string(),
+            &root,
+        ],
         &[],
     );
     let elapsed = started.elapsed();
@@ -215,7 +220,8 @@ fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
     );
     gateway.clear();
 
-    // Partial failure: the server refuses one upload for good.
+    // Partial failure: the server refuses one upload for good (each NAR in a request of its
+    // own, so the refusal hits one path).
     proxy.set_rules(vec![Rule::new(Fault::Status {
         status: 422,
         retry_after: None,
@@ -224,7 +230,7 @@ fn pushgateway_receives_the_final_metrics_on_every_exit_path() {
     .times(1)]);
     let (_, top) = common::build_pair();
     let mut args = gateway_arg.to_vec();
-    args.push(&top);
+    args.extend(["--no-batch", &top]);
     push_common::push_with(&target, Some(&fx.token), &args, &[]).assert_code(exit::PARTIAL);
     assert_eq!(proxy.faults_injected(), 1);
     assert!(gateway.value("stowix_push_paths_total{outcome=\"failed\"}") >= 1.0);

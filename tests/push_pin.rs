@@ -12,12 +12,7 @@ use common::*;
 use push_common::*;
 
 fn pin_command(fixture: &Fixture, token: &str, args: &[&str]) -> Pushed {
-    let mut cmd = std::process::Command::new(stowix_bin());
-    cmd.args(["nix", "pin"])
-        .args(args)
-        .env("STOWIX_TARGET", &fixture.url)
-        .env("STOWIX_TOKEN", token)
-        .env("STOWIX_RETRY_BASE_DELAY_MS", "20");
+    let mut cmd = nix_command("pin", &fixture.url, Some(token), args);
     finished(cmd.output().expect("run stowix nix pin"))
 }
 
@@ -60,13 +55,27 @@ fn push_pin_makes_revisions_and_keep_drops_the_oldest() {
 
 #[test]
 fn a_push_with_failed_paths_does_not_pin() {
-    let fixture = Fixture::new();
-    let path = build_text("pin-unpushable", "never published");
-    // A read token cannot push: the run fails before anything is published, and no pin is made.
-    let read = fixture.server.create_token(&fixture.repo, "read");
-    let pushed = push_with(&fixture.url, Some(&read), &["--pin", "release", &path], &[]);
-    assert_eq!(pushed.code, 3, "{}", pushed.stderr);
-    assert!(!pin_list(&fixture).contains(&path));
+    require_nix();
+    // A server that refuses NARs over 64 KiB: of two roots, one publishes and one fails.
+    let server = TestServer::start_with_config("max_nar_bytes = 65536\n");
+    let repo = unique_name("pin-partial");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    let small = build_text("pin-small", "fits");
+    let big = build_random("pin-big", 200_000);
+    let pushed = push_with(&url, Some(&token), &["--pin", "release", &small, &big], &[]);
+    pushed.assert_code(4);
+    assert!(
+        pushed.stderr.contains("not pinned as release"),
+        "{}",
+        pushed.stderr
+    );
+    let list = server.admin(&["pin", "list", "--repo", &repo]);
+    assert!(
+        !list.contains(&small),
+        "the published root was pinned by a partial push:\n{list}"
+    );
 }
 
 #[test]

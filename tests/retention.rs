@@ -46,17 +46,11 @@ impl Clocked {
     /// `admin gc --repo REPO [--dry-run] --now AT` with the server's config, stdout.
     fn gc(&self, repo: &str, at: i64, dry_run: bool) -> String {
         let at = at.to_string();
-        let config = self
-            .server
-            .config_path()
-            .expect("started with a config")
-            .display()
-            .to_string();
-        let mut args = vec!["--config", &config, "gc", "--repo", repo, "--now", &at];
+        let mut args = vec!["gc", "--repo", repo, "--now", &at];
         if dry_run {
             args.push("--dry-run");
         }
-        self.server.admin(&args)
+        self.server.admin_with_config(&args)
     }
 }
 
@@ -341,7 +335,8 @@ async fn path_delete_refuses_while_referenced_and_removes_dependents_with_the_fl
     assert_eq!(narinfo_status(&url, lib).await, 404);
     assert_eq!(narinfo_status(&url, app).await, 404);
     assert_eq!(status_of(&lib_nar).await, 404);
-    check(&url, &key, &[lib, app, old]).await;
+    let served = check(&url, &key, &[lib, app, old]).await;
+    assert!(served.is_empty(), "still served: {served:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -432,7 +427,8 @@ async fn pins_keep_their_last_revisions_and_nix_copy_substitutes_the_pinned_clos
     let mut both = vec![app.path.clone(), lib.path.clone()];
     both.sort();
     assert_eq!(removed_paths(&out), both, "{out}");
-    check(&url, &key, &[lib, app, old, fresh]).await;
+    let served = check(&url, &key, &[lib, app, old, fresh]).await;
+    assert!(served.is_empty(), "still served: {served:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -482,5 +478,6 @@ async fn the_server_collects_on_its_schedule_and_counts_it() {
     for path in &p[..3] {
         assert_eq!(narinfo_status(&url, path).await, 404);
     }
-    check(&url, &key, &[&p[0], &p[1], &p[2]]).await;
+    let served = check(&url, &key, &[&p[0], &p[1], &p[2]]).await;
+    assert!(served.is_empty(), "still served: {served:?}");
 }

@@ -7,8 +7,6 @@
 mod common;
 mod push_common;
 
-use std::process::Command;
-
 use common::*;
 
 /// A derivation whose output has what a listing describes (nested directories, an
@@ -27,40 +25,8 @@ fn build_with_log_and_debuginfo(marker: &str) -> (String, String, String) {
         &build_id[2..]
     );
     let out = build_derivations(&[Drv::new("with-log", &script)]).remove(0);
-    let drv = String::from_utf8(
-        Command::new("nix-store")
-            .args(["--query", "--deriver", &out])
-            .output()
-            .expect("nix-store --query --deriver")
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    assert!(drv.ends_with(".drv"), "no deriver for {out}: {drv:?}");
+    let drv = deriver(&out);
     (out, drv, build_id)
-}
-
-fn nix(args: &[&str], netrc: Option<&std::path::Path>) -> Result<String, String> {
-    let cache = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new("nix");
-    cmd.env("XDG_CACHE_HOME", cache.path())
-        .args(["--extra-experimental-features", "nix-command"])
-        .args(args)
-        .args(["--option", "narinfo-cache-negative-ttl", "0"]);
-    if let Some(netrc) = netrc {
-        cmd.arg("--option").arg("netrc-file").arg(netrc);
-    }
-    let out = cmd.output().map_err(|e| format!("cannot run nix: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "nix {args:?} failed with {}:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }
 
 /// The listing Nix itself writes for `path`, from a `file://` cache.

@@ -228,3 +228,51 @@ async fn single_upload_over_the_limit_is_refused() {
     let small = LocalPath::load(&build_random("small", 1000));
     upload_single(&url, &token, &small).await;
 }
+
+/// A completion that arrives once the NAR is stored (its first answer was lost, or the
+/// session's row outlived the completion because the database dropped the connection) is
+/// answered with the stored NAR, whatever the session holds, and ends the session.
+#[tokio::test]
+async fn completing_an_upload_whose_nar_is_already_stored_answers_the_stored_nar() {
+    let server = TestServer::start_with_config(CONFIG);
+    let repo = unique_name("complete-stored");
+    server.create_repo(&repo, false);
+    let token = server.create_token(&repo, "push");
+    let url = server.repo_url(&repo);
+    let path = LocalPath::load(&build_random("complete-stored", 600_000));
+    let (file, params) = path.xz_upload();
+
+    // Two sessions for one NAR (different encoders): the second holds one chunk when the
+    // first completes.
+    let first = create_upload(&url, &token, &xz_create_upload(&path)).await;
+    let mut other = xz_create_upload(&path);
+    other.encoder.push_str("-other");
+    let second = create_upload(&url, &token, &other).await;
+    assert_ne!(first.upload_id, second.upload_id);
+    let resp = patch_chunk(&url, &token, &second.upload_id, 0, file[..CHUNK].to_vec()).await;
+    let _: api::UploadState = parse_ok(resp, "PATCH the second session").await;
+    patch_rest(&url, &token, &first.upload_id, &file, 0, CHUNK).await;
+    let complete = api::CompleteUpload {
+        file_hash: params.file_hash.clone(),
+        file_size: params.file_size,
+    };
+    let resp = complete_upload(&url, &token, &first.upload_id, &complete).await;
+    assert_eq!(resp.status(), 201);
+
+    // Holding a quarter of the file, the second session would be told to send the rest.
+    let resp = complete_upload(&url, &token, &second.upload_id, &complete).await;
+    let stored: api::NarStored = parse_ok(resp, "completing the second session").await;
+    assert_eq!(stored.nar_hash, params.nar_hash);
+    assert_eq!(stored.file_hash, params.file_hash);
+    assert!(!stored.newly_stored);
+    // The session is gone.
+    let resp = http()
+        .get(api_url(&url, &format!("uploads/{}", second.upload_id)))
+        .header("Authorization", bearer(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let pres = presence(&url, &token, &[&path]).await;
+    assert_eq!(pres.nar_stored, vec![path.hash.clone()], "{pres:?}");
+}

@@ -8,6 +8,7 @@
 //! | GET | `api/v1/info` | - -> [`RepoInfo`] |
 //! | POST | `api/v1/presence` | [`PresenceRequest`] -> [`PresenceResponse`] |
 //! | POST | `api/v1/nars?`[`NarUploadParams`] | compressed NAR -> [`NarStored`] |
+//! | POST | `api/v1/nar-batch` | [`NarBatchManifest`] line + files -> [`NarBatchResponse`] |
 //! | POST | `api/v1/uploads` | [`CreateUpload`] -> [`UploadState`] |
 //! | GET | `api/v1/uploads/<id>` | - -> [`UploadState`] |
 //! | PATCH | `api/v1/uploads/<id>` + `Upload-Offset: N` | bytes -> [`UploadState`] |
@@ -167,6 +168,12 @@ pub struct ServerLimits {
     pub max_presence_batch: usize,
     /// Most narinfos in one publication request.
     pub max_publish_batch: usize,
+    /// Most NARs in one `POST api/v1/nar-batch`; 0 (a server without the route) means none.
+    #[serde(default)]
+    pub max_batch_nars: usize,
+    /// Most bytes of NAR files in one `POST api/v1/nar-batch`.
+    #[serde(default)]
+    pub max_batch_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -240,6 +247,38 @@ pub struct NarStored {
     pub file_size: u64,
     /// False when the NAR was already stored before this request.
     pub newly_stored: bool,
+}
+
+/// `POST api/v1/nar-batch`: many small NARs in one request. The body is this manifest as one
+/// line of JSON, a `\n`, then each entry's file bytes back to back in the manifest's order;
+/// every entry's `file_size` says where its bytes end. Each NAR is verified on its own, and one
+/// that fails fails alone.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarBatchManifest {
+    pub nars: Vec<NarUploadParams>,
+}
+
+/// One result per manifest entry, in the manifest's order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarBatchResponse {
+    pub results: Vec<NarBatchResult>,
+}
+
+/// Exactly one of the two is set: what `POST api/v1/nars` would have answered for the entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarBatchResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<NarStored>,
+    /// The refusal, with the HTTP status the single-request route would have answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<NarBatchError>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NarBatchError {
+    pub status: u16,
+    #[serde(flatten)]
+    pub error: ApiError,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

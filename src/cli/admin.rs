@@ -453,10 +453,24 @@ fn repo(meta: &dyn Metadata, command: RepoCommand) -> AdminResult {
             require_repo(meta, &name)?;
             let keys = upstream.keys()?;
             let retention = retention
-                .map(|text| parse_setting(&text, "--retention", parse_duration))
+                .map(|text| {
+                    parse_setting(
+                        &text,
+                        "--retention",
+                        parse_duration,
+                        "give a duration such as 90s, 45m, 12h or 30d, or none",
+                    )
+                })
                 .transpose()?;
             let max_size = max_size
-                .map(|text| parse_setting(&text, "--max-size", parse_size))
+                .map(|text| {
+                    parse_setting(
+                        &text,
+                        "--max-size",
+                        parse_size,
+                        "give a size such as 500MiB, 200GiB or 2TiB (B, KiB, MiB, GiB, TiB), or none",
+                    )
+                })
                 .transpose()?;
             if keys.is_none() && retention.is_none() && max_size.is_none() {
                 return Err((
@@ -560,6 +574,7 @@ fn parse_setting(
     text: &str,
     flag: &str,
     parse: fn(&str) -> Option<u64>,
+    hint: &str,
 ) -> Result<Option<u64>, (i32, String, Option<String>)> {
     if text.eq_ignore_ascii_case("none") {
         return Ok(None);
@@ -569,47 +584,48 @@ fn parse_setting(
         None => Err((
             exit::USAGE,
             format!("{flag} {text:?} is not valid"),
-            Some(match flag {
-                "--retention" => "give a duration such as 90s, 45m, 12h or 30d, or none".into(),
-                _ => "give a size such as 500MiB, 200GiB or 2TiB (B, KiB, MiB, GiB, TiB), or none"
-                    .into(),
-            }),
+            Some(hint.into()),
         )),
     }
 }
 
 /// `90s`, `45m`, `12h`, `30d`, `2w` → seconds; zero and overflow are refused.
 pub fn parse_duration(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(unit_at);
-    let number: u64 = number.parse().ok()?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => return None,
-    };
-    number.checked_mul(scale).filter(|&secs| secs > 0)
+    parse_units(
+        text,
+        &[
+            ("s", 1),
+            ("m", 60),
+            ("h", 3600),
+            ("d", 86_400),
+            ("w", 7 * 86_400),
+        ],
+    )
 }
 
 /// `200GiB`, `500MiB`, `1024B` → bytes (binary units); zero and overflow are refused.
 pub fn parse_size(text: &str) -> Option<u64> {
+    parse_units(
+        text,
+        &[
+            ("B", 1),
+            ("KiB", 1 << 10),
+            ("MiB", 1 << 20),
+            ("GiB", 1 << 30),
+            ("TiB", 1 << 40),
+        ],
+    )
+}
+
+/// A whole number followed by one of `units` (its name and scale), strictly: no bare
+/// number, no other unit, no zero, no overflow.
+fn parse_units(text: &str, units: &[(&str, u64)]) -> Option<u64> {
     let text = text.trim();
     let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
     let (number, unit) = text.split_at(unit_at);
     let number: u64 = number.parse().ok()?;
-    let scale: u64 = match unit {
-        "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return None,
-    };
-    number.checked_mul(scale).filter(|&bytes| bytes > 0)
+    let (_, scale) = units.iter().find(|(name, _)| *name == unit)?;
+    number.checked_mul(*scale).filter(|&value| value > 0)
 }
 
 fn format_duration(secs: u64) -> String {
@@ -621,16 +637,12 @@ fn format_duration(secs: u64) -> String {
     format!("{secs}s")
 }
 
+/// `1.50 GiB (1610612736 B)`: readable, and exact for scripts.
 fn format_size(bytes: u64) -> String {
-    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if bytes >= 1 << shift {
-            return format!(
-                "{:.1} {unit} ({bytes} B)",
-                bytes as f64 / (1u64 << shift) as f64
-            );
-        }
+    if bytes < 1024 {
+        return format!("{bytes} B");
     }
-    format!("{bytes} B")
+    format!("{} ({bytes} B)", indicatif::HumanBytes(bytes))
 }
 
 fn describe_policy(policy: &crate::server::metadata::RetentionPolicy) -> String {

@@ -125,28 +125,13 @@ impl Reporter for Lines {
 fn counts(tally: &Tally) -> String {
     let mut text = format!("{} copied", tally.copied);
     if tally.bytes > 0 {
-        text.push_str(&format!(" ({})", human_bytes(tally.bytes)));
+        text.push_str(&format!(" ({})", indicatif::HumanBytes(tally.bytes)));
     }
     text.push_str(&format!(", {} already there", tally.present));
     if tally.failed > 0 {
         text.push_str(&format!(", {} failed", tally.failed));
     }
     text
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 fn print_summary(summary: &Summary) {
@@ -160,7 +145,7 @@ fn print_summary(summary: &Summary) {
         println!(
             "copied {} items, {} of objects",
             summary.copied(),
-            human_bytes(bytes)
+            indicatif::HumanBytes(bytes)
         );
     }
     if summary.unfinished_uploads > 0 {

@@ -164,6 +164,12 @@ pub struct PushFlags {
     #[arg(long, env = "STOWIX_COMPRESSION_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub compression_threads: Option<u32>,
 
+    /// Send every NAR in a request of its own. By default NARs of up to 256 KiB go in batches
+    /// of up to 512 per request (`POST api/v1/nar-batch`), which is what makes a closure of
+    /// thousands of small paths fast.
+    #[arg(long, env = "STOWIX_NO_BATCH")]
+    pub no_batch: bool,
+
     /// Upload bandwidth limit in bytes per second: 500K, 50MiB, 1G (K/M/G and KiB/MiB/GiB are
     /// powers of 1024; KB/MB/GB powers of 1000).
     #[arg(long, env = "STOWIX_MAX_UPLOAD_RATE", value_name = "RATE", value_parser = parse_size)]
@@ -494,6 +500,7 @@ impl Session {
             retry_timeout: flags.retry_timeout,
             upstream_keys,
             logs: flags.logs,
+            batch_small_nars: !flags.no_batch,
         };
         Ok(Self {
             client,

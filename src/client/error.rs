@@ -16,6 +16,8 @@ pub enum Endpoint {
     Info,
     Presence,
     Nars,
+    /// `POST api/v1/nar-batch`: many small NARs in one request.
+    NarBatch,
     UploadCreate,
     UploadState,
     UploadPatch,
@@ -34,6 +36,7 @@ impl Endpoint {
             Self::Info => "info",
             Self::Presence => "presence",
             Self::Nars => "nars",
+            Self::NarBatch => "nar_batch",
             Self::UploadCreate => "upload_create",
             Self::UploadState => "upload_state",
             Self::UploadPatch => "upload_patch",

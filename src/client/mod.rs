@@ -234,24 +234,73 @@ impl PushClient {
         body: Bytes,
     ) -> Result<(api::NarStored, u32), ClientError> {
         let url = self.url("nars");
+        self.post_bytes(
+            Endpoint::Nars,
+            || self.http.post(url.clone()).query(params),
+            body,
+            SMALL_ANSWER_LIMIT,
+        )
+        .await
+    }
+
+    /// Sends small NARs in one request (`POST api/v1/nar-batch`): the manifest line, then the
+    /// files in its order. Entries are answered one by one, in order.
+    pub async fn upload_batch(
+        &self,
+        nars: &[(api::NarUploadParams, Bytes)],
+    ) -> Result<(api::NarBatchResponse, u32), ClientError> {
+        let count = nars.len();
+        let manifest = api::NarBatchManifest {
+            nars: nars.iter().map(|(params, _)| params.clone()).collect(),
+        };
+        let manifest = serde_json::to_vec(&manifest).expect("a manifest serialises");
+        let files_len: usize = nars.iter().map(|(_, file)| file.len()).sum();
+        let mut body = Vec::with_capacity(manifest.len() + 1 + files_len);
+        body.extend_from_slice(&manifest);
+        body.push(b'\n');
+        for (_, file) in nars {
+            body.extend_from_slice(file);
+        }
+        let url = self.url("nar-batch");
+        let (answer, retries): (api::NarBatchResponse, u32) = self
+            .post_bytes(
+                Endpoint::NarBatch,
+                || self.http.post(url.clone()),
+                Bytes::from(body),
+                SMALL_ANSWER_LIMIT.saturating_add(count.saturating_mul(1024)),
+            )
+            .await?;
+        if answer.results.len() != count {
+            return Err(ClientError::Protocol(format!(
+                "the server answered {} results to a batch of {count} NARs",
+                answer.results.len()
+            )));
+        }
+        Ok((answer, retries))
+    }
+
+    /// POSTs `body` (built afresh by `request` per attempt) and reads a JSON answer of at most
+    /// `answer_limit` bytes, retrying what the retry policy allows; returns the retries made.
+    async fn post_bytes<T: DeserializeOwned>(
+        &self,
+        endpoint: Endpoint,
+        request: impl Fn() -> RequestBuilder,
+        body: Bytes,
+        answer_limit: usize,
+    ) -> Result<(T, u32), ClientError> {
         let mut retries = 0;
         let mut state = self.retry.start();
         loop {
-            let request = self.http.post(url.clone()).query(params);
-            let result = self.send_body(Endpoint::Nars, request, body.clone()).await;
-            let result = match result {
-                Ok(response) => {
-                    self.read_json(Endpoint::Nars, response, SMALL_ANSWER_LIMIT)
-                        .await
-                }
+            let result = match self.send_body(endpoint, request(), body.clone()).await {
+                Ok(response) => self.read_json(endpoint, response, answer_limit).await,
                 Err(err) => Err(err),
             };
             match result {
-                Ok(stored) => return Ok((stored, retries)),
+                Ok(answer) => return Ok((answer, retries)),
                 Err(err) => match state.next_delay(&err) {
                     Some((reason, delay)) => {
                         retries += 1;
-                        self.observer.retrying(Endpoint::Nars, reason, delay, &err);
+                        self.observer.retrying(endpoint, reason, delay, &err);
                         tokio::time::sleep(delay).await;
                     }
                     None => return Err(err),

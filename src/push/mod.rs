@@ -95,6 +95,8 @@ pub struct PushConfig {
     pub upstream_keys: Vec<crate::nix::signing::PublicKey>,
     /// Also store the build logs of the derivations of newly published paths (`--logs`).
     pub logs: bool,
+    /// Send small NARs in batches where the server takes them (not `--no-batch`).
+    pub batch_small_nars: bool,
 }
 
 /// A NAR being dumped, handed to compression.
@@ -222,7 +224,7 @@ pub async fn run(
     let mut roots = roots;
     let mut round = 0;
     loop {
-        let result = run_round(
+        let (result, deferred) = run_round(
             Arc::clone(&client),
             info,
             roots,
@@ -231,13 +233,12 @@ pub async fn run(
             cancel.clone(),
         )
         .await;
-        let deferred = progress.take_deferred();
         if result.is_err() || deferred.is_empty() || round == REPAIR_ROUNDS {
             // Out of rounds (or the run failed): what is still deferred fails with its refusal.
             for (info, failure) in deferred {
                 progress.failed(&info.path, &failure);
             }
-            progress.set_repairing(None::<[&crate::nix::StorePath; 0]>);
+            progress.end_repair();
             return result;
         }
         round += 1;
@@ -247,7 +248,7 @@ pub async fn run(
             deferred.len(),
             if deferred.len() == 1 { "path" } else { "paths" },
         ));
-        progress.set_repairing(Some(deferred.iter().map(|(info, _)| &info.path)));
+        progress.start_repair(deferred.iter().map(|(info, _)| &info.path));
         roots = Roots {
             paths: deferred.iter().map(|(info, _)| info.path.clone()).collect(),
             stdin: false,
@@ -256,6 +257,7 @@ pub async fn run(
     }
 }
 
+/// One run of the pipeline; beside its outcome, the paths it deferred to a repair round.
 async fn run_round(
     client: Arc<PushClient>,
     info: &RepoInfo,
@@ -263,7 +265,7 @@ async fn run_round(
     config: PushConfig,
     progress: Arc<Progress>,
     cancel: CancellationToken,
-) -> Result<(), PushError> {
+) -> (Result<(), PushError>, Vec<publish::Deferred>) {
     let limits = &info.limits;
     let chunk_size = config
         .chunk_size
@@ -328,6 +330,8 @@ async fn run_round(
         upload::UploadConfig {
             jobs: config.jobs,
             chunk_size,
+            batch: upload::BatchLimits::for_server(limits.max_batch_nars, limits.max_batch_bytes)
+                .filter(|_| config.batch_small_nars),
         },
         compressed_rx,
         publish_tx,
@@ -381,7 +385,13 @@ async fn run_round(
     note(dump.await.map(Ok));
     note(compress.await.map(Ok));
     note(upload.await.map(Ok));
-    note(publish.await.map(Ok));
+    let deferred = match publish.await {
+        Ok(deferred) => deferred,
+        Err(err) => {
+            note(Err(err));
+            Vec::new()
+        }
+    };
     // The publish stage dropped its sender: the logs task ends once its queue is done (or at
     // once when the run stopped, as nothing waits for it then).
     if let Some(logs) = logs {
@@ -395,16 +405,16 @@ async fn run_round(
     note(ticker.await.map(Ok));
     note(prober.await.map(Ok));
 
-    if let Some(failure) = health.take_fatal() {
-        return Err(PushError::Fatal(failure));
-    }
-    if let Some(err) = first_error {
-        return Err(err);
-    }
-    if cancel.is_cancelled() {
-        return Err(PushError::Cancelled);
-    }
-    Ok(())
+    let result = if let Some(failure) = health.take_fatal() {
+        Err(PushError::Fatal(failure))
+    } else if let Some(err) = first_error {
+        Err(err)
+    } else if cancel.is_cancelled() {
+        Err(PushError::Cancelled)
+    } else {
+        Ok(())
+    };
+    (result, deferred)
 }
 
 #[cfg(test)]

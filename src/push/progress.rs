@@ -89,9 +89,6 @@ pub struct Progress {
     health: RwLock<Option<Arc<Health>>>,
     /// Told every path's final outcome, and asked which paths are known to be published.
     follower: OnceLock<Arc<dyn Follower>>,
-    /// Paths the current round could not publish because the repository lost something they
-    /// need while the push ran (see [`Progress::deferred`]): the next round pushes them again.
-    deferred: Mutex<Vec<(Arc<PathInfo>, PathFailure)>>,
     /// During a repair round: the hash parts it repairs. Every path of its closure was already
     /// counted by an earlier round, so only these paths' outcomes count as new; a path outside
     /// them that the round uploads again moves from "present" to its new outcome.
@@ -121,35 +118,34 @@ impl Progress {
             causes: Mutex::new(Vec::new()),
             health: RwLock::new(None),
             follower: OnceLock::new(),
-            deferred: Mutex::new(Vec::new()),
             repairing: RwLock::new(None),
         }
     }
 
     /// `info` was refused because the repository no longer has one of its references or its
     /// NAR (garbage collection ran between the presence answer and the publication). Not an
-    /// outcome: [`Progress::take_deferred`] hands it to a repair round.
-    /// `failure` is what the path fails with if no repair round remains.
-    pub fn deferred(&self, info: &Arc<PathInfo>, failure: PathFailure) {
+    /// outcome: the publish stage hands it to a repair round; `failure` is what it ends with
+    /// if none remains.
+    pub fn deferred(&self, info: &PathInfo, failure: &PathFailure) {
         self.reporter.path(PathEvent::Deferred {
             path: &info.path,
             reason: &failure.to_string(),
         });
-        self.deferred
-            .lock()
-            .expect("deferred lock")
-            .push((Arc::clone(info), failure));
     }
 
-    pub fn take_deferred(&self) -> Vec<(Arc<PathInfo>, PathFailure)> {
-        std::mem::take(&mut *self.deferred.lock().expect("deferred lock"))
+    /// Starts a repair round for `paths` (see the `repairing` field).
+    pub fn start_repair<'a>(&self, paths: impl IntoIterator<Item = &'a StorePath>) {
+        *self.repairing.write().expect("repairing lock") = Some(
+            paths
+                .into_iter()
+                .map(|p| p.hash_part().to_owned())
+                .collect(),
+        );
     }
 
-    /// Starts a repair round for `paths` (see the `repairing` field), or ends repairs with
-    /// `None`.
-    pub fn set_repairing<'a>(&self, paths: Option<impl IntoIterator<Item = &'a StorePath>>) {
-        *self.repairing.write().expect("repairing lock") =
-            paths.map(|p| p.into_iter().map(|p| p.hash_part().to_owned()).collect());
+    /// Every outcome counts again.
+    pub fn end_repair(&self) {
+        *self.repairing.write().expect("repairing lock") = None;
     }
 
     /// Whether an outcome of `path` was already counted by an earlier round: true in a repair

@@ -49,8 +49,11 @@ pub struct Ledger {
     upstream: HashMap<String, PathRef>,
     /// Refused because the repository lost a reference or the NAR after presence said it
     /// held them: left to a repair round, with what they fail with if none remains.
-    deferred: Vec<(PathRef, PathFailure)>,
+    deferred: Vec<Deferred>,
 }
+
+/// A path left to a repair round, with the failure it ends with if no round remains.
+pub type Deferred = (PathRef, PathFailure);
 
 /// What the stage must report after a ledger step.
 #[derive(Debug, Default)]
@@ -233,7 +236,7 @@ impl Ledger {
 
     /// What is left when the input has ended: paths to hand to a repair round, and paths that
     /// never became ready although nothing they wait for was deferred (a bug upstream).
-    pub fn finish(&mut self) -> (Vec<(PathRef, PathFailure)>, Vec<PathRef>) {
+    pub fn finish(&mut self) -> (Vec<Deferred>, Vec<PathRef>) {
         let waiting: Vec<PathRef> = self.waiting.drain().map(|(_, (info, _))| info).collect();
         let mut deferred = std::mem::take(&mut self.deferred);
         if deferred.is_empty() {
@@ -291,7 +294,7 @@ pub async fn run(
     mut input: mpsc::Receiver<PublishEvent>,
     progress: Arc<Progress>,
     health: Arc<Health>,
-) {
+) -> Vec<Deferred> {
     let cancel = health.stop_token().clone();
     let max_batch = max_batch.max(1);
     let mut ledger = Ledger::default();
@@ -299,7 +302,7 @@ pub async fn run(
     let mut open = true;
     while open || ledger.batch_len() > 0 {
         if cancel.is_cancelled() {
-            return;
+            return Vec::new();
         }
         let due = first_ready.map(|t| t + LINGER);
         // A full batch (or closed input) flushes without waiting for more events.
@@ -312,7 +315,7 @@ pub async fn run(
                     event
                 }
                 () = sleep_until(due) => None,
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => return Vec::new(),
             }
         };
         if let Some(event) = event {
@@ -394,7 +397,7 @@ pub async fn run(
                 }
             }
             // The run is over: nothing in the batch was published, nor failed.
-            Err(Stop::Run) => return,
+            Err(Stop::Run) => return Vec::new(),
             Err(Stop::Path(error)) => {
                 let failure = PathFailure::from_client("publication", error);
                 for info in batch {
@@ -406,12 +409,13 @@ pub async fn run(
         }
     }
     let (deferred, stranded) = ledger.finish();
-    for (info, failure) in deferred {
-        progress.deferred(&info, failure);
+    for (info, failure) in &deferred {
+        progress.deferred(info, failure);
     }
     for info in stranded {
         progress.failed(&info.path, &PathFailure::Stranded);
     }
+    deferred
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

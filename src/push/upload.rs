@@ -10,6 +10,21 @@
 //! Memory: one chunk per job (the chunk is kept until the server acknowledged all of it, so
 //! any suffix can be resent after a broken connection).
 //!
+//! Small NARs (a whole file of at most [`BatchLimits::file_bytes`]) skip their own request:
+//! their job hands them to the batcher and ends, and the batcher sends them
+//! [`BatchLimits::nars`] (or [`BatchLimits::bytes`]) at a time in one `POST nar-batch`,
+//! [`BATCH_REQUESTS`] batches in flight:
+//!
+//! ```text
+//!   job ──► small whole file ──► batch queue (bounded: a slow server backs up the jobs)
+//!       ──► batcher: full, or nothing more within BATCH_LINGER ──► POST nar-batch
+//!       ──► per entry: stored ──► publish; refused ──► sent again alone (POST nars)
+//! ```
+//! An entry the server refused is sent again on its own, under the failure policy like any
+//! single upload: a transient refusal is retried there, and a bad NAR fails alone with the
+//! server's own answer. A batch the server cannot take at all (an older server, a changed
+//! limit) is sent as single uploads the same way.
+//!
 //! Every request runs under the failure policy ([`super::failure`]): it waits while the server
 //! is silent, is tried again once the server answers after an outage (the session resumes from
 //! the server's offset), and a fatal answer ends the run without reporting the path.
@@ -35,7 +50,51 @@ pub struct UploadConfig {
     pub jobs: usize,
     /// Bytes per PATCH, and the largest NAR sent in one request.
     pub chunk_size: u64,
+    /// Where small NARs are sent together; `None` sends every NAR on its own.
+    pub batch: Option<BatchLimits>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most NARs in one batch request.
+    pub nars: usize,
+    /// Most bytes of files in one batch request.
+    pub bytes: u64,
+    /// Largest compressed file that goes into a batch.
+    pub file_bytes: u64,
+}
+
+impl BatchLimits {
+    /// What a push uses against a server that takes up to `max_nars` and `max_bytes` per
+    /// batch; `None` when it takes no batches.
+    pub fn for_server(max_nars: usize, max_bytes: u64) -> Option<Self> {
+        // A batch of one is a single upload with extra framing.
+        if max_nars < 2 || max_bytes == 0 {
+            return None;
+        }
+        let bytes = max_bytes.min(BATCH_BYTES);
+        Some(BatchLimits {
+            nars: max_nars.min(BATCH_NARS),
+            bytes,
+            // A file of a quarter batch still shares its request with others.
+            file_bytes: (bytes / 4).min(BATCH_FILE_BYTES),
+        })
+    }
+}
+
+/// Batch sizes a push asks for at most. 512 NARs of ~1 KiB is a request of well under a MiB:
+/// enough to amortise the request and the server's transaction and flush over hundreds of
+/// paths, small enough that two batches in flight keep both ends busy.
+const BATCH_NARS: usize = 512;
+const BATCH_BYTES: u64 = 4 << 20;
+/// Past this a NAR's own transfer dwarfs the cost of its request: it goes alone.
+const BATCH_FILE_BYTES: u64 = 256 << 10;
+/// How long the batcher waits for more NARs before it sends a batch that is not full: long
+/// enough to gather what the compressors produce in a burst, short enough to be invisible
+/// next to a request.
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// Batch requests in flight at once: one being answered while the next is sent.
+pub const BATCH_REQUESTS: usize = 2;
 
 pub async fn run(
     client: Arc<PushClient>,
@@ -48,6 +107,23 @@ pub async fn run(
     let cancel = health.stop_token().clone();
     let slots = Arc::new(Semaphore::new(config.jobs.max(1)));
     let mut running = JoinSet::new();
+    let (batch_tx, batcher) = match config.batch {
+        Some(limits) => {
+            let (tx, rx) = mpsc::channel(limits.nars.saturating_mul(2));
+            let batcher = tokio::spawn(run_batches(
+                Batcher {
+                    client: Arc::clone(&client),
+                    health: Arc::clone(&health),
+                    progress: Arc::clone(&progress),
+                    to_publish: to_publish.clone(),
+                    limits,
+                },
+                rx,
+            ));
+            (Some(tx), Some(batcher))
+        }
+        None => (None, None),
+    };
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => permit.expect("semaphore never closed"),
@@ -64,20 +140,33 @@ pub async fn run(
         };
         let Some(stream) = stream else { break };
         progress.queue_depth(stage::UPLOAD, input.len());
-        let (client, progress, to_publish, health) = (
+        let (client, progress, to_publish, health, batch_tx) = (
             Arc::clone(&client),
             Arc::clone(&progress),
             to_publish.clone(),
             Arc::clone(&health),
+            batch_tx.clone(),
         );
         running.spawn(async move {
             let info = Arc::clone(&stream.info);
             let started = Instant::now();
-            let event = match upload_one(&client, &health, config, stream, &progress).await {
-                Ok(()) => PublishEvent::Stored {
+            let job = Job {
+                client: &client,
+                health: &health,
+                progress: &progress,
+                config,
+                batch: batch_tx.as_ref(),
+            };
+            let event = match upload_one(job, stream).await {
+                Ok(Uploaded::Stored) => PublishEvent::Stored {
                     info,
                     uploaded: true,
                 },
+                // The batcher reports it.
+                Ok(Uploaded::Batched) => {
+                    progress.busy(stage::UPLOAD, started.elapsed());
+                    return;
+                }
                 Err(Outcome::Failed(failure)) => PublishEvent::Failed { info, failure },
                 // The run is over: the path is neither done nor failed.
                 Err(Outcome::Abandoned) => return,
@@ -94,6 +183,11 @@ pub async fn run(
         running.abort_all();
     }
     while running.join_next().await.is_some() {}
+    // Every job has handed over its NAR: the batcher sends what is left, then ends.
+    drop(batch_tx);
+    if let Some(batcher) = batcher {
+        let _ = batcher.await;
+    }
 }
 
 /// How an upload ended when it did not store the NAR.
@@ -156,13 +250,14 @@ async fn fill(
     Ok(false)
 }
 
-async fn upload_one(
-    client: &PushClient,
-    health: &Health,
-    config: UploadConfig,
-    stream: CompressedStream,
-    progress: &Progress,
-) -> Result<(), Outcome> {
+async fn upload_one(job: Job<'_>, stream: CompressedStream) -> Result<Uploaded, Outcome> {
+    let Job {
+        client,
+        health,
+        progress,
+        config,
+        batch,
+    } = job;
     let CompressedStream {
         info,
         plan,
@@ -183,9 +278,26 @@ async fn upload_one(
             file_hash: Sha256Hash(Sha256::digest(&body).into()).to_typed_nix32(),
             file_size: body.len() as u64,
         };
+        if let Some(queue) = batch.filter(|_| {
+            config
+                .batch
+                .is_some_and(|limits| params.file_size <= limits.file_bytes)
+        }) {
+            let item = BatchItem {
+                info,
+                params,
+                file: body,
+                started,
+            };
+            // Closed only when the run stops.
+            return match queue.send(item).await {
+                Ok(()) => Ok(Uploaded::Batched),
+                Err(_) => Err(Outcome::Abandoned),
+            };
+        }
         let (_, retries) = request!(health, "upload", client.upload_nar(&params, body.clone()))?;
         progress.uploaded(&info, params.file_size, started.elapsed(), retries);
-        return Ok(());
+        return Ok(Uploaded::Stored);
     }
 
     let request = CreateUpload {
@@ -197,7 +309,7 @@ async fn upload_one(
     let mut session = match request!(health, "upload", client.open_upload(&request))? {
         OpenedUpload::Session(session) => session,
         // Stored meanwhile (another client, or an earlier run that completed it).
-        OpenedUpload::AlreadyStored => return Ok(()),
+        OpenedUpload::AlreadyStored => return Ok(Uploaded::Stored),
     };
     let mut hasher = Sha256::new();
     let mut position = 0u64;
@@ -215,7 +327,9 @@ async fn upload_one(
                     Err(Outcome::Failed(PathFailure::Refused {
                         status: Some(404), ..
                     })) => {
-                        return stored_by_someone_else(client, health, &request).await;
+                        return stored_by_someone_else(client, health, &request)
+                            .await
+                            .map(|()| Uploaded::Stored);
                     }
                     // The server holds less than it acknowledged: while another client
                     // completes the shared upload, its state reads as empty for a moment.
@@ -226,7 +340,9 @@ async fn upload_one(
                                 if matches!(error.as_ref(), ClientError::Protocol(_))
                         ) =>
                     {
-                        return stored_meanwhile(client, health, &info, failure).await;
+                        return stored_meanwhile(client, health, &info, failure)
+                            .await
+                            .map(|()| Uploaded::Stored);
                     }
                     Err(outcome) => return Err(outcome),
                 }
@@ -265,7 +381,7 @@ async fn upload_one(
         Err(_) => return Err(Outcome::Abandoned),
     };
     progress.uploaded(&info, position, started.elapsed(), retries);
-    Ok(())
+    Ok(Uploaded::Stored)
 }
 
 /// A completion that failed: the server may have stored the NAR before the answer was lost,
@@ -377,4 +493,151 @@ async fn stored_meanwhile(
         }
     }
     Err(failure.into())
+}
+
+/// What one upload job works with.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    client: &'a PushClient,
+    health: &'a Health,
+    progress: &'a Progress,
+    config: UploadConfig,
+    batch: Option<&'a mpsc::Sender<BatchItem>>,
+}
+
+/// How an upload job ended when it did not fail.
+enum Uploaded {
+    Stored,
+    /// Handed to the batcher, which reports it.
+    Batched,
+}
+
+/// A small NAR waiting for its batch.
+struct BatchItem {
+    info: PathRef,
+    params: NarUploadParams,
+    file: Bytes,
+    started: Instant,
+}
+
+struct Batcher {
+    client: Arc<PushClient>,
+    health: Arc<Health>,
+    progress: Arc<Progress>,
+    to_publish: mpsc::Sender<PublishEvent>,
+    limits: BatchLimits,
+}
+
+/// Gathers small NARs into batches and sends them, [`BATCH_REQUESTS`] at a time, until the
+/// queue closes (every job done) or the run stops.
+async fn run_batches(batcher: Batcher, mut queue: mpsc::Receiver<BatchItem>) {
+    let batcher = Arc::new(batcher);
+    let cancel = batcher.health.stop_token().clone();
+    let in_flight = Arc::new(Semaphore::new(BATCH_REQUESTS));
+    let mut running = JoinSet::new();
+    let mut carried: Option<BatchItem> = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => tokio::select! {
+                item = queue.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                () = cancel.cancelled() => break,
+            },
+        };
+        let mut bytes = first.file.len() as u64;
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + BATCH_LINGER;
+        while batch.len() < batcher.limits.nars {
+            let item = match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(item)) => item,
+                Ok(None) | Err(_) => break,
+            };
+            if bytes + item.file.len() as u64 > batcher.limits.bytes {
+                carried = Some(item);
+                break;
+            }
+            bytes += item.file.len() as u64;
+            batch.push(item);
+        }
+        let permit = tokio::select! {
+            permit = Arc::clone(&in_flight).acquire_owned() => permit.expect("semaphore never closed"),
+            () = cancel.cancelled() => break,
+        };
+        let batcher = Arc::clone(&batcher);
+        running.spawn(async move {
+            send_batch(&batcher, batch).await;
+            drop(permit);
+        });
+        while running.try_join_next().is_some() {}
+    }
+    if cancel.is_cancelled() {
+        running.abort_all();
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// Sends one batch and reports each of its paths; what the server refused goes again alone.
+async fn send_batch(batcher: &Batcher, batch: Vec<BatchItem>) {
+    let Batcher {
+        client,
+        health,
+        progress,
+        to_publish,
+        ..
+    } = batcher;
+    let started = Instant::now();
+    let nars: Vec<_> = batch
+        .iter()
+        .map(|item| (item.params.clone(), item.file.clone()))
+        .collect();
+    let answer = request!(health, "upload", client.upload_batch(&nars));
+    progress.busy(stage::UPLOAD, started.elapsed());
+    let (results, retries) = match answer {
+        Ok((answer, retries)) => (Some(answer.results), retries),
+        Err(Outcome::Abandoned) => return,
+        // The batch as a whole was refused: every NAR goes on its own.
+        Err(Outcome::Failed(_)) => (None, 0),
+    };
+    let mut results = results.map(Vec::into_iter);
+    for item in batch {
+        let stored = match results.as_mut().and_then(Iterator::next) {
+            Some(result) => result.stored.is_some(),
+            None => false,
+        };
+        let sent = if stored {
+            Ok(retries)
+        } else {
+            request!(
+                health,
+                "upload",
+                client.upload_nar(&item.params, item.file.clone())
+            )
+            .map(|(_, retries)| retries)
+        };
+        let event = match sent {
+            Ok(retries) => {
+                progress.uploaded(
+                    &item.info,
+                    item.params.file_size,
+                    item.started.elapsed(),
+                    retries,
+                );
+                PublishEvent::Stored {
+                    info: item.info,
+                    uploaded: true,
+                }
+            }
+            Err(Outcome::Failed(failure)) => PublishEvent::Failed {
+                info: item.info,
+                failure,
+            },
+            Err(Outcome::Abandoned) => return,
+        };
+        if to_publish.send(event).await.is_err() {
+            return;
+        }
+    }
 }

@@ -56,17 +56,6 @@ impl<V: Clone> TtlCache<V> {
         }
     }
 
-    /// Forgets `key` at once (a path deleted on this replica is not served from here again).
-    pub fn remove(&self, key: &str) {
-        if !self.enabled() {
-            return;
-        }
-        self.shard(key)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-
     pub fn insert(&self, key: String, value: V) {
         if !self.enabled() {
             return;
@@ -91,7 +80,8 @@ impl<V: Clone> TtlCache<V> {
         }
     }
 
-    /// Drops `key` here (the process that changed it sees the change at once).
+    /// Drops `key` here (the process that changed it, or a path deleted on this replica, is
+    /// not served from here again).
     pub fn forget(&self, key: &str) {
         self.shard(key)
             .lock()

@@ -25,6 +25,10 @@ pub struct ServerConfig {
     pub upload_idle_timeout_secs: u64,
     pub max_presence_batch: usize,
     pub max_publish_batch: usize,
+    /// Most NARs, and bytes of NAR files, in one `POST api/v1/nar-batch`: the batch is held in
+    /// memory while it is verified.
+    pub max_batch_nars: usize,
+    pub max_batch_bytes: u64,
     /// Unfinished uploads older than this are deleted.
     pub upload_expiry_hours: u64,
     /// How long a shutdown waits for requests in flight before abandoning them.
@@ -118,6 +122,8 @@ impl Default for ServerConfig {
             upload_idle_timeout_secs: 60,
             max_presence_batch: 20_000,
             max_publish_batch: 5_000,
+            max_batch_nars: 1024,
+            max_batch_bytes: 4 << 20,
             upload_expiry_hours: 24,
             shutdown_grace_secs: 30,
             auth_failures_per_minute: 60,

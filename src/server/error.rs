@@ -46,6 +46,12 @@ impl ServerError {
         self
     }
 
+    /// 503 with Retry-After: a backend restarting or failing over, which a retry in a moment
+    /// gets past (clients pause and probe instead of failing paths).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, message).with_retry_after(2)
+    }
+
     /// Logs `detail` (which may hold paths or SQL errors) and answers a bland 500.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {detail}");
@@ -93,12 +99,7 @@ impl From<std::io::Error> for ServerError {
 /// A bucket restarting or unreachable: worth the client's retry, like a database failover.
 pub fn storage_unavailable(err: &dyn std::fmt::Display) -> ServerError {
     tracing::warn!("object storage unavailable: {err}");
-    ServerError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        codes::UNAVAILABLE,
-        "the server's object storage is unavailable; retry shortly",
-    )
-    .with_retry_after(2)
+    ServerError::unavailable("the server's object storage is unavailable; retry shortly")
 }
 
 impl From<super::metadata::MetaError> for ServerError {
@@ -109,12 +110,7 @@ impl From<super::metadata::MetaError> for ServerError {
             // A database restarting or failing over: worth the client's retry, unlike a 500.
             MetaError::Unavailable(detail) => {
                 tracing::warn!("metadata database unavailable: {detail}");
-                ServerError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::UNAVAILABLE,
-                    "the server's database is unavailable; retry shortly",
-                )
-                .with_retry_after(2)
+                ServerError::unavailable("the server's database is unavailable; retry shortly")
             }
             other => ServerError::internal(other),
         }

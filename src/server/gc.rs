@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::ServerResult;
-use super::metadata::{Metadata, NarRecord, RemovedPath, RetentionPolicy};
+use super::metadata::{Metadata, NarRecord, RetentionPolicy};
 use super::AppState;
 
 /// Paths removed per sweep transaction: big enough to amortise the round trips, small enough
@@ -138,21 +138,8 @@ pub async fn run(
             })
         })
         .await??;
-        let all_named = collected.paths_removed == collected.removed.len() as u64;
-        if !options.dry_run && !all_named {
-            // Not every removed path is named: drop the whole read cache instead.
-            state.narinfos.clear();
-        } else if !options.dry_run {
-            for path in &collected.removed {
-                if let Some(hash) = path
-                    .strip_prefix(crate::nix::store_path::STORE_DIR)
-                    .and_then(|rest| rest.trim_start_matches('/').get(..32))
-                {
-                    state.narinfos.remove(&format!("{}/{hash}", collected.repo));
-                }
-            }
-        }
         if !options.dry_run {
+            forget_removed(state, &collected);
             ::metrics::counter!(super::metrics::GC_PATHS_REMOVED_TOTAL)
                 .increment(collected.paths_removed);
             ::metrics::counter!(super::metrics::GC_BYTES_FREED_TOTAL)
@@ -173,30 +160,44 @@ pub async fn run(
     Ok(Some(done))
 }
 
-/// The cutoff for `policy` at `now`: paths last used at or after it are roots. `None` when the
-/// policy sets no limit (nothing is collected but NARs no narinfo names).
+/// This replica stops serving what the collection removed from its read cache at once (other
+/// replicas within `narinfo_cache_secs`). When not every removed path is named, the whole
+/// cache goes.
+fn forget_removed(state: &AppState, collected: &RepoCollected) {
+    if collected.paths_removed > collected.removed.len() as u64 {
+        state.narinfos.clear();
+        return;
+    }
+    for path in &collected.removed {
+        if let Ok(path) = crate::nix::StorePath::from_absolute(path) {
+            state
+                .narinfos
+                .forget(&format!("{}/{}", collected.repo, path.hash_part()));
+        }
+    }
+}
+
+/// The cutoff for `policy` (which sets a limit) at `now`: paths last used at or after it are
+/// roots. True beside it when `--max-size` cannot be met.
 fn cutoff_for(
     session: &mut dyn super::metadata::GcSession,
     policy: &RetentionPolicy,
     now: i64,
     grace_secs: u64,
-) -> super::metadata::MetaResult<Option<(i64, bool)>> {
-    if policy.retention_secs.is_none() && policy.max_size_bytes.is_none() {
-        return Ok(None);
-    }
+) -> super::metadata::MetaResult<(i64, bool)> {
     let latest = now.saturating_sub(grace_secs as i64);
     let by_age = policy
         .retention_secs
         .map_or(i64::MIN, |r| now.saturating_sub(r as i64))
         .min(latest);
     let Some(max) = policy.max_size_bytes else {
-        return Ok(Some((by_age, false)));
+        return Ok((by_age, false));
     };
     if session.mark(by_age)?.bytes <= max {
-        return Ok(Some((by_age, false)));
+        return Ok((by_age, false));
     }
     if session.mark(latest)?.bytes > max {
-        return Ok(Some((latest, true)));
+        return Ok((latest, true));
     }
     // The kept size only shrinks as the cutoff moves later: the earliest cutoff that fits
     // keeps the most recently used paths and evicts the least recently used first.
@@ -209,7 +210,7 @@ fn cutoff_for(
             low = mid + 1;
         }
     }
-    Ok(Some((high, false)))
+    Ok((high, false))
 }
 
 /// Collects one repository, synchronously (on a blocking thread); `delete_object` removes a
@@ -227,42 +228,37 @@ pub fn collect_repo(
         policy,
         ..RepoCollected::default()
     };
-    let mut removed: Vec<RemovedPath> = Vec::new();
-    // Everything else this function asks the database happens outside the session's scope:
-    // the session holds a connection, and `stowix admin` has only one.
-    let usage = meta.usage(repo)?;
-    {
+    if policy == RetentionPolicy::default() {
+        // No limit: every path stays, and no session (on PostgreSQL a connection and two
+        // temporary tables) is opened for nothing.
+        collected.kept_paths = meta.usage(repo)?.paths;
+    } else {
         let mut session = meta.gc_session(repo)?;
-        match cutoff_for(session.as_mut(), &policy, now, options.grace_secs)? {
-            None => collected.kept_paths = usage.paths,
-            Some((cutoff, over)) => {
-                collected.over_max_size = over;
-                let live = session.mark(cutoff)?;
-                collected.kept_paths = live.paths;
-                collected.kept_bytes = live.bytes;
-                let dead = session.dead()?;
-                if options.dry_run {
-                    collected.nars_marked += dead.nars;
-                    collected.paths_removed = dead.paths;
-                    collected.removed = session.dead_paths(LISTED_PATHS)?;
-                } else {
-                    loop {
-                        let swept = session.sweep(SWEEP_BATCH, now)?;
-                        if swept.paths.is_empty() {
-                            break;
-                        }
-                        collected.nars_marked += swept.nars_orphaned;
-                        collected.paths_removed += swept.paths.len() as u64;
-                        let room = LISTED_PATHS.saturating_sub(removed.len());
-                        removed.extend(swept.paths.into_iter().take(room));
-                    }
+        let (cutoff, over) = cutoff_for(session.as_mut(), &policy, now, options.grace_secs)?;
+        collected.over_max_size = over;
+        let live = session.mark(cutoff)?;
+        collected.kept_paths = live.paths;
+        collected.kept_bytes = live.bytes;
+        let dead = session.dead()?;
+        if options.dry_run {
+            collected.nars_marked += dead.nars;
+            collected.paths_removed = dead.paths;
+            collected.removed = session.dead_paths(LISTED_PATHS)?;
+        } else {
+            loop {
+                let swept = session.sweep(SWEEP_BATCH, now)?;
+                if swept.paths.is_empty() {
+                    break;
                 }
+                collected.nars_marked += swept.nars_orphaned;
+                collected.paths_removed += swept.paths.len() as u64;
+                let room = LISTED_PATHS.saturating_sub(collected.removed.len());
+                let named = swept.paths.into_iter().take(room).map(|p| p.store_path);
+                collected.removed.extend(named);
             }
         }
     }
-    if !options.dry_run {
-        collected.removed = removed.into_iter().map(|p| p.store_path).collect();
-    }
+    // The session is closed: everything below needs the connection (`stowix admin` has one).
     let grace_cutoff = now.saturating_sub(options.grace_secs as i64);
     collected.nars_marked +=
         meta.mark_unpublished_nars(repo, grace_cutoff, now, options.dry_run)?;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   GET nar/<file> ──► record_nar(repo, url, now) ─┐
-//!   presence: Published ──► record_path(repo, hash, now) ─┤► in memory: latest time per key
+//!   presence: Published ──► record_paths(repo, hashes, now) ┤► in memory: latest time per key
 //!                                                          │
 //!   every last_use_flush_secs, before each collection, at shutdown ──► flush ──► touch_nars /
 //!   touch_paths (one statement per repository and kind; last_used_at only ever rises)
@@ -44,26 +44,31 @@ pub struct LastUse {
 }
 
 impl LastUse {
-    pub fn record_path(&self, repo: &str, hash: &str, at: i64) {
-        self.record(|p| &mut p.paths, repo, hash, at);
+    /// Uses of published paths (hash parts) of `repo` at `at`, under one lock: a presence
+    /// answer holds up to thousands of them.
+    pub fn record_paths<'a>(&self, repo: &str, hashes: impl IntoIterator<Item = &'a str>, at: i64) {
+        self.record(|p| &mut p.paths, repo, hashes, at);
     }
 
     pub fn record_nar(&self, repo: &str, url: &str, at: i64) {
-        self.record(|p| &mut p.nars, repo, url, at);
+        self.record(|p| &mut p.nars, repo, [url], at);
     }
 
-    fn record(
+    fn record<'a>(
         &self,
         map: impl FnOnce(&mut Pending) -> &mut HashMap<(String, String), i64>,
         repo: &str,
-        key: &str,
+        keys: impl IntoIterator<Item = &'a str>,
         at: i64,
     ) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = map(&mut pending)
-            .entry((repo.to_string(), key.to_string()))
-            .or_insert(at);
-        *slot = (*slot).max(at);
+        let uses = map(&mut pending);
+        for key in keys {
+            let slot = uses
+                .entry((repo.to_string(), key.to_string()))
+                .or_insert(at);
+            *slot = (*slot).max(at);
+        }
         if pending.count() >= MAX_PENDING {
             self.flush_due.notify_one();
         }
@@ -101,7 +106,8 @@ impl LastUse {
                 }
             }
         }
-        // Counted only when something was written (tests wait on it to know a use landed).
+        // Counted for every flush that had uses to write, whether or not the writes succeeded
+        // (tests wait on it to know a use was handed to the database).
         ::metrics::counter!(super::metrics::LAST_USE_FLUSHES_TOTAL).increment(1);
     }
 }

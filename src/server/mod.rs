@@ -471,6 +471,10 @@ pub fn router(state: SharedState) -> Router {
             &format!("{api}/nars"),
             post(routes_api::upload_whole).layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            &format!("{api}/nar-batch"),
+            post(routes_api::upload_batch).layer(DefaultBodyLimit::disable()),
+        )
         .route(&format!("{api}/uploads"), post(routes_api::create_upload))
         .route(
             &format!("{api}/uploads/{{id}}"),

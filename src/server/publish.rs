@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::error::ServerResult;
-use super::metadata::{NarRecord, PublishState, PublishedNarInfo, RepoRecord};
+use super::metadata::{closure_check, NarRecord, PublishState, PublishedNarInfo, RepoRecord};
 use super::metrics;
 use super::AppState;
 use crate::api::{codes, PublishRejection, UpstreamProof};
@@ -201,59 +201,6 @@ fn decide_and_sign(
         });
     }
     Ok((outcome, rows))
-}
-
-/// The closure check, to its fixed point: a candidate `(path, references)` is accepted when
-/// every reference is the path itself, a path in `published`, or an accepted candidate,
-/// compared as whole store paths (a hash part alone is not enough: `<hash>-other` is a
-/// different path, and Nix refuses a closure that names it). Returns, per candidate, the
-/// references found missing (empty when accepted). Refusals propagate: a candidate whose
-/// reference is refused is refused too.
-pub fn closure_check<'a>(
-    candidates: &[(&'a StorePath, &'a [StorePath])],
-    published: &HashSet<&StorePath>,
-) -> Vec<Vec<&'a StorePath>> {
-    let mut accepted: HashMap<&StorePath, usize> = HashMap::new();
-    for (path, _) in candidates {
-        *accepted.entry(*path).or_default() += 1;
-    }
-    // Who references whom among the candidates, so a refusal only revisits its dependents.
-    let mut dependents: HashMap<&StorePath, Vec<usize>> = HashMap::new();
-    for (i, (path, references)) in candidates.iter().enumerate() {
-        for reference in references.iter() {
-            if reference != *path {
-                dependents.entry(reference).or_default().push(i);
-            }
-        }
-    }
-    let mut missing: Vec<Vec<&'a StorePath>> = vec![Vec::new(); candidates.len()];
-    let unresolved = |i: usize, accepted: &HashMap<&StorePath, usize>| {
-        let (path, references) = candidates[i];
-        references
-            .iter()
-            .filter(|r| *r != path && !published.contains(r) && !accepted.contains_key(r))
-            .collect::<Vec<_>>()
-    };
-    let mut queue: Vec<usize> = (0..candidates.len()).collect();
-    while let Some(i) = queue.pop() {
-        if !missing[i].is_empty() {
-            continue;
-        }
-        let found = unresolved(i, &accepted);
-        if found.is_empty() {
-            continue;
-        }
-        missing[i] = found;
-        let path = candidates[i].0;
-        if let Some(count) = accepted.get_mut(path) {
-            *count -= 1;
-            if *count == 0 {
-                accepted.remove(path);
-                queue.extend(dependents.get(path).into_iter().flatten().copied());
-            }
-        }
-    }
-    missing
 }
 
 /// Completes the narinfo from the stored NAR and signs it. Signatures the client carried along

@@ -15,11 +15,11 @@ use super::error::{ServerError, ServerResult};
 use super::metadata::{now_unix, OpenedUpload, Presence, SessionCaps, UploadRecord};
 use super::publish::{self, Candidate};
 use super::upload::{self, Expected};
-use super::{verify, ApiReadAccess, Authorized, PushAccess, SharedState};
+use super::{ApiReadAccess, Authorized, PushAccess, SharedState};
 use crate::api::{
-    codes, CompleteUpload, CreateUpload, NarStored, NarUploadParams, PresenceRequest,
-    PresenceResponse, PublishRequest, PublishResponse, RepoInfo, ServerLimits, UploadState,
-    UPLOAD_OFFSET_HEADER,
+    codes, CompleteUpload, CreateUpload, NarBatchError, NarBatchManifest, NarBatchResponse,
+    NarBatchResult, NarStored, NarUploadParams, PresenceRequest, PresenceResponse, PublishRequest,
+    PublishResponse, RepoInfo, ServerLimits, UploadState, UPLOAD_OFFSET_HEADER,
 };
 use crate::nix::signing::SecretKey;
 use crate::nix::store_path::is_valid_hash_part;
@@ -70,20 +70,8 @@ fn check_batch(len: usize, limit: usize, what: &str) -> ServerResult<()> {
     Ok(())
 }
 
-fn parse_nar_hash(text: &str) -> ServerResult<Sha256Hash> {
-    Sha256Hash::parse(text)
-        .map_err(|err| ServerError::bad_request(codes::BAD_REQUEST, err.to_string()))
-}
-
 fn check_compression(compression: &str) -> ServerResult<()> {
-    verify::compression_suffix(compression)
-        .map(|_| ())
-        .ok_or_else(|| {
-            ServerError::unprocessable(
-                codes::UNSUPPORTED_COMPRESSION,
-                crate::api::Compression::unsupported(compression),
-            )
-        })
+    upload::compression_suffix(compression).map(drop)
 }
 
 pub async fn info(
@@ -95,12 +83,9 @@ pub async fn info(
     // A client probing during an outage resumes when this answers: only once the bucket (and
     // the database) answer again, or its retries would fail at once on the same outage.
     if let Some(reason) = super::unready(&state).await {
-        return Err(ServerError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            codes::UNAVAILABLE,
-            format!("this server's backends are not ready ({reason}); retry shortly"),
-        )
-        .with_retry_after(2));
+        return Err(ServerError::unavailable(format!(
+            "this server's backends are not ready ({reason}); retry shortly"
+        )));
     }
     let config = &state.config;
     Ok(Json(RepoInfo {
@@ -113,6 +98,8 @@ pub async fn info(
             max_single_upload_bytes: config.max_single_upload_bytes,
             max_presence_batch: config.max_presence_batch,
             max_publish_batch: config.max_publish_batch,
+            max_batch_nars: config.max_batch_nars,
+            max_batch_bytes: config.max_batch_bytes,
         },
         upstream_keys: repo.upstream_keys.clone(),
     }))
@@ -150,9 +137,8 @@ pub async fn presence(
         Some(_) => "paths per presence query",
         None => "paths per presence query without a token",
     };
-    let meta = std::sync::Arc::clone(&state.meta);
     let name = repo.name.clone();
-    let uses = std::sync::Arc::clone(&state);
+    let state = std::sync::Arc::clone(&state);
     // Parsing up to 20 000 entries, the lookups and the answer's serialisation are CPU and
     // database work: off the async workers, so they never delay other requests' I/O.
     let answer = tokio::task::spawn_blocking(move || -> ServerResult<Vec<u8>> {
@@ -177,17 +163,24 @@ pub async fn presence(
             }
             queries.push((
                 query.hash.clone(),
-                parse_nar_hash(&query.nar_hash)?.to_typed_nix32(),
+                upload::parse_hash(&query.nar_hash)?.to_typed_nix32(),
             ));
         }
-        let answers = meta.presence(&name, &queries)?;
+        let answers = state.meta.presence(&name, &queries)?;
+        // A push told "present" relies on the path staying until it publishes: the use (and
+        // the grace period until it is written) protects it.
+        let published = queries
+            .iter()
+            .zip(&answers)
+            .filter(|(_, answer)| **answer == Presence::Published)
+            .map(|((hash, _), _)| hash.as_str());
+        state
+            .last_use
+            .record_paths(&name, published, super::gc::now());
         let mut response = PresenceResponse::default();
-        let now = super::gc::now();
         for (query, answer) in request.paths.into_iter().zip(answers) {
             match answer {
-                // A push told "present" relies on the path staying until it publishes: the
-                // use (and the grace period until it is written) protects it.
-                Presence::Published => uses.last_use.record_path(&name, &query.hash, now),
+                Presence::Published => {}
                 Presence::NarStored => response.nar_stored.push(query.hash),
                 Presence::Missing => response.missing.push(query.hash),
             }
@@ -227,8 +220,8 @@ pub async fn upload_whole(
     })?;
     check_compression(&params.compression)?;
     upload::check_nar_size(&state.config, params.nar_size)?;
-    let nar_hash = parse_nar_hash(&params.nar_hash)?;
-    let file_hash = parse_nar_hash(&params.file_hash)?;
+    let nar_hash = upload::parse_hash(&params.nar_hash)?;
+    let file_hash = upload::parse_hash(&params.file_hash)?;
     if params.file_size > state.config.max_single_upload_bytes {
         return Err(ServerError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -279,6 +272,92 @@ pub async fn upload_whole(
     Ok((StatusCode::CREATED, Json(stored_answer(&record, newly))).into_response())
 }
 
+/// The longest manifest line a batch of `nars` entries can need: an entry is at most ~330
+/// bytes (two hashes of up to 71 characters, sizes, a compression name, the keys).
+fn batch_manifest_limit(nars: usize) -> usize {
+    4096 + nars.saturating_mul(400)
+}
+
+/// Many small NARs in one request ([`NarBatchManifest`]): each is verified on its own and
+/// answered on its own, and those that pass are stored together.
+pub async fn upload_batch(
+    State(state): State<SharedState>,
+    Authorized { repo, token_id, .. }: PushAccess,
+    body: Body,
+) -> ServerResult<Json<NarBatchResponse>> {
+    let config = &state.config;
+    let _slot = state.upload_slot(&repo.name, token_id.as_deref())?;
+    let manifest_limit = batch_manifest_limit(config.max_batch_nars);
+    let limit = manifest_limit.saturating_add(config.max_batch_bytes as usize);
+    let body = upload::read_small_body(body, limit, upload::BodyPace::new(config)).await?;
+    let batch_refused = |message: String| ServerError::bad_request(codes::BAD_REQUEST, message);
+    let Some(end) = body.iter().take(manifest_limit).position(|b| *b == b'\n') else {
+        return Err(batch_refused(format!(
+            "the body must start with the batch manifest, one line of JSON of at most {manifest_limit} bytes ending in a newline"
+        )));
+    };
+    let manifest: NarBatchManifest = serde_json::from_slice(&body[..end])
+        .map_err(|err| batch_refused(format!("the batch manifest is invalid: {err}")))?;
+    check_batch(
+        manifest.nars.len(),
+        config.max_batch_nars,
+        "NARs in one batch",
+    )?;
+    let files = body.slice(end + 1..);
+    let declared = manifest
+        .nars
+        .iter()
+        .try_fold(0u64, |sum, nar| sum.checked_add(nar.file_size));
+    if declared.is_none_or(|declared| declared > config.max_batch_bytes) {
+        return Err(ServerError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            codes::PAYLOAD_TOO_LARGE,
+            format!(
+                "the batch's files total more than this server's max_batch_bytes of {}: send fewer per batch",
+                config.max_batch_bytes
+            ),
+        ));
+    }
+    // Without every file's end, no entry can be told from the next: the whole batch is refused.
+    if declared != Some(files.len() as u64) {
+        return Err(batch_refused(format!(
+            "the manifest's file_size values total {}, but {} bytes of files follow it",
+            declared.unwrap_or(u64::MAX),
+            files.len()
+        )));
+    }
+    let mut offset = 0;
+    let entries = manifest
+        .nars
+        .into_iter()
+        .map(|params| {
+            let size = params.file_size as usize;
+            let file = files.slice(offset..offset + size);
+            offset += size;
+            upload::BatchEntry { params, file }
+        })
+        .collect();
+    let results = upload::verify_and_store_batch(&state, &repo.name, entries).await?;
+    Ok(Json(NarBatchResponse {
+        results: results
+            .into_iter()
+            .map(|result| match result {
+                Ok((record, newly)) => NarBatchResult {
+                    stored: Some(stored_answer(&record, newly)),
+                    error: None,
+                },
+                Err(err) => NarBatchResult {
+                    stored: None,
+                    error: Some(NarBatchError {
+                        status: err.status.as_u16(),
+                        error: err.body,
+                    }),
+                },
+            })
+            .collect(),
+    }))
+}
+
 fn new_upload_id() -> String {
     let bytes: [u8; 16] = rand::rngs::OsRng.gen();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -316,7 +395,7 @@ pub async fn create_upload(
     let request: CreateUpload = read_json(&state, body).await?;
     check_compression(&request.compression)?;
     upload::check_nar_size(&state.config, request.nar_size)?;
-    let nar_hash = parse_nar_hash(&request.nar_hash)?.to_typed_nix32();
+    let nar_hash = upload::parse_hash(&request.nar_hash)?.to_typed_nix32();
     if request.encoder.len() > 200 {
         return Err(ServerError::bad_request(
             codes::BAD_REQUEST,
@@ -496,13 +575,30 @@ pub async fn complete_upload(
     body: Body,
 ) -> ServerResult<Response> {
     let request: CompleteUpload = read_json(&state, body).await?;
-    let file_hash = parse_nar_hash(&request.file_hash)?;
+    let file_hash = upload::parse_hash(&request.file_hash)?;
     let record = find_upload(&state, &repo.name, &id).await?;
     // Verification reads and decompresses the whole file: it counts as an upload in flight.
     let _slot = state.upload_slot(&repo.name, token_id.as_deref())?;
     let lock = state.upload_lock(&record.id);
     let _guard = lock.lock().await;
     let record = find_upload(&state, &repo.name, &record.id).await?;
+    let (name, nar_hash) = (repo.name.clone(), record.nar_hash.clone());
+    if let Some(stored) = state
+        .db(move |meta| meta.nar_by_hash(&name, &nar_hash))
+        .await?
+    {
+        // Completed already: a retry after the answer was lost, or after the session's row
+        // could not be deleted (the database dropped the connection). The session's bytes are
+        // the stored NAR's own object (S3), gone with it (local), or made redundant by another
+        // upload of the same NAR.
+        if stored.object_key == crate::server::staging::upload_object_key(&repo.name, &record.id) {
+            let id = record.id.clone();
+            state.db(move |meta| meta.delete_upload(&id)).await?;
+        } else {
+            discard_upload(&state, &record).await?;
+        }
+        return Ok((StatusCode::OK, Json(stored_answer(&stored, false))).into_response());
+    }
     let held = state.staging.offset(&state, &record).await?;
     if held > request.file_size {
         // The server holds bytes beyond the end of the client's file: this upload can never
@@ -531,7 +627,7 @@ pub async fn complete_upload(
     let expected = Expected {
         file_hash: Some(file_hash),
         file_size: Some(request.file_size),
-        nar_hash: Some(parse_nar_hash(&record.nar_hash)?),
+        nar_hash: Some(upload::parse_hash(&record.nar_hash)?),
         nar_size: Some(record.nar_size),
     };
     match state

@@ -21,7 +21,7 @@ use super::metadata::{now_unix, NarRecord};
 use super::metrics;
 use super::verify::{self, Verified};
 use super::AppState;
-use crate::api::codes;
+use crate::api::{codes, NarUploadParams};
 use crate::nix::Sha256Hash;
 
 /// Why a body stopped before its end.
@@ -291,12 +291,7 @@ pub async fn verify_and_store(
     compression: &str,
     expected: Expected,
 ) -> ServerResult<(NarRecord, bool)> {
-    let suffix = verify::compression_suffix(compression).ok_or_else(|| {
-        ServerError::unprocessable(
-            codes::UNSUPPORTED_COMPRESSION,
-            crate::api::Compression::unsupported(compression),
-        )
-    })?;
+    let suffix = compression_suffix(compression)?;
     let path = staged.to_path_buf();
     let compression_owned = compression.to_string();
     let limit = output_limit(&state.config, expected.nar_size)?;
@@ -305,9 +300,8 @@ pub async fn verify_and_store(
             .await?
             .map_err(verification_failed)?;
     check_expectations(&verified, &expected)?;
-    let file_nix32 = verified.file_hash.to_nix32();
-    let url = format!("nar/{file_nix32}{suffix}");
-    let key = format!("{repo}/{url}");
+    let record = nar_record(repo, compression, suffix, &verified);
+    let key = record.object_key.clone();
     // Intent first: a crash between the write and the row leaves a key the janitor knows.
     let intent = key.clone();
     state
@@ -323,47 +317,200 @@ pub async fn verify_and_store(
             .await?;
     }
     state.storage.put_file(&key, staged).await?;
-    let record = NarRecord {
-        object_key: key.clone(),
+    let newly = record_stored(state, repo, vec![record.clone()]).await?[0];
+    Ok((record, newly))
+}
+
+/// The file suffix of a compression the repository accepts, or the refusal of any other.
+pub(crate) fn compression_suffix(compression: &str) -> ServerResult<&'static str> {
+    verify::compression_suffix(compression).ok_or_else(|| {
+        ServerError::unprocessable(
+            codes::UNSUPPORTED_COMPRESSION,
+            crate::api::Compression::unsupported(compression),
+        )
+    })
+}
+
+/// A declared hash (`sha256:` in any encoding Nix accepts), or a 400 saying what is wrong.
+pub(crate) fn parse_hash(text: &str) -> ServerResult<Sha256Hash> {
+    Sha256Hash::parse(text)
+        .map_err(|err| ServerError::bad_request(codes::BAD_REQUEST, err.to_string()))
+}
+
+/// The row of a verified NAR: its URL (and key) named by the hash of its bytes.
+fn nar_record(repo: &str, compression: &str, suffix: &str, verified: &Verified) -> NarRecord {
+    let url = format!("nar/{}{suffix}", verified.file_hash.to_nix32());
+    NarRecord {
+        object_key: format!("{repo}/{url}"),
         url,
         compression: compression.to_string(),
         nar_hash: verified.nar.nar_hash.to_typed_nix32(),
         nar_size: verified.nar.nar_size,
         file_hash: verified.file_hash.to_typed_nix32(),
         file_size: verified.file_size,
-    };
+    }
+}
+
+/// Records NARs whose objects (and intents) are written, in one transaction, then clears the
+/// intents; for each, whether it is new.
+async fn record_stored(
+    state: &AppState,
+    repo: &str,
+    records: Vec<NarRecord>,
+) -> ServerResult<Vec<bool>> {
     let repo_owned = repo.to_string();
-    let to_insert = record.clone();
+    let to_insert = records.clone();
     let newly = state
-        .db(move |meta| meta.insert_nar(&repo_owned, &to_insert))
+        .db(move |meta| meta.insert_nars(&repo_owned, &to_insert))
         .await?;
-    if newly {
-        ::metrics::counter!(metrics::NARS_STORED_TOTAL).increment(1);
-    } else {
+    ::metrics::counter!(metrics::NARS_STORED_TOTAL)
+        .increment(newly.iter().filter(|new| **new).count() as u64);
+    for (record, _) in records.iter().zip(&newly).filter(|(_, new)| !**new) {
         // Stored meanwhile by another request; if its bytes live elsewhere (an assembled
         // chunked upload), the copy just written is nobody's.
         let (repo_owned, url) = (repo.to_string(), record.url.clone());
         let existing = state
             .db(move |meta| meta.nar_by_url(&repo_owned, &url))
             .await?;
-        if existing.is_some_and(|nar| nar.object_key != key) {
-            state.storage.delete(&key).await?;
+        if existing.is_some_and(|nar| nar.object_key != record.object_key) {
+            state.storage.delete(&record.object_key).await?;
         }
     }
-    state.db(move |meta| meta.clear_object_intent(&key)).await?;
-    Ok((record, newly))
+    let keys: Vec<String> = records.into_iter().map(|r| r.object_key).collect();
+    state
+        .db(move |meta| meta.clear_object_intents(&keys))
+        .await?;
+    Ok(newly)
+}
+
+/// One NAR of a batch upload: what the client declared, and the file's bytes.
+pub struct BatchEntry {
+    pub params: NarUploadParams,
+    pub file: bytes::Bytes,
+}
+
+/// Verifies every entry on its own and stores the ones that pass together: one transaction
+/// for their intents, one batch write of their files (one filesystem flush on local disk),
+/// one transaction for their rows. An entry that fails verification or whose write fails
+/// gets its own error; a failure of the database fails the request.
+pub async fn verify_and_store_batch(
+    state: &AppState,
+    repo: &str,
+    entries: Vec<BatchEntry>,
+) -> ServerResult<Vec<ServerResult<(NarRecord, bool)>>> {
+    let config = state.config.clone();
+    let repo_owned = repo.to_string();
+    let checked = tokio::task::spawn_blocking(move || {
+        entries
+            .into_iter()
+            .map(|entry| verify_entry(&config, &repo_owned, entry))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    let mut results: Vec<ServerResult<(NarRecord, bool)>> = Vec::with_capacity(checked.len());
+    let mut objects = Vec::new();
+    let mut pending = Vec::new();
+    for (index, outcome) in checked.into_iter().enumerate() {
+        match outcome {
+            Err(err) => results.push(Err(err)),
+            Ok(VerifiedEntry {
+                record,
+                listing,
+                file,
+            }) => {
+                // The listing first, as in `verify_and_store`: one write below.
+                let listing_key = listing.map(|(key, bytes)| {
+                    objects.push((key.clone(), bytes));
+                    key
+                });
+                objects.push((record.object_key.clone(), file));
+                // Until the batch is written; replaced below.
+                results.push(Ok((record.clone(), false)));
+                pending.push((index, record, listing_key));
+            }
+        }
+    }
+    if pending.is_empty() {
+        return Ok(results);
+    }
+    let intents: Vec<String> = pending
+        .iter()
+        .map(|(_, record, _)| record.object_key.clone())
+        .collect();
+    state
+        .db(move |meta| meta.record_object_intents(&intents, now_unix()))
+        .await?;
+    let keys: Vec<String> = objects.iter().map(|(key, _)| key.clone()).collect();
+    let written = state.storage.put_many(objects).await;
+    let mut failed_keys = std::collections::HashMap::new();
+    for (key, result) in keys.into_iter().zip(written) {
+        if let Err(err) = result {
+            failed_keys.insert(key, err);
+        }
+    }
+    let mut stored = Vec::with_capacity(pending.len());
+    for (index, record, listing_key) in pending {
+        let listing_failure = listing_key.and_then(|key| failed_keys.remove(&key));
+        match failed_keys.remove(&record.object_key).or(listing_failure) {
+            // Its intent stays: the janitor removes whatever part of it was written.
+            Some(err) => results[index] = Err(ServerError::from(err)),
+            None => stored.push((index, record)),
+        }
+    }
+    let records: Vec<NarRecord> = stored.iter().map(|(_, r)| r.clone()).collect();
+    let newly = record_stored(state, repo, records).await?;
+    for ((index, record), newly) in stored.into_iter().zip(newly) {
+        results[index] = Ok((record, newly));
+    }
+    Ok(results)
+}
+
+/// A batch entry that passed verification: its row, its listing (key and bytes), its file.
+struct VerifiedEntry {
+    record: NarRecord,
+    listing: Option<(String, bytes::Bytes)>,
+    file: bytes::Bytes,
+}
+
+/// Checks one batch entry's declarations and verifies its bytes (on a blocking thread).
+fn verify_entry(
+    config: &super::config::ServerConfig,
+    repo: &str,
+    entry: BatchEntry,
+) -> ServerResult<VerifiedEntry> {
+    let BatchEntry { params, file } = entry;
+    let suffix = compression_suffix(&params.compression)?;
+    let expected = Expected {
+        file_hash: Some(parse_hash(&params.file_hash)?),
+        file_size: Some(params.file_size),
+        nar_hash: Some(parse_hash(&params.nar_hash)?),
+        nar_size: Some(params.nar_size),
+    };
+    let limit = output_limit(config, expected.nar_size)?;
+    let verified =
+        verify::verify_bytes(&file, &params.compression, limit).map_err(verification_failed)?;
+    check_expectations(&verified, &expected)?;
+    let record = nar_record(repo, &params.compression, suffix, &verified);
+    let listing = verified.listing.map(|listing| {
+        (
+            listing_key(repo, &verified.nar.nar_hash),
+            bytes::Bytes::from(listing),
+        )
+    });
+    Ok(VerifiedEntry {
+        record,
+        listing,
+        file,
+    })
 }
 
 /// The answer to a file that failed verification (its rejection is counted by reason).
 pub fn verification_failed(err: verify::VerifyError) -> ServerError {
-    let (status, code, reason) = match &err {
-        // A bucket that broke off the read-back says nothing about the upload's bytes.
-        verify::VerifyError::Io(io) if super::backend::storage::s3::is_unavailable(io) => {
-            return super::error::storage_unavailable(io)
-        }
-        verify::VerifyError::Io(io) => {
-            return ServerError::from(std::io::Error::new(io.kind(), io.to_string()))
-        }
+    let message = err.to_string();
+    let (status, code, reason) = match err {
+        // I/O says nothing about the upload's bytes: the shared mapping tells a full disk
+        // (507) and a bucket that broke off the read-back (503) from the rest.
+        verify::VerifyError::Io(io) => return ServerError::from(io),
         verify::VerifyError::UnsupportedCompression(_) => (
             StatusCode::UNPROCESSABLE_ENTITY,
             codes::UNSUPPORTED_COMPRESSION,
@@ -396,7 +543,7 @@ pub fn verification_failed(err: verify::VerifyError) -> ServerError {
         ),
     };
     reject(reason);
-    ServerError::new(status, code, err.to_string())
+    ServerError::new(status, code, message)
 }
 
 /// Where the server keeps the listing it wrote while verifying a NAR: by NarHash, since every

@@ -169,12 +169,31 @@ pub fn verify_reader<R: Read>(
     compression: &str,
     limit: OutputLimit,
 ) -> Result<Verified, VerifyError> {
+    verify_buffered(source, READ_BUFFER, compression, limit)
+}
+
+/// [`verify_file`] of a file held in memory (a NAR of a batch upload): its read buffer is
+/// sized to the file, not the 1 MiB a stream gets.
+pub fn verify_bytes(
+    file: &[u8],
+    compression: &str,
+    limit: OutputLimit,
+) -> Result<Verified, VerifyError> {
+    verify_buffered(file, file.len().clamp(1, READ_BUFFER), compression, limit)
+}
+
+fn verify_buffered<R: Read>(
+    source: R,
+    buffer: usize,
+    compression: &str,
+    limit: OutputLimit,
+) -> Result<Verified, VerifyError> {
     let hashing = HashingReader {
         inner: source,
         hasher: Sha256::new(),
         bytes: 0,
     };
-    let buffered = BufReader::with_capacity(READ_BUFFER, hashing);
+    let buffered = BufReader::with_capacity(buffer, hashing);
     let decompress_error = |err: &dyn std::fmt::Display| VerifyError::Decompress {
         compression: compression.to_string(),
         detail: err.to_string(),

@@ -340,6 +340,19 @@ impl TestServer {
         cmd.args(args).output().expect("run `stowix admin`")
     }
 
+    /// [`TestServer::admin`] with `--config` of the file the server was started with, so the
+    /// command sees the server's settings (graces, storage) too.
+    pub fn admin_with_config(&self, args: &[&str]) -> String {
+        let config = self
+            .config_path()
+            .expect("the server was started with a config file")
+            .display()
+            .to_string();
+        let mut all = vec!["--config", config.as_str()];
+        all.extend_from_slice(args);
+        self.admin(&all)
+    }
+
     /// Runs `stowix admin --data-dir DIR ARGS...`, panics unless it succeeds, returns stdout.
     pub fn admin(&self, args: &[&str]) -> String {
         let out = self.admin_output(args);
@@ -1405,6 +1418,41 @@ pub fn netrc_file(dir: &Path, repo_url: &str, token: &str) -> PathBuf {
     )
     .expect("write netrc");
     path
+}
+
+/// `nix ARGS` (new CLI, no narinfo negative cache, a fresh cache dir, the netrc file when
+/// given): its stdout, or why it failed.
+pub fn nix(args: &[&str], netrc: Option<&Path>) -> Result<String, String> {
+    let cache = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("nix");
+    cmd.env("XDG_CACHE_HOME", cache.path())
+        .args(["--extra-experimental-features", "nix-command"])
+        .args(args)
+        .args(["--option", "narinfo-cache-negative-ttl", "0"]);
+    if let Some(netrc) = netrc {
+        cmd.arg("--option").arg("netrc-file").arg(netrc);
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run nix: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "nix {args:?} failed with {}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The derivation that built `out` (which must have one: built here, not substituted).
+pub fn deriver(out: &str) -> String {
+    let drv = Command::new("nix-store")
+        .args(["--query", "--deriver", out])
+        .output()
+        .expect("nix-store --query --deriver");
+    let drv = String::from_utf8(drv.stdout).unwrap().trim().to_string();
+    assert!(drv.ends_with(".drv"), "no deriver for {out}: {drv:?}");
+    drv
 }
 
 fn run_nix(cmd: &mut Command) -> Result<(), String> {

@@ -18,8 +18,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Self {
+        Self::on(TestServer::start())
+    }
+
+    /// A fixture whose server runs with `toml` as its config file.
+    pub fn with_config(toml: &str) -> Self {
+        Self::on(TestServer::start_with_config(toml))
+    }
+
+    fn on(server: TestServer) -> Self {
         common::require_nix();
-        let server = TestServer::start();
         let repo = common::unique_name("push");
         let public_key = server.create_repo(&repo, false);
         let token = server.create_token(&repo, "push");
@@ -82,8 +90,15 @@ impl Pushed {
 
 /// A push command with a clean environment: only the given target/token and fast retries.
 pub fn push_command(target: &str, token: Option<&str>, args: &[&str]) -> Command {
+    let mut all = vec!["--no-progress"];
+    all.extend_from_slice(args);
+    nix_command("push", target, token, &all)
+}
+
+/// `stowix nix SUBCOMMAND ARGS` with the clean environment of [`push_command`].
+pub fn nix_command(subcommand: &str, target: &str, token: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new(common::stowix_bin());
-    cmd.args(["nix", "push", "--no-progress"]).args(args);
+    cmd.args(["nix", subcommand]).args(args);
     for var in [
         "STOWIX_TARGET",
         "STOWIX_TOKEN",
@@ -92,6 +107,7 @@ pub fn push_command(target: &str, token: Option<&str>, args: &[&str]) -> Command
         "STOWIX_MAX_UPLOAD_RATE",
         "STOWIX_UPSTREAM_KEYS",
         "STOWIX_NO_UPSTREAM_FILTER",
+        "STOWIX_NO_BATCH",
     ] {
         cmd.env_remove(var);
     }

@@ -1,12 +1,8 @@
 //! One [`Kind`] per table or object family a migration copies. Each compares the source's
 //! items with the target's, copies what the target lacks and leaves the rest alone.
 
-use std::io::Read as _;
-
-use sha2::{Digest as _, Sha256};
-
 use super::{Kind, MigrateError, Migration, Tally};
-use crate::nix::hash::Sha256Hash;
+use crate::nix::hash::HashingWriter;
 use crate::server::backend::metadata::{
     now_unix, NarRecord, PinCreated, PinRecord, Presence, RetentionPolicy,
 };
@@ -198,7 +194,7 @@ fn copy_nar(
     nar: &NarRecord,
     tally: &mut Tally,
 ) -> Result<bool, MigrateError> {
-    let (meta, storage) = (&run.target.meta, &run.target.storage);
+    let meta = &run.target.meta;
     if let Some(existing) = meta.nar_by_url(repo, &nar.url)? {
         if existing.file_hash != nar.file_hash {
             return Err(MigrateError::Conflict(format!(
@@ -221,29 +217,13 @@ fn copy_nar(
     // the intent, restarting the grace period, so an object found whole below is not swept
     // between this check and its row.
     meta.record_object_intent(key, now_unix())?;
-    let stored = run
-        .target
-        .block_on(storage.size(key))
-        .map_err(|err| MigrateError::Target(err.to_string()))?;
-    if stored != Some(nar.file_size) {
+    if run.target.size(key)? != Some(nar.file_size) {
         if let Err(why) = check_file(&path, nar) {
             meta.clear_object_intent(key)?;
             tally.fail(format!("NAR {repo}/{}: {why}", nar.url));
             return Ok(false);
         }
-        run.target
-            .block_on(storage.put_copy(key, &path))
-            .map_err(|err| MigrateError::Target(err.to_string()))?;
-        let stored = run
-            .target
-            .block_on(storage.size(key))
-            .map_err(|err| MigrateError::Target(err.to_string()))?;
-        if stored != Some(nar.file_size) {
-            return Err(MigrateError::Target(format!(
-                "object {key} holds {stored:?} bytes after writing {}",
-                nar.file_size
-            )));
-        }
+        run.target.put_checked(key, &path, nar.file_size)?;
         tally.bytes += nar.file_size;
     }
     meta.insert_nar(repo, nar)?;
@@ -259,20 +239,10 @@ fn check_file(path: &std::path::Path, nar: &NarRecord) -> Result<(), String> {
         std::io::ErrorKind::NotFound => format!("{} is missing from the source", path.display()),
         _ => format!("{}: {err}", path.display()),
     })?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buffer)
-            .map_err(|err| format!("{}: {err}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
-    let hash = Sha256Hash(hasher.finalize().into()).to_typed_nix32();
+    let mut hashing = HashingWriter::new(std::io::sink());
+    std::io::copy(&mut file, &mut hashing).map_err(|err| format!("{}: {err}", path.display()))?;
+    let (_, hash, size) = hashing.finish();
+    let hash = hash.to_typed_nix32();
     if size != nar.file_size || hash != nar.file_hash {
         return Err(format!(
             "{} is {size} bytes with hash {hash}, its row says {} bytes with {}",
@@ -384,28 +354,12 @@ impl Kind for Objects {
     }
 
     fn copy(&self, run: &Migration<'_>, tally: &mut Tally) -> Result<(), MigrateError> {
-        let storage = &run.target.storage;
         for repo in run.source.repos()? {
             for (key, path, size) in run.source.object_files(&repo.name, self.dir)? {
-                let stored = run
-                    .target
-                    .block_on(storage.size(&key))
-                    .map_err(|err| MigrateError::Target(err.to_string()))?;
-                if stored.is_some() {
+                if run.target.size(&key)?.is_some() {
                     tally.present += 1;
                 } else {
-                    run.target
-                        .block_on(storage.put_copy(&key, &path))
-                        .map_err(|err| MigrateError::Target(err.to_string()))?;
-                    let stored = run
-                        .target
-                        .block_on(storage.size(&key))
-                        .map_err(|err| MigrateError::Target(err.to_string()))?;
-                    if stored != Some(size) {
-                        return Err(MigrateError::Target(format!(
-                            "object {key} holds {stored:?} bytes after writing {size}"
-                        )));
-                    }
+                    run.target.put_checked(&key, &path, size)?;
                     tally.copied += 1;
                     tally.bytes += size;
                 }

@@ -89,8 +89,26 @@ pub struct Target {
 }
 
 impl Target {
-    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
+    /// The size of the object under `key`, `None` when there is none.
+    fn size(&self, key: &str) -> Result<Option<u64>, MigrateError> {
+        self.runtime
+            .block_on(self.storage.size(key))
+            .map_err(|err| MigrateError::Target(err.to_string()))
+    }
+
+    /// Writes the object under `key` from the file at `path` (left in place), then checks that
+    /// the target holds `size` bytes there.
+    fn put_checked(&self, key: &str, path: &Path, size: u64) -> Result<(), MigrateError> {
+        self.runtime
+            .block_on(self.storage.put_copy(key, path))
+            .map_err(|err| MigrateError::Target(err.to_string()))?;
+        let stored = self.size(key)?;
+        if stored != Some(size) {
+            return Err(MigrateError::Target(format!(
+                "object {key} holds {stored:?} bytes after writing {size}"
+            )));
+        }
+        Ok(())
     }
 }
 

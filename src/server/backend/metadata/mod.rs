@@ -15,6 +15,8 @@ pub mod postgres;
 pub mod sqlite;
 pub mod timed;
 
+use std::collections::{HashMap, HashSet};
+
 pub use postgres::PostgresMetadata;
 pub use sqlite::SqliteMetadata;
 
@@ -396,12 +398,7 @@ pub trait Metadata: Send + Sync {
     /// missing are not published ([`Metadata::publish_checked`] says why).
     fn publish(&self, repo: &str, narinfos: &[PublishedNarInfo]) -> MetaResult<Vec<bool>> {
         Ok(self
-            .publish_checked(
-                repo,
-                narinfos,
-                &std::collections::HashSet::new(),
-                now_unix(),
-            )?
+            .publish_checked(repo, narinfos, &HashSet::new(), now_unix())?
             .into_iter()
             .map(|state| state == PublishState::New)
             .collect())
@@ -410,7 +407,12 @@ pub trait Metadata: Send + Sync {
     fn nar_by_hash(&self, repo: &str, nar_hash: &str) -> MetaResult<Option<NarRecord>>;
     fn nar_by_url(&self, repo: &str, url: &str) -> MetaResult<Option<NarRecord>>;
     /// False when a NAR with that URL was already recorded.
-    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool>;
+    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
+        Ok(self.insert_nars(repo, std::slice::from_ref(nar))?[0])
+    }
+    /// [`Metadata::insert_nar`] for many, in one transaction: for each, in order, whether it is
+    /// new (of two with one URL, only the first).
+    fn insert_nars(&self, repo: &str, nars: &[NarRecord]) -> MetaResult<Vec<bool>>;
 
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>>;
     /// Deletes the session and its parts.
@@ -464,8 +466,15 @@ pub trait Metadata: Send + Sync {
     /// Notes that an object is about to be written under `key`, before a byte of it is: every
     /// object the bucket can hold is then known here, so a crash between the write and its
     /// `nars` row leaves garbage the janitor finds without listing the bucket.
-    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()>;
-    fn clear_object_intent(&self, key: &str) -> MetaResult<()>;
+    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
+        self.record_object_intents(&[key.to_string()], at)
+    }
+    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
+        self.clear_object_intents(&[key.to_string()])
+    }
+    /// The intents of a batch of objects, in one transaction.
+    fn record_object_intents(&self, keys: &[String], at: i64) -> MetaResult<()>;
+    fn clear_object_intents(&self, keys: &[String]) -> MetaResult<()>;
     /// Keys whose intent is older than `at`, at most `limit`.
     fn object_intents_before(&self, at: i64, limit: usize) -> MetaResult<Vec<String>>;
     /// For each key, in order, whether a stored NAR lives there.
@@ -480,7 +489,7 @@ pub trait Metadata: Send + Sync {
         &self,
         repo: &str,
         narinfos: &[PublishedNarInfo],
-        exempt: &std::collections::HashSet<String>,
+        exempt: &HashSet<String>,
         at: i64,
     ) -> MetaResult<Vec<PublishState>>;
 
@@ -544,45 +553,104 @@ pub trait Metadata: Send + Sync {
     fn try_singleton(&self, name: &str) -> MetaResult<Option<SingletonGuard>>;
 }
 
-/// Which batch entries can be published: each entry's references (hash parts) must be in
-/// `present` or be another accepted entry of the batch, to a fixed point (a refusal refuses
-/// the entries that reference it). Returns, per entry, the missing references.
-pub fn batch_missing(
-    entries: &[(&str, &[String])],
-    present: &std::collections::HashSet<String>,
-) -> Vec<Vec<String>> {
-    use std::collections::HashMap;
-    let mut accepted: HashMap<&str, usize> = HashMap::new();
-    for (hash, _) in entries {
-        *accepted.entry(*hash).or_default() += 1;
+/// The closure check, to its fixed point: a candidate `(key, references)` is accepted when
+/// every reference is the key itself, one in `present`, or an accepted candidate. Returns, per
+/// candidate, the references found missing (empty when accepted). Refusals propagate: a
+/// candidate whose reference is refused is refused too. The push API checks whole store paths
+/// (a hash part alone is not enough: `<hash>-other` is a different path, and Nix refuses a
+/// closure that names it); the backends recheck hash parts under their locks.
+pub fn closure_check<'a, K: Eq + std::hash::Hash>(
+    candidates: &[(&'a K, &'a [K])],
+    present: &HashSet<&K>,
+) -> Vec<Vec<&'a K>> {
+    let mut accepted: HashMap<&K, usize> = HashMap::new();
+    for (key, _) in candidates {
+        *accepted.entry(*key).or_default() += 1;
     }
-    let mut missing = vec![Vec::new(); entries.len()];
-    loop {
-        let mut changed = false;
-        for (i, (hash, references)) in entries.iter().enumerate() {
-            if !missing[i].is_empty() {
-                continue;
-            }
-            let absent: Vec<String> = references
-                .iter()
-                .filter(|r| !present.contains(*r) && !accepted.contains_key(r.as_str()))
-                .cloned()
-                .collect();
-            if !absent.is_empty() {
-                missing[i] = absent;
-                if let Some(count) = accepted.get_mut(hash) {
-                    *count -= 1;
-                    if *count == 0 {
-                        accepted.remove(hash);
-                    }
-                }
-                changed = true;
+    // Who references whom among the candidates, so a refusal only revisits its dependents.
+    let mut dependents: HashMap<&K, Vec<usize>> = HashMap::new();
+    for (i, (key, references)) in candidates.iter().enumerate() {
+        for reference in references.iter() {
+            if reference != *key {
+                dependents.entry(reference).or_default().push(i);
             }
         }
-        if !changed {
-            return missing;
+    }
+    let mut missing: Vec<Vec<&'a K>> = vec![Vec::new(); candidates.len()];
+    let unresolved = |i: usize, accepted: &HashMap<&K, usize>| {
+        let (key, references) = candidates[i];
+        references
+            .iter()
+            .filter(|r| *r != key && !present.contains(r) && !accepted.contains_key(r))
+            .collect::<Vec<_>>()
+    };
+    let mut queue: Vec<usize> = (0..candidates.len()).collect();
+    while let Some(i) = queue.pop() {
+        if !missing[i].is_empty() {
+            continue;
+        }
+        let found = unresolved(i, &accepted);
+        if found.is_empty() {
+            continue;
+        }
+        missing[i] = found;
+        let key = candidates[i].0;
+        if let Some(count) = accepted.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                accepted.remove(key);
+                queue.extend(dependents.get(key).into_iter().flatten().copied());
+            }
         }
     }
+    missing
+}
+
+/// A publication's verdicts, decided under the backend's locks from what it found there:
+/// `published` holds the hash parts already published among the entries and their references,
+/// `stored` the NAR URLs stored, `exempt` the references an upstream cache proves. An entry
+/// left `None` may be inserted.
+pub(crate) fn publication_verdicts(
+    narinfos: &[PublishedNarInfo],
+    facts: &[NarInfoFacts],
+    published: &HashSet<String>,
+    stored: &HashSet<String>,
+    exempt: &HashSet<String>,
+) -> Vec<Option<PublishState>> {
+    let mut states: Vec<Option<PublishState>> = narinfos
+        .iter()
+        .zip(facts)
+        .map(|(info, facts)| {
+            if published.contains(&info.hash) {
+                Some(PublishState::Already)
+            } else if !facts.nar_url.is_empty() && !stored.contains(&facts.nar_url) {
+                Some(PublishState::NarGone(facts.nar_url.clone()))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let open: Vec<usize> = (0..narinfos.len())
+        .filter(|&i| states[i].is_none())
+        .collect();
+    let entries: Vec<(&String, &[String])> = open
+        .iter()
+        .map(|&i| (&narinfos[i].hash, facts[i].references.as_slice()))
+        .collect();
+    let present: HashSet<&String> = published.iter().chain(exempt).collect();
+    for (&i, missing) in open.iter().zip(closure_check(&entries, &present)) {
+        if !missing.is_empty() {
+            states[i] = Some(PublishState::MissingReferences(
+                missing.into_iter().cloned().collect(),
+            ));
+        }
+    }
+    states
+}
+
+/// Counts and sizes are stored as SQL BIGINT: a `u64` past its range saturates.
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 pub fn now_unix() -> i64 {

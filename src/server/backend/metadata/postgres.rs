@@ -38,11 +38,23 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
-    batch_missing, now_unix, DeadSet, GcSession, LiveSet, MetaError, MetaResult, Metadata,
-    NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
+    now_unix, publication_verdicts, to_i64, DeadSet, GcSession, LiveSet, MetaError, MetaResult,
+    Metadata, NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
     PublishState, PublishedNarInfo, RemovedPath, RepoRecord, RepoUsage, RetentionPolicy, Scope,
     SessionCaps, SingletonGuard, Swept, TokenRecord, UploadPart, UploadRecord,
 };
+
+/// A statement on the `nars` rows no narinfo names (`$1` is the repository): `$head`'s
+/// conditions, that one, then `$tail` (ordering, locking, returning).
+macro_rules! unnamed_nars {
+    ($head:literal, $tail:literal) => {
+        concat!(
+            $head,
+            " AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url) ",
+            $tail
+        )
+    };
+}
 
 /// The schema this binary writes. A database at a higher version was migrated by a newer
 /// binary, and this one refuses it rather than misread it.
@@ -225,6 +237,50 @@ impl std::fmt::Debug for PostgresMetadata {
 }
 
 impl PostgresMetadata {
+    /// The compare-and-set behind chunk appends and tail replacements. The session's row lock
+    /// serialises them across replicas, and the parts' sum is read after it is granted, so it
+    /// includes what the previous holder committed. If the session exists, its parts total
+    /// exactly `offset` bytes and `fits` accepts their count, `write` (with `params`) must
+    /// change exactly one part row; then the session is touched. False otherwise, with
+    /// nothing written.
+    fn write_part_at(
+        &self,
+        id: &str,
+        offset: u64,
+        at: i64,
+        fits: impl Fn(i64) -> bool,
+        write: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> MetaResult<bool> {
+        self.call(false, async |c| {
+            let lock = c
+                .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
+                .await?;
+            let recorded = c
+                .prepare(
+                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
+                     WHERE upload_id = $1",
+                )
+                .await?;
+            let write = c.prepare(write).await?;
+            let touch = c
+                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
+                .await?;
+            let tx = c.client.transaction().await?;
+            if tx.query_opt(&lock, &[&id]).await?.is_none() {
+                return Ok(false);
+            }
+            let row = tx.query_one(&recorded, &[&id]).await?;
+            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
+            if held != to_i64(offset) || !fits(parts) || tx.execute(&write, params).await? != 1 {
+                return Ok(false);
+            }
+            tx.execute(&touch, &[&id, &at]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
     /// Connects, applies pending migrations, and refuses a schema newer than this binary's.
     pub fn open(url: &str, pool_size: usize) -> MetaResult<Self> {
         let meta = Self::connect(url, pool_size)?;
@@ -371,6 +427,11 @@ impl PostgresMetadata {
                 pooled.discard();
             } else {
                 pooled.release();
+            }
+            if lost {
+                // What killed one idle connection (a restart, a failover) killed the others
+                // too: a retry on one of them would fail the same way.
+                self.pool.discard_idle();
             }
             if lost && reused && attempts > 0 {
                 tracing::debug!("PostgreSQL connection lost while idle, retrying: {failure}");
@@ -845,6 +906,16 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection; new ones are opened as calls need them.
+    fn discard_idle(&self) {
+        let mut state = self.lock();
+        let idle = std::mem::take(&mut state.idle);
+        state.open -= idle.len();
+        drop(state);
+        drop(idle);
+        self.freed.notify_all();
+    }
+
     fn put_back(&self, conn: Conn, broken: bool) {
         let mut state = self.lock();
         if broken || conn.client.is_closed() {
@@ -1045,8 +1116,8 @@ impl GcSession for PgGc<'_> {
                 .await?;
             // One generation per statement (see the SQLite backend): memory stays bounded,
             // where a recursive CTE's UNION keeps its whole working set in a hash table.
+            // Prepared once per session, not once per mark: `--max-size` marks ~30 times.
             let step = c
-                .client
                 .prepare(
                     "INSERT INTO gc_live (hash, gen)
                      SELECT DISTINCT r.ref_hash, $3::bigint FROM gc_live l
@@ -1105,7 +1176,9 @@ impl GcSession for PgGc<'_> {
         let cutoff = self.cutoff;
         self.run(async |c| {
             c.client.batch_execute("TRUNCATE gc_dead").await?;
-            c.client
+            // One row per published path (the hash part is the key): the insert counts them.
+            let paths = c
+                .client
                 .execute(
                     "INSERT INTO gc_dead (hash)
                      SELECT n.hash FROM narinfos n WHERE n.repo = $1 AND n.last_used_at < $2
@@ -1114,11 +1187,6 @@ impl GcSession for PgGc<'_> {
                 )
                 .await?;
             c.client.batch_execute("ANALYZE gc_dead").await?;
-            let paths: i64 = c
-                .client
-                .query_one("SELECT COUNT(*) FROM gc_dead", &[])
-                .await?
-                .get(0);
             let row = c
                 .client
                 .query_one(
@@ -1132,7 +1200,7 @@ impl GcSession for PgGc<'_> {
                 )
                 .await?;
             Ok(DeadSet {
-                paths: paths as u64,
+                paths,
                 nars: row.get::<_, i64>(0) as u64,
                 bytes: row.get::<_, i64>(1) as u64,
             })
@@ -1189,9 +1257,11 @@ impl GcSession for PgGc<'_> {
             )
             .await?;
             let nars_orphaned = tx.execute(
-                "UPDATE nars SET orphaned_at = $3
-                 WHERE repo = $1 AND url = ANY($2) AND orphaned_at IS NULL
-                 AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
+                unnamed_nars!(
+                    "UPDATE nars SET orphaned_at = $3
+                     WHERE repo = $1 AND url = ANY($2) AND orphaned_at IS NULL",
+                    ""
+                ),
                 &[&repo, &urls, &now],
             )
             .await?;
@@ -1270,10 +1340,6 @@ fn token_from_row(row: &tokio_postgres::Row) -> TokenRecord {
         revoked_at: row.get(5),
         repos: row.get(6),
     }
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 macro_rules! upload_select {
@@ -1490,34 +1556,55 @@ impl Metadata for PostgresMetadata {
         })
     }
 
-    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
+    fn insert_nars(&self, repo: &str, nars: &[NarRecord]) -> MetaResult<Vec<bool>> {
+        let column = |field: fn(&NarRecord) -> &str| nars.iter().map(field).collect::<Vec<_>>();
+        let (urls, compressions, nar_hashes, file_hashes, keys) = (
+            column(|n| &n.url),
+            column(|n| &n.compression),
+            column(|n| &n.nar_hash),
+            column(|n| &n.file_hash),
+            column(|n| &n.object_key),
+        );
+        let nar_sizes: Vec<i64> = nars.iter().map(|n| to_i64(n.nar_size)).collect();
+        let file_sizes: Vec<i64> = nars.iter().map(|n| to_i64(n.file_size)).collect();
         self.call(false, async |c| {
+            // One statement for the batch: a row per element of the arrays.
             let statement = c
                 .prepare(
                     "INSERT INTO nars (repo, url, compression, nar_hash, nar_size, file_hash,
                                        file_size, object_key, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (repo, url) DO NOTHING",
+                     SELECT $1, * , $9 FROM UNNEST($2::text[], $3::text[], $4::text[],
+                                                   $5::bigint[], $6::text[], $7::bigint[],
+                                                   $8::text[])
+                     ON CONFLICT (repo, url) DO NOTHING
+                     RETURNING url",
                 )
                 .await?;
-            let inserted = c
+            let inserted: HashSet<String> = c
                 .client
-                .execute(
+                .query(
                     &statement,
                     &[
                         &repo,
-                        &nar.url,
-                        &nar.compression,
-                        &nar.nar_hash,
-                        &to_i64(nar.nar_size),
-                        &nar.file_hash,
-                        &to_i64(nar.file_size),
-                        &nar.object_key,
+                        &urls,
+                        &compressions,
+                        &nar_hashes,
+                        &nar_sizes,
+                        &file_hashes,
+                        &file_sizes,
+                        &keys,
                         &now_unix(),
                     ],
                 )
-                .await?;
-            Ok(inserted == 1)
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            let mut seen = HashSet::new();
+            Ok(urls
+                .iter()
+                .map(|url| inserted.contains(*url) && seen.insert(*url))
+                .collect())
         })
     }
 
@@ -1670,50 +1757,16 @@ impl Metadata for PostgresMetadata {
         part: &UploadPart,
         at: i64,
     ) -> MetaResult<bool> {
-        self.call(false, async |c| {
-            let lock = c
-                .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
-                .await?;
-            let recorded = c
-                .prepare(
-                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
-                     WHERE upload_id = $1",
-                )
-                .await?;
-            let insert = c
-                .prepare(
-                    "INSERT INTO upload_parts (upload_id, number, size, etag)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (upload_id, number) DO NOTHING",
-                )
-                .await?;
-            let touch = c
-                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
-                .await?;
-            let tx = c.client.transaction().await?;
-            // The row lock serialises appends to one upload across replicas; the sum is read
-            // after it is granted, so it includes the part the previous holder committed.
-            if tx.query_opt(&lock, &[&id]).await?.is_none() {
-                return Ok(false);
-            }
-            let row = tx.query_one(&recorded, &[&id]).await?;
-            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
-            // Numbers are consecutive, so the part list is exactly what assembles the object.
-            if held != to_i64(offset) || i64::from(part.number) != parts + 1 {
-                return Ok(false);
-            }
-            let inserted = tx
-                .execute(
-                    &insert,
-                    &[&id, &i64::from(part.number), &to_i64(part.size), &part.etag],
-                )
-                .await?;
-            if inserted != 1 {
-                return Ok(false);
-            }
-            tx.execute(&touch, &[&id, &at]).await?;
-            tx.commit().await?;
-            Ok(true)
-        })
+        // Numbers are consecutive, so the part list is exactly what assembles the object.
+        self.write_part_at(
+            id,
+            offset,
+            at,
+            |parts| i64::from(part.number) == parts + 1,
+            "INSERT INTO upload_parts (upload_id, number, size, etag)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (upload_id, number) DO NOTHING",
+            &[&id, &i64::from(part.number), &to_i64(part.size), &part.etag],
+        )
     }
 
     fn upload_parts(&self, id: &str) -> MetaResult<Vec<UploadPart>> {
@@ -1745,26 +1798,34 @@ impl Metadata for PostgresMetadata {
         })
     }
 
-    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
+    fn record_object_intents(&self, keys: &[String], at: i64) -> MetaResult<()> {
+        // ON CONFLICT DO UPDATE may not touch one row twice in a statement.
+        let keys: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         self.call(false, async |c| {
             // A retried write refreshes its intent, so the janitor's grace period restarts.
             let statement = c
                 .prepare(
-                    "INSERT INTO object_intents (key, created_at) VALUES ($1, $2)
+                    "INSERT INTO object_intents (key, created_at)
+                     SELECT key, $2 FROM UNNEST($1::text[]) AS key
                      ON CONFLICT (key) DO UPDATE SET created_at = EXCLUDED.created_at",
                 )
                 .await?;
-            c.client.execute(&statement, &[&key, &at]).await?;
+            c.client.execute(&statement, &[&keys, &at]).await?;
             Ok(())
         })
     }
 
-    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
+    fn clear_object_intents(&self, keys: &[String]) -> MetaResult<()> {
         self.call(false, async |c| {
             let statement = c
-                .prepare("DELETE FROM object_intents WHERE key = $1")
+                .prepare("DELETE FROM object_intents WHERE key = ANY($1)")
                 .await?;
-            c.client.execute(&statement, &[&key]).await?;
+            c.client.execute(&statement, &[&keys]).await?;
             Ok(())
         })
     }
@@ -1882,26 +1943,8 @@ impl Metadata for PostgresMetadata {
                 .iter()
                 .map(|row| row.get(0))
                 .collect();
-            let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
-            for (i, info) in narinfos.iter().enumerate() {
-                if locked.contains(&info.hash) {
-                    states[i] = Some(PublishState::Already);
-                } else if !facts[i].nar_url.is_empty() && !stored.contains(&facts[i].nar_url) {
-                    states[i] = Some(PublishState::NarGone(facts[i].nar_url.clone()));
-                }
-            }
-            let open: Vec<usize> = (0..narinfos.len()).filter(|&i| states[i].is_none()).collect();
-            let entries: Vec<(&str, &[String])> = open
-                .iter()
-                .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
-                .collect();
-            let present: HashSet<String> = locked.union(exempt).cloned().collect();
-            for (&i, missing) in open.iter().zip(batch_missing(&entries, &present)) {
-                if !missing.is_empty() {
-                    states[i] = Some(PublishState::MissingReferences(missing));
-                }
-            }
-            let go: Vec<usize> = open.into_iter().filter(|&i| states[i].is_none()).collect();
+            let mut states = publication_verdicts(narinfos, &facts, &locked, &stored, exempt);
+            let go: Vec<usize> = (0..narinfos.len()).filter(|&i| states[i].is_none()).collect();
             let hashes: Vec<&str> = go.iter().map(|&i| narinfos[i].hash.as_str()).collect();
             let paths: Vec<&str> = go.iter().map(|&i| narinfos[i].store_path.as_str()).collect();
             let nar_hashes: Vec<&str> = go.iter().map(|&i| narinfos[i].nar_hash.as_str()).collect();
@@ -2063,20 +2106,20 @@ impl Metadata for PostgresMetadata {
         self.call(false, async |c| {
             if dry_run {
                 let statement = c
-                    .prepare(
-                        "SELECT COUNT(*) FROM nars WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2
-                         AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
-                    )
+                    .prepare(unnamed_nars!(
+                        "SELECT COUNT(*) FROM nars WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2",
+                        ""
+                    ))
                     .await?;
                 let row = c.client.query_one(&statement, &[&repo, &created_before]).await?;
                 return Ok(row.get::<_, i64>(0) as u64);
             }
             let statement = c
-                .prepare(
+                .prepare(unnamed_nars!(
                     "UPDATE nars SET orphaned_at = $3
-                     WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2
-                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
-                )
+                     WHERE repo = $1 AND orphaned_at IS NULL AND created_at < $2",
+                    ""
+                ))
                 .await?;
             Ok(c.client
                 .execute(&statement, &[&repo, &created_before, &now])
@@ -2087,13 +2130,16 @@ impl Metadata for PostgresMetadata {
     fn collectible_nars(&self, repo: &str, orphaned_before: i64) -> MetaResult<(u64, u64)> {
         self.call(true, async |c| {
             let statement = c
-                .prepare(
+                .prepare(unnamed_nars!(
                     "SELECT COUNT(*), COALESCE(SUM(file_size), 0)::BIGINT FROM nars
-                     WHERE repo = $1 AND orphaned_at < $2
-                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)",
-                )
+                     WHERE repo = $1 AND orphaned_at < $2",
+                    ""
+                ))
                 .await?;
-            let row = c.client.query_one(&statement, &[&repo, &orphaned_before]).await?;
+            let row = c
+                .client
+                .query_one(&statement, &[&repo, &orphaned_before])
+                .await?;
             Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
         })
     }
@@ -2107,20 +2153,18 @@ impl Metadata for PostgresMetadata {
         let limit = to_i64(limit as u64);
         self.call(false, async |c| {
             let lock = c
-                .prepare(
-                    "SELECT url FROM nars WHERE repo = $1 AND orphaned_at < $2
-                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
-                     ORDER BY url LIMIT $3 FOR UPDATE",
-                )
+                .prepare(unnamed_nars!(
+                    "SELECT url FROM nars WHERE repo = $1 AND orphaned_at < $2",
+                    "ORDER BY url LIMIT $3 FOR UPDATE"
+                ))
                 .await?;
             // A new statement, so a new snapshot: a publication that revived one of them while
             // this waited for its lock is seen here.
             let delete = c
-                .prepare(
-                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($3) AND orphaned_at < $2
-                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
-                     RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key",
-                )
+                .prepare(unnamed_nars!(
+                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($3) AND orphaned_at < $2",
+                    "RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key"
+                ))
                 .await?;
             let tx = c.client.transaction().await?;
             let locked: Vec<String> = tx
@@ -2165,11 +2209,10 @@ impl Metadata for PostgresMetadata {
                 .prepare("DELETE FROM narinfo_refs WHERE repo = $1 AND hash = ANY($2)")
                 .await?;
             let delete_nars = c
-                .prepare(
-                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($2)
-                     AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = $1 AND n.nar_url = nars.url)
-                     RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key",
-                )
+                .prepare(unnamed_nars!(
+                    "DELETE FROM nars WHERE repo = $1 AND url = ANY($2)",
+                    "RETURNING url, compression, nar_hash, nar_size, file_hash, file_size, object_key"
+                ))
                 .await?;
             let tx = c.client.transaction().await?;
             // Lock what depends on the targets, then look again: a publication that committed
@@ -2413,53 +2456,21 @@ impl Metadata for PostgresMetadata {
         part: &UploadPart,
         at: i64,
     ) -> MetaResult<bool> {
-        self.call(false, async |c| {
-            let lock = c
-                .prepare("SELECT 1 FROM uploads WHERE id = $1 FOR UPDATE")
-                .await?;
-            let recorded = c
-                .prepare(
-                    "SELECT COALESCE(SUM(size), 0)::BIGINT, COUNT(*) FROM upload_parts
-                     WHERE upload_id = $1",
-                )
-                .await?;
-            let replace = c
-                .prepare(
-                    "UPDATE upload_parts SET size = $4, etag = $5
-                     WHERE upload_id = $1 AND number = $2 AND etag = $3",
-                )
-                .await?;
-            let touch = c
-                .prepare("UPDATE uploads SET updated_at = GREATEST(updated_at, $2) WHERE id = $1")
-                .await?;
-            let tx = c.client.transaction().await?;
-            // The same row lock as add_upload_part: appends and replacements of one upload
-            // are serialised across replicas.
-            if tx.query_opt(&lock, &[&id]).await?.is_none() {
-                return Ok(false);
-            }
-            let row = tx.query_one(&recorded, &[&id]).await?;
-            let (held, parts): (i64, i64) = (row.get(0), row.get(1));
-            if held != to_i64(offset)
-                || part.number != last.number
-                || i64::from(last.number) != parts
-            {
-                return Ok(false);
-            }
-            let number = i64::from(last.number);
-            let replaced = tx
-                .execute(
-                    &replace,
-                    &[&id, &number, &last.etag, &to_i64(part.size), &part.etag],
-                )
-                .await?;
-            if replaced != 1 {
-                return Ok(false);
-            }
-            tx.execute(&touch, &[&id, &at]).await?;
-            tx.commit().await?;
-            Ok(true)
-        })
+        self.write_part_at(
+            id,
+            offset,
+            at,
+            |parts| part.number == last.number && i64::from(last.number) == parts,
+            "UPDATE upload_parts SET size = $4, etag = $5
+             WHERE upload_id = $1 AND number = $2 AND etag = $3",
+            &[
+                &id,
+                &i64::from(last.number),
+                &last.etag,
+                &to_i64(part.size),
+                &part.etag,
+            ],
+        )
     }
 }
 

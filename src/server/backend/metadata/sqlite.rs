@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashSet;
 
 use super::{
-    batch_missing, now_unix, DeadSet, GcSession, LiveSet, MetaError, MetaResult, Metadata,
-    NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
+    now_unix, publication_verdicts, to_i64, DeadSet, GcSession, LiveSet, MetaError, MetaResult,
+    Metadata, NarInfoFacts, NarRecord, OpenedUpload, PathDeletion, PinCreated, PinRecord, Presence,
     PublishState, PublishedNarInfo, RemovedPath, RepoRecord, RepoUsage, RetentionPolicy, Scope,
     SessionCaps, SingletonGuard, Swept, TokenRecord, UploadPart, UploadRecord,
 };
@@ -260,6 +260,39 @@ pub struct SqliteMetadata {
 }
 
 impl SqliteMetadata {
+    /// The compare-and-set behind chunk appends and tail replacements: in one write
+    /// transaction, if the session exists, its parts total exactly `offset` bytes and `fits`
+    /// accepts their count, `write` changes exactly one part row and the session is touched.
+    /// False otherwise, with nothing written.
+    fn write_part_at(
+        &self,
+        id: &str,
+        offset: u64,
+        at: i64,
+        fits: impl FnOnce(i64) -> bool,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
+    ) -> MetaResult<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM uploads WHERE id = ?1")?
+            .exists([id])?;
+        let (held, parts): (i64, i64) = tx.query_row(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM upload_parts WHERE upload_id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if !exists || held != offset as i64 || !fits(parts) || write(&tx)? != 1 {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
+            params![id, at],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
     /// Raises last uses in one transaction: `update` takes the repository, the key and the
     /// time as `?1`, `?2` and `?3`.
     fn touch(&self, update: &str, repo: &str, uses: &[(String, i64)]) -> MetaResult<()> {
@@ -586,23 +619,33 @@ impl Metadata for SqliteMetadata {
             .map_err(MetaError::from)
     }
 
-    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
-        let inserted = self.conn().execute(
-            "INSERT OR IGNORE INTO nars (repo, url, compression, nar_hash, nar_size, file_hash, file_size, created_at, object_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                repo,
-                nar.url,
-                nar.compression,
-                nar.nar_hash,
-                nar.nar_size as i64,
-                nar.file_hash,
-                nar.file_size as i64,
-                now_unix(),
-                nar.object_key
-            ],
-        )?;
-        Ok(inserted == 1)
+    fn insert_nars(&self, repo: &str, nars: &[NarRecord]) -> MetaResult<Vec<bool>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut newly = Vec::with_capacity(nars.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO nars (repo, url, compression, nar_hash, nar_size, file_hash, file_size, created_at, object_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            let at = now_unix();
+            for nar in nars {
+                let inserted = insert.execute(params![
+                    repo,
+                    nar.url,
+                    nar.compression,
+                    nar.nar_hash,
+                    nar.nar_size as i64,
+                    nar.file_hash,
+                    nar.file_size as i64,
+                    at,
+                    nar.object_key
+                ])?;
+                newly.push(inserted == 1);
+            }
+        }
+        tx.commit()?;
+        Ok(newly)
     }
 
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
@@ -655,30 +698,19 @@ impl Metadata for SqliteMetadata {
         part: &UploadPart,
         at: i64,
     ) -> MetaResult<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (held, parts): (i64, i64) = tx.query_row(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM upload_parts WHERE upload_id = ?1",
-            [id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        let exists = tx
-            .prepare_cached("SELECT 1 FROM uploads WHERE id = ?1")?
-            .exists([id])?;
         // Numbers are consecutive, so the part list is exactly what assembles the object.
-        if !exists || held != offset as i64 || i64::from(part.number) != parts + 1 {
-            return Ok(false);
-        }
-        tx.execute(
-            "INSERT INTO upload_parts (upload_id, number, size, etag) VALUES (?1, ?2, ?3, ?4)",
-            params![id, part.number, part.size as i64, part.etag],
-        )?;
-        tx.execute(
-            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
-            params![id, at],
-        )?;
-        tx.commit()?;
-        Ok(true)
+        self.write_part_at(
+            id,
+            offset,
+            at,
+            |parts| i64::from(part.number) == parts + 1,
+            |tx| {
+                tx.execute(
+                    "INSERT INTO upload_parts (upload_id, number, size, etag) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, part.number, part.size as i64, part.etag],
+                )
+            },
+        )
     }
 
     fn upload_parts(&self, id: &str) -> MetaResult<Vec<UploadPart>> {
@@ -781,18 +813,32 @@ impl Metadata for SqliteMetadata {
             .collect()
     }
 
-    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
-        self.conn().execute(
-            "INSERT INTO object_intents (key, created_at) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at",
-            params![key, at],
-        )?;
+    fn record_object_intents(&self, keys: &[String], at: i64) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut record = tx.prepare_cached(
+                "INSERT INTO object_intents (key, created_at) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET created_at = excluded.created_at",
+            )?;
+            for key in keys {
+                record.execute(params![key, at])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
-    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
-        self.conn()
-            .execute("DELETE FROM object_intents WHERE key = ?1", [key])?;
+    fn clear_object_intents(&self, keys: &[String]) -> MetaResult<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut clear = tx.prepare_cached("DELETE FROM object_intents WHERE key = ?1")?;
+            for key in keys {
+                clear.execute([key])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -826,38 +872,25 @@ impl Metadata for SqliteMetadata {
         // IMMEDIATE: the checks and the writes see one state; a collector (in this process or
         // in `stowix admin`) writes only in transactions of its own, before or after this one.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut states: Vec<Option<PublishState>> = vec![None; narinfos.len()];
-        let mut present = exempt.clone();
+        let (mut published, mut stored) = (HashSet::new(), HashSet::new());
         {
-            let mut published =
+            let mut is_published =
                 tx.prepare_cached("SELECT 1 FROM narinfos WHERE repo = ?1 AND hash = ?2")?;
-            let mut nar = tx.prepare_cached("SELECT 1 FROM nars WHERE repo = ?1 AND url = ?2")?;
-            for (i, info) in narinfos.iter().enumerate() {
-                if published.exists([repo, &info.hash])? {
-                    present.insert(info.hash.clone());
-                    states[i] = Some(PublishState::Already);
-                } else if !facts[i].nar_url.is_empty() && !nar.exists([repo, &facts[i].nar_url])? {
-                    states[i] = Some(PublishState::NarGone(facts[i].nar_url.clone()));
+            let mut is_stored =
+                tx.prepare_cached("SELECT 1 FROM nars WHERE repo = ?1 AND url = ?2")?;
+            let hashes = narinfos.iter().map(|n| &n.hash);
+            for hash in hashes.chain(facts.iter().flat_map(|f| &f.references)) {
+                if !published.contains(hash) && is_published.exists([repo, hash])? {
+                    published.insert(hash.clone());
                 }
             }
-            for reference in facts.iter().flat_map(|f| &f.references) {
-                if !present.contains(reference) && published.exists([repo, reference])? {
-                    present.insert(reference.clone());
+            for url in facts.iter().map(|f| &f.nar_url).filter(|u| !u.is_empty()) {
+                if !stored.contains(url) && is_stored.exists([repo, url])? {
+                    stored.insert(url.clone());
                 }
             }
         }
-        let open: Vec<usize> = (0..narinfos.len())
-            .filter(|&i| states[i].is_none())
-            .collect();
-        let entries: Vec<(&str, &[String])> = open
-            .iter()
-            .map(|&i| (narinfos[i].hash.as_str(), facts[i].references.as_slice()))
-            .collect();
-        for (&i, missing) in open.iter().zip(batch_missing(&entries, &present)) {
-            if !missing.is_empty() {
-                states[i] = Some(PublishState::MissingReferences(missing));
-            }
-        }
+        let mut states = publication_verdicts(narinfos, &facts, &published, &stored, exempt);
         {
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO narinfos
@@ -870,7 +903,7 @@ impl Metadata for SqliteMetadata {
             let mut revive = tx.prepare_cached(
                 "UPDATE nars SET orphaned_at = NULL WHERE repo = ?1 AND url = ?2",
             )?;
-            for &i in &open {
+            for i in 0..narinfos.len() {
                 if states[i].is_some() {
                     continue;
                 }
@@ -1257,40 +1290,25 @@ impl Metadata for SqliteMetadata {
         part: &UploadPart,
         at: i64,
     ) -> MetaResult<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let (held, parts): (i64, i64) = tx.query_row(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM upload_parts WHERE upload_id = ?1",
-            [id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        if held != offset as i64 || part.number != last.number || i64::from(last.number) != parts {
-            return Ok(false);
-        }
-        let replaced = tx.execute(
-            "UPDATE upload_parts SET size = ?4, etag = ?5
-             WHERE upload_id = ?1 AND number = ?2 AND etag = ?3",
-            params![id, last.number, last.etag, part.size as i64, part.etag],
-        )?;
-        if replaced != 1 {
-            return Ok(false);
-        }
-        tx.execute(
-            "UPDATE uploads SET updated_at = MAX(updated_at, ?2) WHERE id = ?1",
-            params![id, at],
-        )?;
-        tx.commit()?;
-        Ok(true)
+        self.write_part_at(
+            id,
+            offset,
+            at,
+            |parts| part.number == last.number && i64::from(last.number) == parts,
+            |tx| {
+                tx.execute(
+                    "UPDATE upload_parts SET size = ?4, etag = ?5
+                     WHERE upload_id = ?1 AND number = ?2 AND etag = ?3",
+                    params![id, last.number, last.etag, part.size as i64, part.etag],
+                )
+            },
+        )
     }
 }
 
 /// NARs marked unreferenced before `?2` that no narinfo names.
 const COLLECTIBLE: &str = "repo = ?1 AND orphaned_at IS NOT NULL AND orphaned_at < ?2
      AND NOT EXISTS (SELECT 1 FROM narinfos n WHERE n.repo = ?1 AND n.nar_url = nars.url)";
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
 
 /// A collection's session: its own connection holding the temporary `gc_live` (the mark, with
 /// the generation each path was reached in) and `gc_dead` (the candidates).
@@ -1365,13 +1383,13 @@ impl GcSession for SqliteGc {
     fn dead(&mut self) -> MetaResult<DeadSet> {
         let conn = &self.conn;
         conn.execute("DELETE FROM gc_dead", [])?;
-        conn.execute(
+        // One row per published path (the hash part is the key): the insert counts them.
+        let paths = conn.execute(
             "INSERT INTO gc_dead (hash)
              SELECT n.hash FROM narinfos n WHERE n.repo = ?1 AND n.last_used_at < ?2
              AND NOT EXISTS (SELECT 1 FROM gc_live l WHERE l.hash = n.hash)",
             params![self.repo, self.cutoff],
         )?;
-        let paths: i64 = conn.query_row("SELECT COUNT(*) FROM gc_dead", [], |row| row.get(0))?;
         let (nars, bytes): (i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(s.file_size), 0) FROM nars s
              WHERE s.repo = ?1 AND s.orphaned_at IS NULL

@@ -199,8 +199,8 @@ impl Metadata for Timed {
         timed("nar_by_url", || self.inner.nar_by_url(repo, url))
     }
 
-    fn insert_nar(&self, repo: &str, nar: &NarRecord) -> MetaResult<bool> {
-        timed("insert_nar", || self.inner.insert_nar(repo, nar))
+    fn insert_nars(&self, repo: &str, nars: &[NarRecord]) -> MetaResult<Vec<bool>> {
+        timed("insert_nars", || self.inner.insert_nars(repo, nars))
     }
 
     fn upload(&self, id: &str) -> MetaResult<Option<UploadRecord>> {
@@ -278,15 +278,15 @@ impl Metadata for Timed {
         })
     }
 
-    fn record_object_intent(&self, key: &str, at: i64) -> MetaResult<()> {
-        timed("record_object_intent", || {
-            self.inner.record_object_intent(key, at)
+    fn record_object_intents(&self, keys: &[String], at: i64) -> MetaResult<()> {
+        timed("record_object_intents", || {
+            self.inner.record_object_intents(keys, at)
         })
     }
 
-    fn clear_object_intent(&self, key: &str) -> MetaResult<()> {
-        timed("clear_object_intent", || {
-            self.inner.clear_object_intent(key)
+    fn clear_object_intents(&self, keys: &[String]) -> MetaResult<()> {
+        timed("clear_object_intents", || {
+            self.inner.clear_object_intents(keys)
         })
     }
 

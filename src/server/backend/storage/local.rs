@@ -30,6 +30,29 @@ impl LocalStorage {
     }
 }
 
+impl LocalStorage {
+    /// Writes the object under `key` through `fill` into a temporary file beside it, synced
+    /// and renamed, so the name appears only for whole bytes.
+    async fn write_beside(
+        &self,
+        key: &str,
+        fill: impl FnOnce(&mut tempfile::NamedTempFile) -> std::io::Result<()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let target = self.path_of(key)?;
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().expect("keys have a directory part");
+            std::fs::create_dir_all(dir)?;
+            let mut staged = tempfile::NamedTempFile::new_in(dir)?;
+            fill(&mut staged)?;
+            staged.as_file().sync_all()?;
+            staged.persist(&target).map_err(|err| err.error)?;
+            std::fs::File::open(dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
 #[async_trait]
 impl Storage for LocalStorage {
     async fn put_file(&self, key: &str, staged: &Path) -> std::io::Result<()> {
@@ -56,35 +79,33 @@ impl Storage for LocalStorage {
     }
 
     async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()> {
-        let target = self.path_of(key)?;
-        tokio::task::spawn_blocking(move || {
-            let dir = target.parent().expect("keys have a directory part");
-            std::fs::create_dir_all(dir)?;
-            let mut staged = tempfile::NamedTempFile::new_in(dir)?;
-            std::io::Write::write_all(&mut staged, &bytes)?;
-            staged.as_file().sync_all()?;
-            staged.persist(&target).map_err(|err| err.error)?;
-            std::fs::File::open(dir)?.sync_all()
-        })
-        .await
-        .map_err(std::io::Error::other)?
+        self.write_beside(key, move |staged| std::io::Write::write_all(staged, &bytes))
+            .await
+    }
+
+    async fn put_many(&self, objects: Vec<(String, bytes::Bytes)>) -> Vec<std::io::Result<()>> {
+        let objects: Vec<_> = objects
+            .into_iter()
+            .map(|(key, bytes)| (self.path_of(&key), bytes))
+            .collect();
+        let root = self.root.clone();
+        let count = objects.len();
+        tokio::task::spawn_blocking(move || write_many(&root, objects))
+            .await
+            .unwrap_or_else(|err| {
+                let err = std::io::Error::other(err);
+                (0..count)
+                    .map(|_| Err(std::io::Error::new(err.kind(), err.to_string())))
+                    .collect()
+            })
     }
 
     async fn put_copy(&self, key: &str, source: &Path) -> std::io::Result<()> {
-        let target = self.path_of(key)?;
         let source = source.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            let dir = target.parent().expect("keys have a directory part");
-            std::fs::create_dir_all(dir)?;
-            // Copied beside the target and renamed, so the name appears only for whole bytes.
-            let mut staged = tempfile::NamedTempFile::new_in(dir)?;
-            std::io::copy(&mut std::fs::File::open(&source)?, &mut staged)?;
-            staged.as_file().sync_all()?;
-            staged.persist(&target).map_err(|err| err.error)?;
-            std::fs::File::open(dir)?.sync_all()
+        self.write_beside(key, move |staged| {
+            std::io::copy(&mut std::fs::File::open(&source)?, staged).map(drop)
         })
         .await
-        .map_err(std::io::Error::other)?
     }
 
     async fn size(&self, key: &str) -> std::io::Result<Option<u64>> {
@@ -122,6 +143,80 @@ impl Storage for LocalStorage {
     fn chunk_staging(&self) -> Arc<dyn ChunkStaging> {
         Arc::new(LocalStaging)
     }
+}
+
+/// Writes each object beside its target, then makes the whole batch durable with one flush of
+/// the filesystem (`syncfs`) instead of one `fsync` per file, renames each into place, and
+/// syncs each directory touched once: the data reaches the disk before any name does, as with
+/// `put_bytes`, for a fraction of the flushes.
+fn write_many(
+    root: &Path,
+    objects: Vec<(std::io::Result<PathBuf>, bytes::Bytes)>,
+) -> Vec<std::io::Result<()>> {
+    use std::collections::BTreeSet;
+    use std::io::Write;
+    let staged: Vec<std::io::Result<(PathBuf, tempfile::NamedTempFile)>> = objects
+        .into_iter()
+        .map(|(target, bytes)| {
+            let target = target?;
+            let dir = target.parent().expect("keys have a directory part");
+            std::fs::create_dir_all(dir)?;
+            let mut file = tempfile::NamedTempFile::new_in(dir)?;
+            file.write_all(&bytes)?;
+            Ok((target, file))
+        })
+        .collect();
+    if let Err(err) = sync_filesystem(root) {
+        return staged
+            .into_iter()
+            .map(|_| Err(std::io::Error::new(err.kind(), err.to_string())))
+            .collect();
+    }
+    let renamed: Vec<std::io::Result<PathBuf>> = staged
+        .into_iter()
+        .map(|entry| {
+            let (target, file) = entry?;
+            file.persist(&target).map_err(|err| err.error)?;
+            Ok(target
+                .parent()
+                .expect("keys have a directory part")
+                .to_path_buf())
+        })
+        .collect();
+    let dirs: BTreeSet<&PathBuf> = renamed.iter().flatten().collect();
+    // A rename that may not survive a crash is not stored.
+    let dir_failures: Vec<(&PathBuf, std::io::Error)> = dirs
+        .into_iter()
+        .filter_map(|dir| {
+            let synced = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            synced.err().map(|err| (dir, err))
+        })
+        .collect();
+    renamed
+        .iter()
+        .map(|result| match result {
+            Err(err) => Err(std::io::Error::new(err.kind(), err.to_string())),
+            Ok(dir) => match dir_failures.iter().find(|(failed, _)| *failed == dir) {
+                Some((_, err)) => Err(std::io::Error::new(
+                    err.kind(),
+                    format!("syncing {}: {err}", dir.display()),
+                )),
+                None => Ok(()),
+            },
+        })
+        .collect()
+}
+
+/// Flushes every dirty page of the filesystem holding `path` to its disk, and reports the
+/// filesystem's write-back errors since the last flush (Linux 5.8+).
+fn sync_filesystem(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: `dir` is an open descriptor for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

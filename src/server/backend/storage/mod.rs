@@ -31,6 +31,9 @@ pub use s3::{Listed, S3Storage};
 
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
+/// Small objects a batch writes at once to a bucket: each PUT is a round trip, so they overlap.
+const PUT_MANY_CONCURRENCY: usize = 16;
+
 #[async_trait]
 pub trait Storage: Send + Sync {
     /// Makes the verified file at `staged` visible under `key`, atomically: readers see the whole
@@ -53,6 +56,16 @@ pub trait Storage: Send + Sync {
     fn chunk_staging(&self) -> Arc<dyn ChunkStaging>;
     /// Stores a small object (a listing, a debuginfo link) whole, atomically like `put_file`.
     async fn put_bytes(&self, key: &str, bytes: bytes::Bytes) -> std::io::Result<()>;
+    /// Stores many small objects, each atomically like `put_bytes`, and answers for each in
+    /// order. Backends make the batch cheaper than one `put_bytes` each where they can.
+    async fn put_many(&self, objects: Vec<(String, bytes::Bytes)>) -> Vec<std::io::Result<()>> {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(objects)
+            .map(|(key, bytes)| async move { self.put_bytes(&key, bytes).await })
+            .buffered(PUT_MANY_CONCURRENCY)
+            .collect()
+            .await
+    }
     /// Stores a copy of the file at `source` under `key`, atomically like `put_file`, leaving
     /// `source` as it is and streaming it (a NAR may be GiBs): `stowix admin migrate`.
     async fn put_copy(&self, key: &str, source: &Path) -> std::io::Result<()>;
