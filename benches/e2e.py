@@ -272,7 +272,7 @@ def dump_nars(closure, work):
     """Every NAR of the closure as a file (untimed), for the compress-only runs."""
     nars = work / "nars"
     if not nars.exists():
-        nars.mkdir()
+        nars.mkdir(parents=True)
         for i, path in enumerate(closure):
             with open(nars / f"{i}.nar", "wb") as out:
                 subprocess.run(["nix-store", "--dump", path], stdout=out, check=True)

@@ -39,9 +39,14 @@ async fn many_small_paths_go_in_a_few_batches_and_substitute() {
         fixture.server.metric(BATCH_ROUTE).await,
         fixture.server.metric(SINGLE_ROUTE).await,
     );
+    let received_before = fixture.received_bytes().await;
     let pushed = fixture.push(&args);
     pushed.assert_code(0);
     assert_eq!(pushed.summary_count("uploaded"), 120, "{}", pushed.stderr);
+    // Batches count in the received-bytes metric like every other upload: at least the
+    // smallest xz file (~100 bytes) per NAR.
+    let received = fixture.received_bytes().await - received_before;
+    assert!(received >= 120.0 * 100.0, "{received} bytes received");
     let batches = fixture.server.metric(BATCH_ROUTE).await - batches_before;
     let singles = fixture.server.metric(SINGLE_ROUTE).await - singles_before;
     assert_eq!(singles, 0.0, "small NARs went alone:\n{}", pushed.stderr);
