@@ -182,16 +182,22 @@ def main():
                     f"paths/s, {args.big_mib / big_secs:.1f} MiB/s, narinfo {r['rps']:.0f} req/s")
         write_report(args, results)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_all(procs, database)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_all(procs, database=None):
+    """Stops the processes last started first, then drops the benchmark's database."""
+    for proc in reversed(procs):
+        if proc and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if database:
         subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
                         f"DROP DATABASE IF EXISTS {database}"], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def versions():

@@ -26,7 +26,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -206,16 +205,7 @@ def main():
                     (f", bare work {r['bare_cpu']:.1f} CPU s" if "bare_cpu" in r else ""))
         write_report(args, results)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        if database:
-            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
-                            f"DROP DATABASE IF EXISTS {database}"], capture_output=True)
+        backends.stop_all(procs, database)
         shutil.rmtree(work, ignore_errors=True)
 
 
