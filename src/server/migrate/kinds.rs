@@ -202,6 +202,8 @@ fn copy_nar(
                 nar.url, existing.file_hash, nar.file_hash
             )));
         }
+        // A run killed between the row and clearing its intent left the intent behind.
+        meta.clear_object_intent(&existing.object_key)?;
         tally.present += 1;
         return Ok(true);
     }
