@@ -290,8 +290,6 @@ pub async fn upload_batch(
     let manifest_limit = batch_manifest_limit(config.max_batch_nars);
     let limit = manifest_limit.saturating_add(config.max_batch_bytes as usize);
     let body = upload::read_small_body(body, limit, upload::BodyPace::new(config)).await?;
-    // Counted whole once read: a batch that breaks off is dropped whole.
-    super::metrics::record_received(body.len() as u64);
     let batch_refused = |message: String| ServerError::bad_request(codes::BAD_REQUEST, message);
     let Some(end) = body.iter().take(manifest_limit).position(|b| *b == b'\n') else {
         return Err(batch_refused(format!(
@@ -306,6 +304,9 @@ pub async fn upload_batch(
         "NARs in one batch",
     )?;
     let files = body.slice(end + 1..);
+    // The files' bytes, as POST nars counts its body; a batch that breaks off is dropped
+    // whole and counts nothing.
+    super::metrics::record_received(files.len() as u64);
     let declared = manifest
         .nars
         .iter()
