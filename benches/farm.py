@@ -143,9 +143,7 @@ def main():
     ap.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432")
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     args = ap.parse_args()
-    if not Path(args.stowix).exists():
-        log("building the release binary")
-        sh(["cargo", "build", "--release", "--locked"], cwd=ROOT)
+    read_side.ensure_release(args.stowix)
     counts = [int(n) for n in args.pushers.split(",")]
     work = Path(tempfile.mkdtemp(prefix="stowix-farm-"))
     procs, database = [], None

@@ -196,6 +196,13 @@ def wrk(url, script, args):
             "non2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
+def ensure_release(stowix):
+    """Builds the release binary when the benchmark's binary does not exist yet."""
+    if not Path(stowix).exists():
+        log("building the release binary")
+        sh(["cargo", "build", "--release", "--locked"], cwd=ROOT)
+
+
 def median_spread(values):
     m = statistics.median(values)
     return m, (max(values) - min(values)) / m * 100 if m else 0
@@ -219,9 +226,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"),
                     help="the report goes between this file's read-side markers (appended if absent)")
     args = ap.parse_args()
-    if not Path(args.stowix).exists():
-        log("building the release binary")
-        sh(["cargo", "build", "--release", "--locked"], cwd=ROOT)
+    ensure_release(args.stowix)
     work = Path(tempfile.mkdtemp(prefix="stowix-read-"))
     # nginx's workers drop to an unprivileged user: they must be able to read the copies.
     work.chmod(0o755)

@@ -21,6 +21,24 @@ fn batch_body(entries: &[(api::NarUploadParams, Vec<u8>)]) -> Vec<u8> {
     body
 }
 
+/// `count` small store paths of distinct contents, loaded with their NARs.
+fn small_paths(prefix: &str, count: usize) -> Vec<LocalPath> {
+    (0..count)
+        .map(|i| {
+            LocalPath::load(&build_text(
+                &format!("{prefix}-{i}"),
+                &format!("{prefix} {i} {}", nonce()),
+            ))
+        })
+        .collect()
+}
+
+/// The xz upload of `path` as a batch entry: its parameters and its file.
+fn xz_entry(path: &LocalPath) -> (api::NarUploadParams, Vec<u8>) {
+    let (file, params) = path.xz_upload();
+    (params, file)
+}
+
 async fn post_batch(repo_url: &str, token: Option<&str>, body: Vec<u8>) -> reqwest::Response {
     let mut request = http().post(api_url(repo_url, "nar-batch")).body(body);
     if let Some(token) = token {
@@ -54,28 +72,12 @@ async fn each_nar_of_a_batch_is_verified_alone_and_the_good_ones_substitute() {
         "{limits:?}"
     );
 
-    let good: Vec<LocalPath> = (0..6)
-        .map(|i| {
-            LocalPath::load(&build_text(
-                &format!("batch-good-{i}"),
-                &format!("good {i} {}", nonce()),
-            ))
-        })
-        .collect();
-    let lying = LocalPath::load(&build_text("batch-lying", &format!("lying {}", nonce())));
-    let corrupt = LocalPath::load(&build_text(
-        "batch-corrupt",
-        &format!("corrupt {}", nonce()),
-    ));
-    let odd = LocalPath::load(&build_text("batch-odd", &format!("odd {}", nonce())));
+    let good = small_paths("batch-good", 6);
+    let mut bad = small_paths("batch-bad", 3).into_iter();
+    let mut next_bad = || bad.next().expect("three paths");
+    let (lying, corrupt, odd) = (next_bad(), next_bad(), next_bad());
 
-    let mut entries: Vec<(api::NarUploadParams, Vec<u8>)> = good
-        .iter()
-        .map(|p| {
-            let (file, params) = p.xz_upload();
-            (params, file)
-        })
-        .collect();
+    let mut entries: Vec<(api::NarUploadParams, Vec<u8>)> = good.iter().map(xz_entry).collect();
     // Declares another path's NarHash: verification tells.
     let (file, mut params) = lying.xz_upload();
     params.nar_hash = good[0].nar_hash.clone();
@@ -177,21 +179,8 @@ async fn a_batch_whose_framing_or_size_is_wrong_is_refused_whole() {
     let limits = repo_info(&url, &token).await.limits;
     assert_eq!((limits.max_batch_nars, limits.max_batch_bytes), (3, 65536));
 
-    let paths: Vec<LocalPath> = (0..4)
-        .map(|i| {
-            LocalPath::load(&build_text(
-                &format!("frame-{i}"),
-                &format!("frame {i} {}", nonce()),
-            ))
-        })
-        .collect();
-    let entries: Vec<(api::NarUploadParams, Vec<u8>)> = paths
-        .iter()
-        .map(|p| {
-            let (file, params) = p.xz_upload();
-            (params, file)
-        })
-        .collect();
+    let paths = small_paths("frame", 4);
+    let entries: Vec<(api::NarUploadParams, Vec<u8>)> = paths.iter().map(xz_entry).collect();
 
     let resp = post_batch(&url, None, batch_body(&entries[..1])).await;
     refused(resp, 401, codes::MISSING_TOKEN, "no token").await;

@@ -603,10 +603,10 @@ async fn send_batch(batcher: &Batcher, batch: Vec<BatchItem>) {
     };
     let mut results = results.map(Vec::into_iter);
     for item in batch {
-        let stored = match results.as_mut().and_then(Iterator::next) {
-            Some(result) => result.stored.is_some(),
-            None => false,
-        };
+        let stored = results
+            .as_mut()
+            .and_then(Iterator::next)
+            .is_some_and(|result| result.stored.is_some());
         let sent = if stored {
             Ok(retries)
         } else {

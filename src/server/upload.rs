@@ -407,62 +407,62 @@ pub async fn verify_and_store_batch(
             .collect::<Vec<_>>()
     })
     .await?;
-    let mut results: Vec<ServerResult<(NarRecord, bool)>> = Vec::with_capacity(checked.len());
+    // Each verified entry: its row and its listing's key, beside the objects to write (the
+    // listing first, as in `verify_and_store`).
     let mut objects = Vec::new();
-    let mut pending = Vec::new();
-    for (index, outcome) in checked.into_iter().enumerate() {
-        match outcome {
-            Err(err) => results.push(Err(err)),
-            Ok(VerifiedEntry {
-                record,
-                listing,
-                file,
-            }) => {
-                // The listing first, as in `verify_and_store`: one write below.
-                let listing_key = listing.map(|(key, bytes)| {
+    let mut outcomes: Vec<ServerResult<(NarRecord, Option<String>)>> = checked
+        .into_iter()
+        .map(|outcome| {
+            outcome.map(|entry| {
+                let listing_key = entry.listing.map(|(key, bytes)| {
                     objects.push((key.clone(), bytes));
                     key
                 });
-                objects.push((record.object_key.clone(), file));
-                // Until the batch is written; replaced below.
-                results.push(Ok((record.clone(), false)));
-                pending.push((index, record, listing_key));
+                objects.push((entry.record.object_key.clone(), entry.file));
+                (entry.record, listing_key)
+            })
+        })
+        .collect();
+    let intents: Vec<String> = outcomes
+        .iter()
+        .flatten()
+        .map(|(record, _)| record.object_key.clone())
+        .collect();
+    if !intents.is_empty() {
+        state
+            .db(move |meta| meta.record_object_intents(&intents, now_unix()))
+            .await?;
+        let keys: Vec<String> = objects.iter().map(|(key, _)| key.clone()).collect();
+        let written = state.storage.put_many(objects).await;
+        let mut failed: std::collections::HashMap<String, std::io::Error> = keys
+            .into_iter()
+            .zip(written)
+            .filter_map(|(key, result)| result.err().map(|err| (key, err)))
+            .collect();
+        // A NAR whose file or listing was not written fails; its intent stays, and the
+        // janitor removes whatever part of it was written.
+        for outcome in &mut outcomes {
+            if let Ok((record, listing_key)) = outcome {
+                let listing_failure = listing_key.as_ref().and_then(|key| failed.remove(key));
+                if let Some(err) = failed.remove(&record.object_key).or(listing_failure) {
+                    *outcome = Err(ServerError::from(err));
+                }
             }
         }
     }
-    if pending.is_empty() {
-        return Ok(results);
+    let records: Vec<NarRecord> = outcomes.iter().flatten().map(|(r, _)| r.clone()).collect();
+    let mut newly = if records.is_empty() {
+        Vec::new()
+    } else {
+        record_stored(state, repo, records).await?
     }
-    let intents: Vec<String> = pending
-        .iter()
-        .map(|(_, record, _)| record.object_key.clone())
-        .collect();
-    state
-        .db(move |meta| meta.record_object_intents(&intents, now_unix()))
-        .await?;
-    let keys: Vec<String> = objects.iter().map(|(key, _)| key.clone()).collect();
-    let written = state.storage.put_many(objects).await;
-    let mut failed_keys = std::collections::HashMap::new();
-    for (key, result) in keys.into_iter().zip(written) {
-        if let Err(err) = result {
-            failed_keys.insert(key, err);
-        }
-    }
-    let mut stored = Vec::with_capacity(pending.len());
-    for (index, record, listing_key) in pending {
-        let listing_failure = listing_key.and_then(|key| failed_keys.remove(&key));
-        match failed_keys.remove(&record.object_key).or(listing_failure) {
-            // Its intent stays: the janitor removes whatever part of it was written.
-            Some(err) => results[index] = Err(ServerError::from(err)),
-            None => stored.push((index, record)),
-        }
-    }
-    let records: Vec<NarRecord> = stored.iter().map(|(_, r)| r.clone()).collect();
-    let newly = record_stored(state, repo, records).await?;
-    for ((index, record), newly) in stored.into_iter().zip(newly) {
-        results[index] = Ok((record, newly));
-    }
-    Ok(results)
+    .into_iter();
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome.map(|(record, _)| (record, newly.next().expect("one answer per stored NAR")))
+        })
+        .collect())
 }
 
 /// A batch entry that passed verification: its row, its listing (key and bytes), its file.

@@ -94,9 +94,7 @@ impl Storage for LocalStorage {
             .await
             .unwrap_or_else(|err| {
                 let err = std::io::Error::other(err);
-                (0..count)
-                    .map(|_| Err(std::io::Error::new(err.kind(), err.to_string())))
-                    .collect()
+                (0..count).map(|_| Err(copy_of(&err))).collect()
             })
     }
 
@@ -167,10 +165,7 @@ fn write_many(
         })
         .collect();
     if let Err(err) = sync_filesystem(root) {
-        return staged
-            .into_iter()
-            .map(|_| Err(std::io::Error::new(err.kind(), err.to_string())))
-            .collect();
+        return staged.into_iter().map(|_| Err(copy_of(&err))).collect();
     }
     let renamed: Vec<std::io::Result<PathBuf>> = staged
         .into_iter()
@@ -195,7 +190,7 @@ fn write_many(
     renamed
         .iter()
         .map(|result| match result {
-            Err(err) => Err(std::io::Error::new(err.kind(), err.to_string())),
+            Err(err) => Err(copy_of(err)),
             Ok(dir) => match dir_failures.iter().find(|(failed, _)| *failed == dir) {
                 Some((_, err)) => Err(std::io::Error::new(
                     err.kind(),
@@ -205,6 +200,11 @@ fn write_many(
             },
         })
         .collect()
+}
+
+/// One error answers several objects: `io::Error` is not `Clone`.
+fn copy_of(err: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(err.kind(), err.to_string())
 }
 
 /// Flushes every dirty page of the filesystem holding `path` to its disk, and reports the
